@@ -1,12 +1,145 @@
-"""The `catalog` command: thin Typer commands over catalog_gen."""
+"""The `catalog` command: thin Typer commands over catalog_gen.
+
+Each command parses its options into a config object, calls one library function, and
+prints the result. Only this layer turns a CatalogError into a message and an exit code.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
 
-app = typer.Typer(help="catalog-gen", no_args_is_help=True)
+from catalog_gen.errors import CatalogError
+
+app = typer.Typer(help="catalog-gen: product photos in, on-style catalogue images out.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+
+EXIT_BAD_INPUT = 2
+EXIT_PARTIAL = 3
 
 
-@app.command()
-def version() -> None:
-    """Print the version."""
-    from catalog_gen import __version__
+def _quiet_libraries() -> None:
+    # Offline by construction: a hub lookup must fail fast instead of hanging on the network.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
-    typer.echo(__version__)
+
+def handles_errors(command):
+    """Map the library's CatalogError to a one-line message and exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        _quiet_libraries()
+        try:
+            return command(*args, **kwargs)
+        except CatalogError as error:
+            typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+
+    return wrapper
+
+
+Workdir = Annotated[Path, typer.Option("--workdir", "-w", help="Where datasets, adapters and runs are kept.")]
+ClassMapOpt = Annotated[str, typer.Option("--class-map", help="Built-in class map name or path to a .toml file.")]
+
+
+@app.command("sample-data")
+@handles_errors
+def sample_data(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write the sample catalogue into.")],
+    seed: Annotated[int, typer.Option(help="Drawing seed.")] = 0,
+) -> None:
+    """Write a procedurally drawn jewelry catalogue (photos, products.csv, skus.csv)."""
+    from catalog_gen.sample_data import write_sample_catalogue
+
+    catalogue = write_sample_catalogue(out_dir, seed=seed)
+    typer.echo(f"wrote sample catalogue to {catalogue.root}")
+    typer.echo(f"  products: {catalogue.products_csv}\n  skus:     {catalogue.skus_csv}")
+    for name, what in catalogue.odd_files.items():
+        typer.echo(f"  odd file {name}: {what}")
+
+
+@app.command("taxonomy")
+@handles_errors
+def taxonomy_command(
+    photos: Annotated[Optional[Path], typer.Option("--photos", help="Folder laid out <class>/<instance>/*.jpg, or the folder --products paths are relative to.")] = None,
+    products: Annotated[Optional[Path], typer.Option("--products", help="products.csv: sku,title,image.")] = None,
+    class_map: ClassMapOpt = "jewelry",
+    min_photos: Annotated[Optional[int], typer.Option(help="Minimum photos per instance.")] = None,
+) -> None:
+    """Assign product photos to class / instance sets and print the table."""
+    from catalog_gen.report_text import taxonomy_lines
+    from catalog_gen.workflow import PhotoSource, assign_photos
+
+    result = assign_photos(PhotoSource(photos, products, class_map), min_photos)
+    for line in taxonomy_lines(result):
+        typer.echo(line)
+
+
+@app.command("train")
+@handles_errors
+def train(
+    class_key: Annotated[str, typer.Option("--class", help="Product class to train, e.g. hoops.")],
+    instance: Annotated[Optional[list[str]], typer.Option("--instance", help="Only these instances (repeatable).")] = None,
+    photos: Annotated[Optional[Path], typer.Option("--photos", help="Folder laid out <class>/<instance>/*.jpg, or the folder --products paths are relative to.")] = None,
+    products: Annotated[Optional[Path], typer.Option("--products", help="products.csv: sku,title,image.")] = None,
+    workdir: Workdir = Path("catalog-work"),
+    class_map: ClassMapOpt = "jewelry",
+    recipe: Annotated[Optional[str], typer.Option(help="TOML recipe path or built-in name (pipelines/).")] = None,
+    base_model: Annotated[Optional[str], typer.Option("--base-model", help="Preset, local folder or cached hub id.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Training steps per instance.")] = None,
+    resolution: Annotated[Optional[int], typer.Option(help="Training resolution in pixels.")] = None,
+    learning_rate: Annotated[Optional[float], typer.Option("--learning-rate", help="LoRA learning rate.")] = None,
+    rank: Annotated[Optional[int], typer.Option(help="LoRA rank.")] = None,
+    prior_preservation: Annotated[Optional[bool], typer.Option("--prior-preservation/--no-prior-preservation")] = None,
+    mixed_precision: Annotated[Optional[str], typer.Option("--mixed-precision", help="no | fp16 | bf16")] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="adamw8bit | adamw")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Training seed.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoints.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Retrain even finished adapters; drops old checkpoints.")] = False,
+) -> None:
+    """Train one DreamBooth-LoRA adapter per instance of a class."""
+    from catalog_gen.config import TrainConfig, build_config, read_recipe
+    from catalog_gen.report_text import progress_bar_factory, train_summary_lines
+    from catalog_gen.workflow import PhotoSource, train_class
+
+    config = build_config(TrainConfig, read_recipe(recipe, "train"), dict(
+        base_model=base_model, steps=steps, resolution=resolution, learning_rate=learning_rate, lora_rank=rank,
+        prior_preservation=prior_preservation, mixed_precision=mixed_precision, optimizer=optimizer, seed=seed,
+    ), origin=f"recipe {recipe}" if recipe else "options")
+    source = PhotoSource(photos, products, class_map)
+    summary = train_class(source, class_key, instance or [], workdir, config, resume=resume, force=force,
+                          progress=progress_bar_factory(config.steps))
+    for line in train_summary_lines(summary):
+        typer.echo(line)
+    if summary.failed:
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+@app.command("demo")
+@handles_errors
+def demo(
+    workdir: Annotated[Path, typer.Option("--workdir", "-w", help="Where the demo writes everything.")] = Path("catalog-demo"),
+    class_key: Annotated[str, typer.Option("--class", help="Class to train in the demo.")] = "ring",
+    steps: Annotated[Optional[int], typer.Option(help="Training steps per instance (recipe: 60).")] = None,
+) -> None:
+    """Run the main job on the built-in defaults: sample data -> taxonomy -> train, tiny preset, CPU."""
+    from catalog_gen.demo import run_demo
+
+    for line in run_demo(workdir, class_key, steps=steps):
+        typer.echo(line)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Typed, validated configuration, merged in one place: recipe file < command line.
+
+A config object is built once, validated in `__post_init__`, never mutated, and saved
+beside every output (adapter.json, checkpoints) so each result says how it was made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from catalog_gen.errors import CatalogError
+
+OPTIMIZERS = ("adamw8bit", "adamw")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+ATTENTION = ("sdpa", "xformers")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """DreamBooth-LoRA hyperparameters for one adapter per instance."""
+
+    base_model: str = "tiny"
+    """Preset name (tiny, sd15-shape), local diffusers folder, or cached hub id."""
+    resolution: int = 512
+    """Training image side in pixels; photos are padded to square, never cropped."""
+    steps: int = 200
+    """Optimizer steps per instance (seed 004: 200; more over-fits)."""
+    learning_rate: float = 1e-4
+    """LoRA learning rate (full fine-tuning in seed 004 used 1e-6; LoRA needs far more)."""
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    batch_size: int = 1
+    """Instance images per step (class images are added on top with prior preservation)."""
+    lora_rank: int = 4
+    lora_alpha: float = 4.0
+    lora_dropout: float = 0.0
+    train_text_encoder: bool = False
+    """Also put LoRA on the text encoder (then text embeddings cannot be cached)."""
+    text_encoder_lr: float = 5e-5
+    prior_preservation: bool = False
+    """Add the class-prior loss (seed 004 found it no help with 3-7 photos, so off by default)."""
+    prior_loss_weight: float = 1.0
+    num_class_images: int = 100
+    class_image_steps: int = 25
+    """Inference steps used to draw the class images once per class."""
+    optimizer: str = "adamw8bit"
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    """fp16 or bf16 autocast for the frozen model; LoRA weights always stay in fp32."""
+    gradient_checkpointing: bool = False
+    attention: str = "sdpa"
+    cache_latents: bool = True
+    """Encode each photo through the VAE once instead of every step."""
+    seed: int = 0
+    checkpoint_every: int = 50
+    """Save a resumable checkpoint every N steps (0: only at the end)."""
+    keep_checkpoints: int = 0
+    """How many intermediate checkpoints to keep (0: all, needed by `catalog eval`)."""
+    validation_images: int = 2
+    """Images drawn from the instance prompt at each checkpoint (0: none)."""
+    validation_steps: int = 20
+    min_photos: int | None = None
+    """Override the class map's minimum photo count per instance."""
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        _choice("attention", self.attention, ATTENTION)
+        _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        for name in ("resolution", "steps", "batch_size", "lora_rank", "class_image_steps", "validation_steps"):
+            _positive(name, getattr(self, name))
+        for name in ("learning_rate", "text_encoder_lr", "lora_alpha", "prior_loss_weight"):
+            _positive(name, getattr(self, name))
+        for name in ("warmup_steps", "checkpoint_every", "keep_checkpoints", "validation_images", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise CatalogError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.resolution % 8:
+            raise CatalogError(f"resolution must be a multiple of 8 (the VAE downsamples 8x), got {self.resolution}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise CatalogError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.prior_preservation and self.num_class_images < 1:
+            raise CatalogError("prior_preservation needs num_class_images >= 1")
+        if self.warmup_steps > self.steps:
+            raise CatalogError(f"warmup_steps ({self.warmup_steps}) is longer than steps ({self.steps})")
+        if self.min_photos is not None and self.min_photos < 1:
+            raise CatalogError(f"min_photos must be >= 1, got {self.min_photos}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def check_field_types(config) -> None:
+    """Reject a value of the wrong type (a TOML string where a number belongs) before using it."""
+    for field in fields(config):
+        value = getattr(config, field.name)
+        default = field.default
+        if value is None or default is dataclasses.MISSING:
+            continue
+        expected = int if default is None else type(default)
+        if default is None:  # Optional[int] fields
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif expected is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif expected is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, expected)
+        if not ok:
+            raise CatalogError(f"{field.name} must be {expected.__name__}, got {value!r}")
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise CatalogError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise CatalogError(f"{name} must be > 0, got {value!r}")
+
+
+def read_recipe(path: Path | str | None, section: str) -> dict[str, Any]:
+    """One section of a TOML recipe (a path, or a built-in name from pipelines/), as a plain dict."""
+    if path is None:
+        return {}
+    recipe_path = _recipe_path(path)
+    try:
+        with open(recipe_path, "rb") as handle:
+            document = tomllib.load(handle)
+    except OSError as error:
+        raise CatalogError(f"recipe {recipe_path}: cannot read ({error.strerror})") from error
+    except tomllib.TOMLDecodeError as error:
+        raise CatalogError(f"recipe {recipe_path}: not valid TOML ({error})") from error
+    values = document.get(section, {})
+    if not isinstance(values, dict):
+        raise CatalogError(f"recipe {recipe_path}: [{section}] must be a table")
+    return values
+
+
+def _recipe_path(path: Path | str) -> Path:
+    candidate = Path(path)
+    if candidate.exists():
+        return candidate
+    from importlib.resources import files
+
+    builtin = Path(str(files("catalog_gen.pipelines"))) / f"{Path(path).stem}.toml"
+    if builtin.exists():
+        return builtin
+    raise CatalogError(f"recipe '{path}' not found (neither a file nor a built-in recipe in pipelines/)")
+
+
+def build_config(cls, recipe: Mapping[str, Any], overrides: Mapping[str, Any], origin: str = "recipe"):
+    """Merge recipe values under command-line overrides (None means 'not given') and validate once."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(recipe) - known)
+    if unknown:
+        raise CatalogError(f"{origin}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    merged = dict(recipe)
+    merged.update({key: value for key, value in overrides.items() if value is not None})
+    try:
+        return cls(**merged)
+    except TypeError as error:
+        raise CatalogError(f"{origin}: {error}") from error

@@ -1,0 +1,78 @@
+"""LoRA weight files: the diffusers format and the kohya format that A1111 / ComfyUI load.
+
+diffusers writes `pytorch_lora_weights.safetensors` with peft-style names:
+    unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight
+    text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight
+kohya-ss (and so AUTOMATIC1111 and ComfyUI) wants one flat name per module plus its alpha:
+    lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight
+    lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha
+    lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from catalog_gen.errors import CatalogError
+from catalog_gen.storage import atomic_path
+
+DIFFUSERS_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+_PREFIXES = {"unet.": "lora_unet_", "text_encoder.": "lora_te_"}
+_MATRICES = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
+
+
+def peft_layers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA tensors of a peft-wrapped model, with the adapter name taken out of the keys."""
+    from peft.utils import get_peft_model_state_dict
+
+    return {name: tensor.detach().float().cpu().contiguous() for name, tensor in get_peft_model_state_dict(model).items()}
+
+
+def save_diffusers_lora(out_dir: Path, unet_layers: Mapping[str, torch.Tensor], text_encoder_layers=None,
+                        unet_config: dict | None = None, text_encoder_config: dict | None = None) -> Path:
+    """Write the file `StableDiffusionPipeline.load_lora_weights` reads, through diffusers' own writer."""
+    from diffusers import StableDiffusionPipeline
+
+    StableDiffusionPipeline.save_lora_weights(
+        save_directory=str(out_dir),
+        unet_lora_layers=dict(unet_layers),
+        text_encoder_lora_layers=dict(text_encoder_layers) if text_encoder_layers else None,
+        weight_name=DIFFUSERS_WEIGHTS_NAME,
+        safe_serialization=True,
+        # The adapter config (rank, alpha, targets) travels in the file's metadata, so
+        # alpha != rank loads with the right scale.
+        unet_lora_adapter_metadata=unet_config,
+        text_encoder_lora_adapter_metadata=text_encoder_config if text_encoder_layers else None,
+    )
+    return out_dir / DIFFUSERS_WEIGHTS_NAME
+
+
+def diffusers_to_kohya(state_dict: Mapping[str, torch.Tensor], alpha: float, text_encoder_alpha: float | None = None
+                       ) -> dict[str, torch.Tensor]:
+    """Rename diffusers/peft LoRA keys to kohya names and add one alpha tensor per module."""
+    converted: dict[str, torch.Tensor] = {}
+    for key, tensor in state_dict.items():
+        prefix = next((p for p in _PREFIXES if key.startswith(p)), None)
+        matrix = next((m for m in _MATRICES if key.endswith("." + m)), None)
+        if prefix is None or matrix is None:
+            raise CatalogError(f"LoRA key '{key}' is not a unet/text_encoder lora_A/lora_B weight")
+        module = key[len(prefix): -len(matrix) - 1]
+        kohya_module = _PREFIXES[prefix] + module.replace(".", "_")
+        converted[f"{kohya_module}.{_MATRICES[matrix]}"] = tensor.contiguous()
+        module_alpha = alpha if prefix == "unet." else (text_encoder_alpha or alpha)
+        converted[f"{kohya_module}.alpha"] = torch.tensor(float(module_alpha))
+    return converted
+
+
+def save_kohya_lora(path: Path, diffusers_file: Path, alpha: float, text_encoder_alpha: float | None,
+                    metadata: Mapping[str, str]) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    kohya = diffusers_to_kohya(load_file(str(diffusers_file)), alpha, text_encoder_alpha)
+    # ss_* keys are what kohya-trained files carry; A1111's extra-networks page shows them.
+    with atomic_path(path) as tmp:
+        save_file(kohya, str(tmp), metadata={str(k): str(v) for k, v in metadata.items()})
+    return path

@@ -1,0 +1,163 @@
+"""Finding and loading base models offline.
+
+`--base-model` accepts a built-in preset name (`tiny`, `sd15-shape`), a local diffusers
+folder, or a Hugging Face hub id that is already in the local cache. Nothing is ever
+downloaded at run time, and only safetensors weights are loaded: pickle files (.bin,
+.ckpt, .pt) can run arbitrary code when unpickled, so they are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from catalog_gen.errors import CatalogError
+from catalog_gen.presets import PRESETS, materialise_preset
+from catalog_gen.storage import sha256_file
+
+_PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+# Components whose weights the training and generation stages load.
+_WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder")
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """A resolved base model: what the user asked for and the folder it lives in."""
+
+    spec: str
+    path: Path
+    source: str  # "preset" | "local" | "hf-cache"
+
+
+def resolve_base_model(spec: str, cache_dir: Path | None = None) -> BaseModel:
+    """Turn a preset name, a folder or a cached hub id into a checked diffusers folder."""
+    if spec in PRESETS:
+        model = BaseModel(spec, materialise_preset(spec, cache_dir), "preset")
+    elif Path(spec).expanduser().exists():
+        model = BaseModel(spec, Path(spec).expanduser().resolve(), "local")
+    elif _looks_like_hub_id(spec):
+        model = BaseModel(spec, _find_in_hf_cache(spec), "hf-cache")
+    else:
+        raise CatalogError(
+            f"base model '{spec}' not found: it is not a preset ({', '.join(PRESETS)}), "
+            "not an existing folder, and not a hub id of the form owner/name"
+        )
+    check_model_folder(model.path, spec)
+    return model
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
+
+
+def _find_in_hf_cache(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError) as error:
+        cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
+        raise CatalogError(
+            f"base model '{repo_id}' is not in the local Hugging Face cache ({cache}); catalog-gen never "
+            f"downloads at run time. On a machine with network run "
+            f"`hf download {repo_id} --exclude '*.bin' '*.ckpt'` (then copy the cache), "
+            f"or pass a local diffusers folder with --base-model PATH"
+        ) from error
+
+
+def check_model_folder(path: Path, spec: str) -> None:
+    """Refuse anything that is not a diffusers folder with safetensors weights."""
+    if path.is_file():
+        raise CatalogError(
+            f"base model '{spec}' is a single file; catalog-gen needs a diffusers folder "
+            "(model_index.json with unet/, vae/, text_encoder/, tokenizer/). Convert single-file "
+            "checkpoints with diffusers' convert_original_stable_diffusion_to_diffusers.py"
+        )
+    if not (path / "model_index.json").is_file():
+        raise CatalogError(f"base model '{spec}' ({path}) has no model_index.json: not a diffusers folder")
+    for component in _WEIGHTED_COMPONENTS:
+        folder = path / component
+        if not folder.is_dir():
+            raise CatalogError(f"base model '{spec}' has no {component}/ folder")
+        files = [f.name for f in folder.iterdir() if f.is_file()]
+        if any(name.endswith(".safetensors") for name in files):
+            continue
+        pickles = [name for name in files if name.endswith(_PICKLE_SUFFIXES)]
+        if pickles:
+            raise CatalogError(
+                f"base model '{spec}': {component}/ holds only pickle weights ({', '.join(sorted(pickles))}); "
+                "pickle files can run code when loaded, so catalog-gen loads safetensors only. Download the "
+                "*.safetensors variant or convert the folder with safetensors' convert script"
+            )
+        raise CatalogError(f"base model '{spec}': {component}/ has no weights file (*.safetensors)")
+
+
+def quiet_model_loading() -> None:
+    """Loading bars from diffusers/transformers would bury our own progress output."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def load_pipeline(model: BaseModel, torch_dtype=None):
+    """The StableDiffusionPipeline of a resolved model, offline, safetensors only."""
+    from diffusers import StableDiffusionPipeline
+
+    quiet_model_loading()
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        model.path,
+        torch_dtype=torch_dtype,
+        use_safetensors=True,
+        local_files_only=True,
+        safety_checker=None,
+        requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def load_tokenizer(model: BaseModel):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(model.path / "tokenizer", local_files_only=True)
+
+
+def model_fingerprint(model: BaseModel) -> str:
+    """A short hash of the base model's weights, recorded with every adapter and image.
+
+    The hash of each weights file is cached beside the model (keyed by size and mtime),
+    because hashing SD 1.5 costs seconds on every command otherwise.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    for component in _WEIGHTED_COMPONENTS:
+        for weights in sorted((model.path / component).glob("*.safetensors")):
+            digest.update(f"{component}/{weights.name}:{_cached_file_hash(weights)}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _cached_file_hash(path: Path) -> str:
+    stat = path.stat()
+    key = f"{stat.st_size}:{stat.st_mtime_ns}"
+    memo = path.with_name(f".{path.name}.sha256.json")
+    try:
+        cached = json.loads(memo.read_text())
+        if cached.get("key") == key:
+            return cached["sha256"]
+    except (OSError, ValueError):
+        pass
+    value = sha256_file(path)
+    try:
+        memo.write_text(json.dumps({"key": key, "sha256": value}))
+    except OSError:
+        pass  # a read-only model folder (shared HF cache) just means we hash again next time
+    return value

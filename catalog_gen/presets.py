@@ -1,0 +1,156 @@
+"""Built-in base models made from code, so the demo, the tests and the benchmarks run offline.
+
+Two presets, each materialised once as an ordinary diffusers folder in the cache and then
+loaded through exactly the same loader as a user's real model folder:
+
+- `tiny`: a few MB, 64 px, a small real BPE tokenizer; fast enough to train on a CPU.
+- `sd15-shape`: the Stable Diffusion 1.5 architecture (UNet 860M, CLIP ViT-L/14 text
+  encoder, VAE) with random weights, for speed and memory figures. It draws noise.
+
+Weights are drawn from a fixed seed, so a preset is the same on every machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from catalog_gen import bpe
+from catalog_gen.errors import CatalogError
+from catalog_gen.storage import atomic_directory, atomic_write_json
+
+# Bump when a preset's architecture or recipe changes, so old cache folders are not reused.
+PRESET_FORMAT = 1
+_COMPLETE_MARKER = "catalog_gen_preset.json"
+
+# Stable Diffusion's noise schedule (scaled-linear betas); both presets share it.
+_SD_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+)
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    resolution: int
+    build: Callable[[Path], None]
+
+
+def cache_root() -> Path:
+    """Where built-in models live: $CATALOG_GEN_CACHE, else ~/.cache/catalog-gen."""
+    configured = os.environ.get("CATALOG_GEN_CACHE")
+    return Path(configured) if configured else Path.home() / ".cache" / "catalog-gen"
+
+
+def materialise_preset(name: str, cache_dir: Path | None = None) -> Path:
+    """Return the diffusers folder of a preset, building it the first time."""
+    preset = PRESETS.get(name)
+    if preset is None:
+        raise CatalogError(f"unknown preset '{name}'; built-in presets: {', '.join(PRESETS)}")
+    folder = (cache_dir or cache_root()) / "presets" / f"{name}-v{PRESET_FORMAT}"
+    if (folder / _COMPLETE_MARKER).is_file():
+        return folder
+    # Built under a temporary name and renamed: an interrupted build is never mistaken for a preset.
+    with atomic_directory(folder) as staging:
+        preset.build(staging)
+        atomic_write_json(staging / _COMPLETE_MARKER, {"preset": name, "format": PRESET_FORMAT})
+    return folder
+
+
+def _save_pipeline(out_dir: Path, unet, vae, text_encoder, tokenizer_dir: Path, dtype: torch.dtype) -> None:
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    if dtype != torch.float32:
+        vae, text_encoder, unet = vae.to(dtype), text_encoder.to(dtype), unet.to(dtype)
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDPMScheduler(**_SD_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(out_dir, safe_serialization=True)
+    # Ship the tokenizer as SD 1.5 does (vocab.json + merges.txt), not only transformers' tokenizer.json.
+    for source in tokenizer_dir.iterdir():
+        shutil.copyfile(source, out_dir / "tokenizer" / source.name)
+
+
+# Per preset: text encoder, VAE and UNet constructor arguments, and the storage dtype.
+_TINY = dict(
+    text_encoder=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      projection_dim=32),
+    # Four VAE levels give SD's 8x down-sampling: 64 px images -> 8x8 latents.
+    vae=dict(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=64),
+    unet=dict(sample_size=8, layers_per_block=1, block_out_channels=(32, 64),
+              down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+              cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8),
+    dtype=torch.float32,
+)
+# The published SD 1.5 configurations; only the weights are random.
+_SD15 = dict(
+    # vocab_size is the real CLIP one, so the embedding costs what it really costs.
+    text_encoder=dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                      num_attention_heads=12, projection_dim=768),
+    vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512),
+    unet=dict(sample_size=64, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+              down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+              up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+              cross_attention_dim=768, attention_head_dim=8),
+    # Stored in fp16 like the published checkpoint: half the disk, same shapes.
+    dtype=torch.float16,
+)
+
+
+def _build(out_dir: Path, spec: dict) -> None:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    tokenizer_dir = out_dir / "_tokenizer_build"
+    bpe.write_clip_tokenizer(tokenizer_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    text_settings = dict(vocab_size=len(tokenizer), max_position_embeddings=77, hidden_act="quick_gelu",
+                         **_special_token_ids(tokenizer))
+    text_settings.update(spec["text_encoder"])
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_settings))
+    torch.manual_seed(1)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, **spec["vae"])
+    torch.manual_seed(2)
+    unet = UNet2DConditionModel(in_channels=4, out_channels=4, **spec["unet"])
+    _save_pipeline(out_dir, unet, vae, text_encoder, tokenizer_dir, spec["dtype"])
+    shutil.rmtree(tokenizer_dir, ignore_errors=True)
+
+
+def _special_token_ids(tokenizer) -> dict[str, int]:
+    # CLIP pools the text embedding at the end-of-text token, so the config must know its id.
+    return dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset("tiny", "tiny SD-style model, 64 px, trains on a CPU (demo and tests)", 64,
+                   lambda out_dir: _build(out_dir, _TINY)),
+    "sd15-shape": Preset(
+        "sd15-shape", "Stable Diffusion 1.5 architecture with random weights (benchmarks)", 512,
+        lambda out_dir: _build(out_dir, _SD15)
+    ),
+}

@@ -1,0 +1,60 @@
+"""Plain-text views of results for the command line (pure: data in, lines out)."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from catalog_gen import taxonomy
+
+
+def taxonomy_lines(result: taxonomy.Taxonomy) -> list[str]:
+    table = result.table()
+    lines = [f"class map '{result.class_map.name}' ({result.class_map.source}), "
+             f"minimum {result.class_map.min_photos} photos per instance"]
+    lines.append(f"{'class':<10} {'instance':<12} {'photos':>6}  status")
+    for row in table.iter_rows(named=True):
+        lines.append(f"{row['class']:<10} {row['instance']:<12} {row['photos']:>6}  {row['status']}")
+    if result.skipped:
+        lines.append(f"{len(result.skipped)} item(s) not used:")
+        lines.extend(f"  [{s.kind}] {s.item}: {s.reason}" for s in result.skipped)
+    return lines
+
+
+def train_summary_lines(summary) -> list[str]:
+    lines = []
+    for outcome in summary.outcomes:
+        where = f" -> {outcome.adapter_dir}" if outcome.adapter_dir else ""
+        timing = f" ({outcome.steps} steps, {outcome.seconds:.1f}s)" if outcome.status == "trained" else ""
+        detail = f": {outcome.detail}" if outcome.detail else ""
+        lines.append(f"{outcome.status:<16} {outcome.key}{timing}{detail}{where}")
+    for skipped in summary.skipped:
+        lines.append(f"{'not trained':<16} {skipped.item}: {skipped.reason}")
+    trained = sum(o.status == "trained" for o in summary.outcomes)
+    lines.append(f"{trained} trained, {len(summary.outcomes) - trained - len(summary.failed)} already trained, "
+                 f"{len(summary.failed)} failed")
+    return lines
+
+
+class _Bar:
+    """A tqdm bar per instance showing loss and steps/s."""
+
+    def __init__(self, total: int, label: str):
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=total, desc=label, unit="step", dynamic_ncols=True, leave=True)
+
+    def __call__(self, step: int, loss: float, steps_per_second: float) -> None:
+        self._bar.n = step
+        self._bar.set_postfix(loss=f"{loss:.4f}", steps_s=f"{steps_per_second:.2f}", refresh=False)
+        self._bar.refresh()
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def progress_bar_factory(total_steps: int):
+    return lambda job: _Bar(total_steps, job.key)
+
+
+def indent(lines: Iterable[str], prefix: str = "  ") -> list[str]:
+    return [prefix + line for line in lines]

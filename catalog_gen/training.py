@@ -1,0 +1,379 @@
+"""DreamBooth-LoRA training of one adapter per product instance.
+
+The flow follows a setup -> load -> fit split:
+    load_components()  the frozen base model, once per process, reused by every instance
+    train_instance()   1. encode photos and prompts once   2. add a fresh LoRA
+                       3. resume from the latest checkpoint   4. fit()   5. save the adapter
+    fit()              the loop: noise, denoise, loss, step, checkpoint
+
+Resume is exact because nothing in the loop depends on hidden state: every random draw
+(which photos, the noise, the timesteps, LoRA dropout) comes from a generator seeded by
+(seed, instance, step), the learning rate is a function of the step, and the optimizer
+state is saved with each checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from catalog_gen.checkpoints import (
+    TrainingState, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint,
+)
+from catalog_gen.config import TrainConfig
+from catalog_gen.errors import CatalogError
+from catalog_gen.models import BaseModel
+
+UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+@dataclass(frozen=True)
+class InstanceJob:
+    """Everything needed to train one instance's adapter."""
+
+    class_key: str
+    instance_key: str
+    token: str
+    instance_prompt: str
+    class_prompt: str
+    photos: tuple[Path, ...]
+    """Normalised training photos (square RGB PNGs written by intake)."""
+    checkpoint_dir: Path
+    class_images: tuple[Path, ...] = ()
+    """Prior-preservation images of the class (empty without prior preservation)."""
+
+    @property
+    def key(self) -> str:
+        return f"{self.class_key}/{self.instance_key}"
+
+
+@dataclass
+class Components:
+    """The frozen base model on its device, loaded once per process."""
+
+    model: BaseModel
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    noise_scheduler: object
+    device: torch.device
+    weight_dtype: torch.dtype
+
+
+@dataclass
+class FitResult:
+    """The trained LoRA tensors and what it took to make them."""
+
+    unet_layers: dict[str, torch.Tensor]
+    text_encoder_layers: dict[str, torch.Tensor] | None
+    unet_lora_config: dict
+    text_encoder_lora_config: dict | None
+    state: TrainingState
+    resumed_from: int | None
+    steps_per_second: float
+    checkpoints: list[int] = field(default_factory=list)
+
+
+def weight_dtype_for(config: TrainConfig, device: torch.device) -> torch.dtype:
+    if config.mixed_precision == "fp16":
+        if device.type != "cuda":
+            raise CatalogError("mixed_precision 'fp16' needs a CUDA GPU; on this device use 'no' or 'bf16'")
+        return torch.float16
+    if config.mixed_precision == "bf16":
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_components(model: BaseModel, config: TrainConfig, device: torch.device) -> Components:
+    """Load the base model once, frozen, in the training precision."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from catalog_gen.models import quiet_model_loading
+
+    quiet_model_loading()
+    dtype = weight_dtype_for(config, device)
+    common = dict(use_safetensors=True, local_files_only=True)
+    tokenizer = CLIPTokenizer.from_pretrained(model.path / "tokenizer", local_files_only=True)
+    text_encoder = CLIPTextModel.from_pretrained(model.path, subfolder="text_encoder", **common)
+    vae = AutoencoderKL.from_pretrained(model.path, subfolder="vae", **common)
+    unet = UNet2DConditionModel.from_pretrained(model.path, subfolder="unet", **common)
+    noise_scheduler = DDPMScheduler.from_pretrained(model.path, subfolder="scheduler", local_files_only=True)
+    for module in (text_encoder, vae, unet):
+        module.requires_grad_(False)
+        module.to(device, dtype=dtype)
+    if config.attention == "xformers":
+        try:
+            unet.enable_xformers_memory_efficient_attention()
+        except Exception as error:  # diffusers raises ModuleNotFoundError/ValueError variants
+            raise CatalogError(f"attention 'xformers' is not available ({error}); install '.[gpu]' or use 'sdpa'") from error
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if config.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    return Components(model, tokenizer, text_encoder, vae, unet, noise_scheduler, device, dtype)
+
+
+def step_seed(seed: int, instance_key: str, step: int) -> int:
+    """A 63-bit seed for one step of one instance, independent of anything that ran before."""
+    digest = hashlib.sha256(f"{seed}|{instance_key}|{step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def learning_rate_at(step: int, config: TrainConfig, base_lr: float) -> float:
+    """Pure schedule: linear warm-up, then constant, cosine or linear decay to zero."""
+    if config.warmup_steps and step < config.warmup_steps:
+        return base_lr * (step + 1) / config.warmup_steps
+    if config.lr_schedule == "constant":
+        return base_lr
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    if config.lr_schedule == "cosine":
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return base_lr * (1.0 - progress)
+
+
+def photo_positions(step: int, batch_size: int, count: int, seed: int) -> list[int]:
+    """Which photos a step sees: a fresh seeded shuffle per epoch, so every photo is used equally."""
+    chosen = []
+    for position in range(step * batch_size, (step + 1) * batch_size):
+        epoch, offset = divmod(position, count)
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        chosen.append(int(order[offset]))
+    return chosen
+
+
+def load_image_tensor(path: Path, resolution: int) -> torch.Tensor:
+    """A training image as a (3, H, W) tensor in [-1, 1]."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        if image.size != (resolution, resolution):
+            raise CatalogError(f"{path}: training image is {image.size[0]}x{image.size[1]}, expected {resolution}px square")
+        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+@torch.no_grad()
+def encode_prompts(components: Components, prompts: Sequence[str]) -> torch.Tensor:
+    ids = tokenize(components, prompts)
+    return components.text_encoder(ids)[0]
+
+
+def tokenize(components: Components, prompts: Sequence[str]) -> torch.Tensor:
+    tokenizer = components.tokenizer
+    return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids.to(components.device)
+
+
+@torch.no_grad()
+def encode_latent_distribution(components: Components, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE's posterior mean and std per image; latents are sampled from it every step."""
+    vae = components.vae
+    dist = vae.encode(images.to(components.device, dtype=vae.dtype)).latent_dist
+    return dist.mean.float(), dist.std.float()
+
+
+def sample_latents(components: Components, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    eps = torch.randn(mean.shape, generator=generator).to(mean.device)
+    return (mean + std * eps) * components.vae.config.scaling_factor
+
+
+def training_fingerprint(config: TrainConfig, job: InstanceJob, base_fingerprint: str, photo_hashes: Sequence[str]) -> str:
+    """What a checkpoint must share with the run that resumes it. `steps` is left out on purpose,
+    so a finished run can be extended; checkpoint and validation settings change no weights."""
+    ignored = {"checkpoint_every", "keep_checkpoints", "validation_images", "validation_steps", "base_model"}
+    if config.lr_schedule == "constant":
+        ignored.add("steps")  # a decaying schedule depends on the total, a constant one does not
+    settings = {k: v for k, v in config.to_dict().items() if k not in ignored}
+    payload = json.dumps({"settings": settings, "base": base_fingerprint, "photos": list(photo_hashes),
+                          "class_images": len(job.class_images), "token": job.token,
+                          "prompts": [job.instance_prompt, job.class_prompt]}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _add_lora(components: Components, config: TrainConfig, instance_key: str):
+    from peft import LoraConfig
+
+    unet_config = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                             init_lora_weights=True, target_modules=UNET_LORA_TARGETS)
+    # LoRA's A matrices start random: seed them so a rerun starts from the same point.
+    torch.manual_seed(step_seed(config.seed, instance_key, -1))
+    components.unet.add_adapter(unet_config)
+    text_config = None
+    if config.train_text_encoder:
+        text_config = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                                 init_lora_weights=True, target_modules=TEXT_ENCODER_LORA_TARGETS)
+        components.text_encoder.add_adapter(text_config)
+    return unet_config, text_config
+
+
+def remove_lora(components: Components) -> None:
+    """Take the instance's LoRA out again so the next instance starts from the pure base model."""
+    components.unet.delete_adapters("default")
+    if getattr(components.text_encoder, "peft_config", None):
+        components.text_encoder.delete_adapter("default")
+
+
+def _trainable(module: torch.nn.Module, prefix: str) -> dict[str, torch.nn.Parameter]:
+    found = {}
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            # LoRA weights live in fp32 even under fp16: an fp16 master copy is what makes
+            # GradScaler fail with "Attempting to unscale FP16 gradients".
+            param.data = param.data.float()
+            found[prefix + name] = param
+    return found
+
+
+def _make_optimizer(config: TrainConfig, unet_params, text_params) -> torch.optim.Optimizer:
+    groups = [{"params": unet_params, "lr": config.learning_rate}]
+    if text_params:
+        groups.append({"params": text_params, "lr": config.text_encoder_lr})
+    kwargs = dict(betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.adam_weight_decay,
+                  eps=config.adam_epsilon)
+    if config.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as error:
+            raise CatalogError("optimizer 'adamw8bit' needs bitsandbytes (pip install bitsandbytes)") from error
+        return bnb.optim.AdamW8bit(groups, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def fit(components: Components, config: TrainConfig, job: InstanceJob, fingerprint: str, *, resume: bool,
+        progress: Callable | None = None, on_checkpoint: Callable[[int], None] | None = None,
+        stop_after_step: int | None = None) -> FitResult:
+    """Train one LoRA on one instance. The base model must carry no adapter on entry."""
+    device = components.device
+    # 1. Encode every photo and prompt once: the encoders are frozen, so this is exact.
+    photos = torch.stack([load_image_tensor(p, config.resolution) for p in job.photos])
+    photo_mean, photo_std = encode_latent_distribution(components, photos)
+    class_mean = class_std = None
+    if job.class_images:
+        class_imgs = torch.stack([load_image_tensor(p, config.resolution) for p in job.class_images])
+        class_mean, class_std = encode_latent_distribution(components, class_imgs)
+    prompt_ids = tokenize(components, [job.instance_prompt, job.class_prompt])
+    cached_text = None if config.train_text_encoder else encode_prompts(components, [job.instance_prompt, job.class_prompt])
+
+    # 2. A fresh LoRA on the frozen base model.
+    unet_lora_config, text_lora_config = _add_lora(components, config, job.instance_key)
+    unet_params = _trainable(components.unet, "unet.")
+    text_params = _trainable(components.text_encoder, "text_encoder.") if config.train_text_encoder else {}
+    trainable = {**unet_params, **text_params}
+    optimizer = _make_optimizer(config, list(unet_params.values()), list(text_params.values()))
+    scaler = torch.amp.GradScaler("cuda") if config.mixed_precision == "fp16" else None
+
+    # 3. Carry on from the newest complete checkpoint.
+    state, resumed_from = TrainingState(), None
+    existing = list_checkpoints(job.checkpoint_dir)
+    if existing and resume:
+        resumed_from, folder = existing[-1]
+        state = load_checkpoint(folder, trainable, optimizer, fingerprint)
+        if scaler is not None and state.grad_scale is not None:
+            scaler.update(state.grad_scale)
+    elif existing:
+        raise CatalogError(
+            f"{job.key}: checkpoints up to step {existing[-1][0]} exist in {job.checkpoint_dir}; "
+            "pass --resume to continue them or --force to start over"
+        )
+
+    # 4. The loop.
+    components.unet.train()
+    scheduler = components.noise_scheduler
+    autocast_dtype = components.weight_dtype if config.mixed_precision != "no" else None
+    start_step, started = state.step, time.perf_counter()
+    session_started = started
+    checkpoints_written: list[int] = []
+    for step in range(state.step, config.steps):
+        generator = torch.Generator().manual_seed(step_seed(config.seed, job.key, step))
+        torch.manual_seed(step_seed(config.seed, job.key, step) ^ 1)  # LoRA dropout, if any
+        picks = photo_positions(step, config.batch_size, len(job.photos), step_seed(config.seed, job.key, -2) % (1 << 31))
+        latents = sample_latents(components, photo_mean[picks], photo_std[picks], generator)
+        text_index = [0] * len(picks)
+        if class_mean is not None:
+            class_picks = photo_positions(step, config.batch_size, len(job.class_images), config.seed + 7)
+            latents = torch.cat([latents, sample_latents(components, class_mean[class_picks], class_std[class_picks], generator)])
+            text_index += [1] * len(class_picks)
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+
+        lr_scale = learning_rate_at(step, config, 1.0)
+        for group, base in zip(optimizer.param_groups, (config.learning_rate, config.text_encoder_lr)):
+            group["lr"] = base * lr_scale
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            if cached_text is not None:
+                text = cached_text[text_index]
+            else:
+                text = components.text_encoder(prompt_ids[text_index])[0]
+            prediction = components.unet(noisy.to(components.weight_dtype), timesteps, text.to(components.weight_dtype)).sample
+        loss = _dreambooth_loss(prediction.float(), target.float(), len(picks), config.prior_loss_weight)
+        if not torch.isfinite(loss):
+            raise CatalogError(f"{job.key}: loss became {loss.item()} at step {step + 1}; lower the learning rate "
+                               "or use mixed_precision 'no'/'bf16'")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(list(trainable.values()), config.max_grad_norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+
+        state.step = step + 1
+        state.losses.append(round(float(loss.item()), 6))
+        elapsed = time.perf_counter() - session_started
+        if progress is not None:
+            progress(state.step, float(loss.item()), (state.step - start_step) / max(elapsed, 1e-9))
+        at_checkpoint = config.checkpoint_every and state.step % config.checkpoint_every == 0
+        if at_checkpoint or state.step == config.steps:
+            state.seconds += time.perf_counter() - started
+            started = time.perf_counter()
+            state.grad_scale = float(scaler.get_scale()) if scaler is not None else None
+            save_checkpoint(job.checkpoint_dir, trainable, optimizer, state, fingerprint)
+            checkpoints_written.append(state.step)
+            if on_checkpoint is not None:
+                on_checkpoint(state.step)
+            prune_checkpoints(job.checkpoint_dir, config.keep_checkpoints)
+        if stop_after_step is not None and state.step >= stop_after_step:
+            raise InterruptedError(f"stopped after step {state.step} as asked")  # used by tests to simulate a crash
+
+    ran = state.step - start_step
+    from catalog_gen.lora_files import peft_layers
+
+    return FitResult(
+        unet_layers=peft_layers(components.unet),
+        text_encoder_layers=peft_layers(components.text_encoder) if config.train_text_encoder else None,
+        unet_lora_config=unet_lora_config.to_dict(),
+        text_encoder_lora_config=text_lora_config.to_dict() if text_lora_config else None,
+        state=state,
+        resumed_from=resumed_from,
+        steps_per_second=ran / max(time.perf_counter() - session_started, 1e-9) if ran else 0.0,
+        checkpoints=checkpoints_written,
+    )
+
+
+def _dreambooth_loss(prediction: torch.Tensor, target: torch.Tensor, n_instance: int, prior_weight: float) -> torch.Tensor:
+    """Instance MSE, plus the class-prior MSE weighted by prior_weight when class images are in the batch."""
+    loss = F.mse_loss(prediction[:n_instance], target[:n_instance])
+    if prediction.shape[0] > n_instance:
+        loss = loss + prior_weight * F.mse_loss(prediction[n_instance:], target[n_instance:])
+    return loss

@@ -1,0 +1,281 @@
+"""From product photos to trained adapters: the flow behind `catalog taxonomy` and `catalog train`.
+
+WORKDIR layout:
+    tokens.json                                   rare token per class/instance (stable)
+    datasets/<class>/<instance>/<res>px/          normalised training photos + intake.json
+    class_images/<class>/<model>-<res>px/         prior-preservation images, shared per class
+    checkpoints/<class>/<instance>/step-NNNNNN/   resumable checkpoints (+ validation images)
+    adapters/<class>/<instance>/                  the finished adapter
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from catalog_gen import intake, taxonomy, tokens
+from catalog_gen.adapters import adapter_folder, finished_adapter, library_versions, write_adapter
+from catalog_gen.checkpoints import list_checkpoints
+from catalog_gen.config import TrainConfig
+from catalog_gen.errors import CatalogError
+from catalog_gen.models import BaseModel, load_tokenizer, model_fingerprint, resolve_base_model
+from catalog_gen.storage import atomic_path
+
+
+@dataclass(frozen=True)
+class PhotoSource:
+    """Where product photos come from.
+
+    Either a folder tree <class>/<instance>/*.jpg (photos_dir alone), or a products CSV
+    (sku,title,image[,class,instance]) whose image paths are relative to photos_dir when
+    it is given, else to the CSV's own folder.
+    """
+
+    photos_dir: Path | None = None
+    products_csv: Path | None = None
+    class_map: str | Path = "jewelry"
+
+    def __post_init__(self) -> None:
+        if self.photos_dir is None and self.products_csv is None:
+            raise CatalogError("give a photo source: --photos DIR (laid out <class>/<instance>/) or --products CSV")
+        if self.products_csv is not None and not Path(self.products_csv).is_file():
+            raise CatalogError(f"products CSV {self.products_csv} does not exist")
+        if self.photos_dir is not None:
+            folder = Path(self.photos_dir)
+            if not folder.is_dir():
+                raise CatalogError(f"photo folder {folder} does not exist")
+            if not any(folder.iterdir()):
+                raise CatalogError(f"photo folder {folder} is empty")
+
+    @property
+    def photo_root(self) -> Path:
+        return Path(self.photos_dir) if self.photos_dir is not None else Path(self.products_csv).parent
+
+
+@dataclass(frozen=True)
+class PreparedInstance:
+    class_key: str
+    instance_key: str
+    token: str
+    photos: tuple[Path, ...]
+    photo_hashes: tuple[str, ...]
+    refused: tuple[tuple[str, str], ...]
+    dataset_dir: Path
+
+
+@dataclass
+class TrainOutcome:
+    key: str
+    status: str  # "trained" | "already trained" | "failed" | "skipped"
+    detail: str = ""
+    adapter_dir: Path | None = None
+    steps: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class TrainSummary:
+    outcomes: list[TrainOutcome] = field(default_factory=list)
+    skipped: list[taxonomy.Skipped] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[TrainOutcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+
+def assign_photos(source: PhotoSource, min_photos: int | None = None) -> taxonomy.Taxonomy:
+    class_map = taxonomy.load_class_map(source.class_map)
+    if source.products_csv is None:
+        return taxonomy.assign_from_folders(Path(source.photos_dir), class_map, min_photos)
+    return taxonomy.assign_from_products(Path(source.products_csv), source.photo_root, class_map, min_photos)
+
+
+def assign_catalogue_tokens(workdir: Path, class_map: taxonomy.ClassMap, tokenizer) -> dict[str, str]:
+    """Tokens for every instance of the catalogue, kept stable in WORKDIR/tokens.json."""
+    path = Path(workdir) / "tokens.json"
+    existing = tokens.load_token_file(path) if path.exists() else {}
+    assigned = tokens.assign_tokens(class_map.instance_keys(), tokenizer, existing)
+    if assigned != existing:
+        tokens.save_token_file(path, assigned)
+    return assigned
+
+
+def prepare_instances(source: PhotoSource, class_key: str, instance_keys: Sequence[str], workdir: Path,
+                      resolution: int, tokenizer, min_photos: int | None = None) -> tuple[list[PreparedInstance], list]:
+    """Steps 2-4 of training: assign photos, run intake per instance, pick tokens."""
+    assigned = assign_photos(source, min_photos)
+    class_map = assigned.class_map
+    class_spec = class_map.get_class(class_key)
+    for key in instance_keys:
+        class_map.get_instance(class_key, key)
+    wanted = list(instance_keys) or list(class_spec.instances)
+    token_of = assign_catalogue_tokens(workdir, class_map, tokenizer)
+    minimum = min_photos or class_map.min_photos
+    groups = assigned.groups()
+    skipped = [s for s in assigned.skipped if s.kind != "too_few_photos" or s.item.startswith(f"{class_key}/")]
+    prepared = []
+    for instance_key in wanted:
+        photos = groups.get((class_key, instance_key), [])
+        if not photos:
+            continue  # already reported by the taxonomy (no photos / too few)
+        result = intake.intake_photos(photos, source.photo_root, intake.IntakeConfig(resolution=resolution))
+        dataset = Path(workdir) / "datasets" / class_key / instance_key / f"{resolution}px"
+        intake.save_training_set(result, dataset)
+        refused = tuple((str(r.source), r.reason) for r in result.refused)
+        if len(result.accepted) < minimum:
+            skipped.append(taxonomy.Skipped(
+                item=f"{class_key}/{instance_key}", kind="too_few_photos",
+                reason=f"{len(result.accepted)} usable photos after intake, minimum {minimum}"))
+            continue
+        manifest = json.loads((dataset / "intake.json").read_text())
+        prepared.append(PreparedInstance(
+            class_key, instance_key, token_of[f"{class_key}/{instance_key}"],
+            tuple(dataset / item["file"] for item in manifest["accepted"]),
+            tuple(item["sha256"] for item in manifest["accepted"]), refused, dataset))
+    return prepared, skipped
+
+
+def ensure_class_images(components, class_key: str, class_prompt: str, config: TrainConfig, workdir: Path,
+                        base_fingerprint: str) -> tuple[Path, ...]:
+    """Prior-preservation images, drawn once per class and shared by every instance of it.
+
+    Images already on disk are reused; only missing ones are drawn (each from its own seed,
+    so an interrupted batch finishes with the same images as an uninterrupted one).
+    """
+    from catalog_gen.sampling import draw, pipeline_from_components
+
+    folder = Path(workdir) / "class_images" / class_key / f"{base_fingerprint}-{config.resolution}px"
+    wanted = [folder / f"{index:04d}.png" for index in range(config.num_class_images)]
+    missing = [path for path in wanted if not path.is_file()]
+    if missing:
+        pipeline = pipeline_from_components(components)
+        seeds = [config.seed * 100_003 + int(path.stem) for path in missing]
+        for start in range(0, len(missing), 4):
+            images = draw(pipeline, [class_prompt] * len(missing[start:start + 4]), seeds[start:start + 4],
+                          steps=config.class_image_steps, resolution=config.resolution)
+            for path, image in zip(missing[start:start + 4], images):
+                with atomic_path(path) as tmp:
+                    image.save(tmp, format="PNG")
+    return tuple(wanted)
+
+
+def save_validation_images(components, job, config: TrainConfig, step: int) -> None:
+    from catalog_gen.sampling import draw, pipeline_from_components
+
+    if not config.validation_images:
+        return
+    pipeline = pipeline_from_components(components)
+    images = draw(pipeline, [job.instance_prompt] * config.validation_images,
+                  [config.seed + index for index in range(config.validation_images)],
+                  steps=config.validation_steps, resolution=config.resolution)
+    components.unet.train()
+    folder = job.checkpoint_dir / f"step-{step:06d}" / "validation"
+    for index, image in enumerate(images):
+        with atomic_path(folder / f"{index:02d}.png") as tmp:
+            image.save(tmp, format="PNG")
+
+
+def train_class(source: PhotoSource, class_key: str, instance_keys: Sequence[str], workdir: Path,
+                config: TrainConfig, *, resume: bool = False, force: bool = False,
+                progress: Callable | None = None, stop_after_step: int | None = None) -> TrainSummary:
+    """Train one adapter per instance of a class. Finished adapters are kept, failures reported."""
+    import shutil
+
+    from accelerate import PartialState
+
+    from catalog_gen import training
+
+    state = PartialState()
+    workdir = Path(workdir)
+    # 1. Resolve the base model (a preset is built once, by the first process).
+    with state.main_process_first():
+        model = resolve_base_model(config.base_model)
+        base_fingerprint = model_fingerprint(model)
+        tokenizer = load_tokenizer(model)
+        # 2-4. Photos -> instances -> clean training sets -> rare tokens.
+        prepared, skipped = prepare_instances(source, class_key, instance_keys, workdir, config.resolution,
+                                              tokenizer, config.min_photos)
+    summary = TrainSummary(skipped=skipped)
+    if not prepared:
+        raise CatalogError(f"class '{class_key}': no instance has enough usable photos to train "
+                           f"({'; '.join(s.item + ': ' + s.reason for s in skipped[:5])})")
+    class_spec = taxonomy.load_class_map(source.class_map).get_class(class_key)
+
+    # 5. The frozen base model, once per process.
+    components = training.load_components(model, config, state.device)
+
+    # 6. Class images, drawn by the main process once for the whole class.
+    class_images: tuple[Path, ...] = ()
+    if config.prior_preservation:
+        with state.main_process_first():
+            class_images = ensure_class_images(components, class_key, class_spec.class_prompt, config, workdir,
+                                               base_fingerprint)
+
+    # 7. This process's share of the instances.
+    for item in prepared[state.process_index::state.num_processes]:
+        job = training.InstanceJob(
+            class_key, item.instance_key, item.token,
+            class_spec.instance_prompt_for(item.instance_key, item.token), class_spec.class_prompt,
+            item.photos, workdir / "checkpoints" / class_key / item.instance_key, class_images)
+        fingerprint = training.training_fingerprint(config, job, base_fingerprint, item.photo_hashes)
+        folder = adapter_folder(workdir, class_key, item.instance_key)
+        if force:
+            shutil.rmtree(job.checkpoint_dir, ignore_errors=True)
+        elif finished_adapter(folder, fingerprint, config.steps) is not None:
+            summary.outcomes.append(TrainOutcome(job.key, "already trained", adapter_dir=folder, steps=config.steps))
+            continue
+        try:
+            outcome = _train_one(components, config, job, item, model, base_fingerprint, fingerprint, folder,
+                                 resume=resume, progress=progress, stop_after_step=stop_after_step)
+        except CatalogError as error:
+            outcome = TrainOutcome(job.key, "failed", str(error))
+        finally:
+            if getattr(components.unet, "peft_config", None):
+                training.remove_lora(components)
+        summary.outcomes.append(outcome)
+    state.wait_for_everyone()
+    return summary
+
+
+def _train_one(components, config, job, item, model: BaseModel, base_fingerprint, fingerprint, folder, *,
+               resume, progress, stop_after_step) -> TrainOutcome:
+    from catalog_gen import training
+
+    started = time.perf_counter()
+    report = progress(job) if progress is not None else None
+    try:
+        result = training.fit(
+            components, config, job, fingerprint, resume=resume, progress=report,
+            on_checkpoint=lambda step: save_validation_images(components, job, config, step),
+            stop_after_step=stop_after_step)
+    finally:
+        if report is not None and hasattr(report, "close"):
+            report.close()
+    record = {
+        "class": job.class_key,
+        "instance": job.instance_key,
+        "token": job.token,
+        "instance_prompt": job.instance_prompt,
+        "class_prompt": job.class_prompt,
+        "base_model": {"spec": model.spec, "source": model.source, "path": str(model.path),
+                       "fingerprint": base_fingerprint},
+        "recipe": config.to_dict(),
+        "fingerprint": fingerprint,
+        "steps": result.state.step,
+        "resumed_from_step": result.resumed_from,
+        "photos": [{"file": str(p), "sha256": h} for p, h in zip(item.photos, item.photo_hashes)],
+        "refused_photos": [{"source": s, "reason": r} for s, r in item.refused],
+        "class_images": len(job.class_images),
+        "loss_curve": result.state.losses,
+        "timings": {"train_seconds": round(result.state.seconds, 3),
+                    "steps_per_second_last_session": round(result.steps_per_second, 3)},
+        "checkpoints": [path.name for _, path in list_checkpoints(job.checkpoint_dir)],
+        "versions": library_versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    write_adapter(folder, result, record, job.class_key, job.instance_key, config.lora_alpha)
+    return TrainOutcome(job.key, "trained", adapter_dir=folder, steps=result.state.step,
+                        seconds=time.perf_counter() - started)

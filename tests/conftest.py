@@ -1,0 +1,34 @@
+"""Shared fixtures: one preset cache and one sample catalogue per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Offline by construction, like the CLI: a hub lookup must fail, never download.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def preset_cache(tmp_path_factory) -> Path:
+    """Built-in presets are materialised once per session (CATALOG_GEN_CACHE may point elsewhere)."""
+    if "CATALOG_GEN_CACHE" not in os.environ:
+        os.environ["CATALOG_GEN_CACHE"] = str(tmp_path_factory.mktemp("catalog-gen-cache"))
+    return Path(os.environ["CATALOG_GEN_CACHE"])
+
+
+@pytest.fixture(scope="session")
+def tiny_model(preset_cache):
+    from catalog_gen.models import resolve_base_model
+
+    return resolve_base_model("tiny")
+
+
+@pytest.fixture(scope="session")
+def sample_catalogue(tmp_path_factory):
+    from catalog_gen.sample_data import write_sample_catalogue
+
+    return write_sample_catalogue(tmp_path_factory.mktemp("sample"))

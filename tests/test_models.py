@@ -1,0 +1,88 @@
+"""Base models: presets built offline, loaded through the same loader as a real folder; clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from catalog_gen.errors import CatalogError
+from catalog_gen.models import load_pipeline, load_tokenizer, model_fingerprint, resolve_base_model
+from catalog_gen.presets import materialise_preset
+
+
+def test_tiny_preset_is_an_ordinary_diffusers_folder(tiny_model):
+    index = json.loads((tiny_model.path / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    for component in ("unet", "vae", "text_encoder"):
+        assert list((tiny_model.path / component).glob("*.safetensors")), component
+    assert (tiny_model.path / "tokenizer" / "vocab.json").is_file()
+    assert (tiny_model.path / "tokenizer" / "merges.txt").is_file()
+    size = sum(f.stat().st_size for f in tiny_model.path.rglob("*") if f.is_file())
+    assert size < 20 * 2**20, f"tiny preset is {size / 2**20:.1f} MB"
+
+
+def test_tiny_preset_loads_back_as_a_local_folder_and_generates(tiny_model, tmp_path):
+    copy = tmp_path / "my-model"
+    shutil.copytree(tiny_model.path, copy)
+    local = resolve_base_model(str(copy))
+    assert local.source == "local"
+    pipeline = load_pipeline(local)
+    image = pipeline("photo of a ring", num_inference_steps=2, height=64, width=64,
+                     generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+    assert model_fingerprint(local) == model_fingerprint(tiny_model)
+
+
+def test_preset_build_is_deterministic(tmp_path, tiny_model):
+    rebuilt = materialise_preset("tiny", cache_dir=tmp_path)
+    for component in ("unet", "vae", "text_encoder"):
+        first = next((tiny_model.path / component).glob("*.safetensors")).read_bytes()
+        second = next((rebuilt / component).glob("*.safetensors")).read_bytes()
+        assert first == second, component
+
+
+def test_tokenizer_is_a_real_bpe(tiny_model):
+    tokenizer = load_tokenizer(tiny_model)
+    ids = tokenizer("photo of a pair of hoops").input_ids
+    assert 3 <= len(ids) <= 10
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+
+
+def test_missing_model_names_the_model_and_how_to_get_it():
+    with pytest.raises(CatalogError, match="not in the local Hugging Face cache.*never downloads"):
+        resolve_base_model("nobody/no-such-model")
+
+
+def test_nonsense_spec_is_rejected():
+    with pytest.raises(CatalogError, match="not found"):
+        resolve_base_model("not a model")
+
+
+def test_pickle_only_folder_is_refused(tiny_model, tmp_path):
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_model.path, folder)
+    weights = next((folder / "unet").glob("*.safetensors"))
+    weights.rename(folder / "unet" / "diffusion_pytorch_model.bin")
+    with pytest.raises(CatalogError, match=r"unet/ holds only pickle weights \(diffusion_pytorch_model.bin\)"):
+        resolve_base_model(str(folder))
+
+
+def test_folder_without_model_index_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CatalogError, match="no model_index.json"):
+        resolve_base_model(str(tmp_path / "empty"))
+
+
+def test_single_file_checkpoint_is_refused(tmp_path):
+    checkpoint = tmp_path / "model.safetensors"
+    checkpoint.write_bytes(b"")
+    with pytest.raises(CatalogError, match="single file"):
+        resolve_base_model(str(checkpoint))
+
+
+def test_unknown_preset_lists_presets(tmp_path):
+    with pytest.raises(CatalogError, match="tiny, sd15-shape"):
+        materialise_preset("huge", cache_dir=tmp_path)

@@ -1,0 +1,178 @@
+"""DreamBooth-LoRA training end to end on the tiny preset (CPU, a few seconds per run)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from catalog_gen.adapters import read_adapter
+from catalog_gen.checkpoints import list_checkpoints
+from catalog_gen.config import TrainConfig, build_config, read_recipe
+from catalog_gen.errors import CatalogError
+from catalog_gen.workflow import PhotoSource, train_class
+
+INSTANCES = ["band", "signet"]
+
+
+def tiny_config(**overrides) -> TrainConfig:
+    base = build_config(TrainConfig, read_recipe("tiny_demo", "train"), {})
+    settings = dict(steps=6, checkpoint_every=2, validation_images=1, validation_steps=2)
+    settings.update(overrides)
+    return replace(base, **settings)
+
+
+def _source(sample_catalogue) -> PhotoSource:
+    return PhotoSource(photos_dir=sample_catalogue.photos_dir, products_csv=sample_catalogue.products_csv)
+
+
+@pytest.fixture(scope="module")
+def trained(sample_catalogue, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("train")
+    summary = train_class(_source(sample_catalogue), "ring", INSTANCES, workdir, tiny_config())
+    return workdir, summary
+
+
+def _pipeline_image(pipeline, prompt: str) -> torch.Tensor:
+    out = pipeline(prompt, num_inference_steps=3, height=64, width=64, output_type="pt",
+                   generator=torch.Generator().manual_seed(0))
+    return out.images[0]
+
+
+def test_training_writes_every_output(trained):
+    workdir, summary = trained
+    assert [o.status for o in summary.outcomes] == ["trained", "trained"]
+    for instance in INSTANCES:
+        info = read_adapter(workdir / "adapters" / "ring" / instance)
+        assert info.diffusers_file.is_file() and info.kohya_file.is_file()
+        record = info.record
+        assert record["steps"] == 6 and len(record["loss_curve"]) == 6
+        assert record["token"] and record["token"] in record["instance_prompt"]
+        assert record["instance_prompt"].endswith(f"{instance} ring")
+        assert record["recipe"]["lora_rank"] == 4
+        assert record["base_model"]["fingerprint"] and record["weights_sha256"]
+        assert record["versions"]["diffusers"] != "not installed"
+        assert len(record["photos"]) >= 3 and all(len(p["sha256"]) == 64 for p in record["photos"])
+        assert record["checkpoints"] == ["step-000002", "step-000004", "step-000006"]
+        checkpoints = list_checkpoints(workdir / "checkpoints" / "ring" / instance)
+        assert [step for step, _ in checkpoints] == [2, 4, 6]
+        assert (checkpoints[-1][1] / "validation" / "00.png").is_file()
+    tokens = json.loads((workdir / "tokens.json").read_text())
+    assert tokens["ring/band"] != tokens["ring/signet"]
+
+
+def test_rerun_skips_finished_adapters(trained, sample_catalogue):
+    workdir, _ = trained
+    before = (workdir / "adapters" / "ring" / "band" / "adapter.json").stat().st_mtime_ns
+    summary = train_class(_source(sample_catalogue), "ring", ["band"], workdir, tiny_config())
+    assert [o.status for o in summary.outcomes] == ["already trained"]
+    assert (workdir / "adapters" / "ring" / "band" / "adapter.json").stat().st_mtime_ns == before
+
+
+def test_adapter_loads_into_plain_diffusers_and_changes_output(trained, tiny_model):
+    from diffusers import StableDiffusionPipeline
+
+    workdir, _ = trained
+    info = read_adapter(workdir / "adapters" / "ring" / "band")
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_model.path, safety_checker=None)
+    pipeline.set_progress_bar_config(disable=True)
+    prompt = info.record["instance_prompt"]
+    base = _pipeline_image(pipeline, prompt)
+    pipeline.load_lora_weights(str(info.folder), weight_name=info.diffusers_file.name)
+    tuned = _pipeline_image(pipeline, prompt)
+    assert (tuned - base).abs().max() > 1e-3
+
+    # The kohya copy is the same adapter: loaded instead, it draws the same image.
+    pipeline.unload_lora_weights()
+    assert torch.allclose(_pipeline_image(pipeline, prompt), base, atol=1e-6)
+    pipeline.load_lora_weights(str(info.folder), weight_name=info.kohya_file.name)
+    assert torch.allclose(_pipeline_image(pipeline, prompt), tuned, atol=1e-4)
+
+
+def test_kohya_file_has_kohya_names_and_alphas(trained):
+    workdir, _ = trained
+    info = read_adapter(workdir / "adapters" / "ring" / "signet")
+    tensors = load_file(str(info.kohya_file))
+    downs = [k for k in tensors if k.endswith(".lora_down.weight")]
+    assert downs and all(k.startswith("lora_unet_") for k in downs)
+    for key in downs:
+        module = key[: -len(".lora_down.weight")]
+        assert f"{module}.lora_up.weight" in tensors
+        assert float(tensors[f"{module}.alpha"]) == 4.0
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(trained, sample_catalogue, tmp_path):
+    workdir, _ = trained
+    source = _source(sample_catalogue)
+    with pytest.raises(InterruptedError):
+        train_class(source, "ring", ["band"], tmp_path, tiny_config(), stop_after_step=3)
+    assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints" / "ring" / "band")] == [2]
+    assert not (tmp_path / "adapters" / "ring" / "band").exists()
+
+    # Without --resume, existing checkpoints are never silently thrown away.
+    summary = train_class(source, "ring", ["band"], tmp_path, tiny_config())
+    assert summary.outcomes[0].status == "failed" and "--resume" in summary.outcomes[0].detail
+
+    summary = train_class(source, "ring", ["band"], tmp_path, tiny_config(), resume=True)
+    assert summary.outcomes[0].status == "trained"
+    resumed = read_adapter(tmp_path / "adapters" / "ring" / "band")
+    reference = read_adapter(workdir / "adapters" / "ring" / "band")
+    assert resumed.record["steps"] == 6 and resumed.record["resumed_from_step"] == 2
+    assert resumed.record["loss_curve"] == reference.record["loss_curve"]
+    a, b = load_file(str(resumed.diffusers_file)), load_file(str(reference.diffusers_file))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_changed_settings_refuse_to_resume_foreign_checkpoints(sample_catalogue, tmp_path):
+    source = _source(sample_catalogue)
+    with pytest.raises(InterruptedError):
+        train_class(source, "ring", ["band"], tmp_path, tiny_config(), stop_after_step=2)
+    summary = train_class(source, "ring", ["band"], tmp_path, tiny_config(learning_rate=5e-3), resume=True)
+    assert summary.outcomes[0].status == "failed"
+    assert "different training settings" in summary.outcomes[0].detail
+
+
+def test_prior_preservation_draws_class_images_once_per_class(sample_catalogue, tmp_path, monkeypatch):
+    from catalog_gen import sampling
+
+    calls = []
+    real_draw = sampling.draw
+    monkeypatch.setattr(sampling, "draw", lambda *a, **k: calls.append(len(a[1])) or real_draw(*a, **k))
+    config = tiny_config(prior_preservation=True, num_class_images=3, checkpoint_every=0, validation_images=0)
+    source = _source(sample_catalogue)
+    summary = train_class(source, "ring", ["band"], tmp_path, config)
+    assert summary.outcomes[0].status == "trained"
+    class_images = sorted((tmp_path / "class_images" / "ring").rglob("*.png"))
+    assert len(class_images) == 3 and sum(calls) == 3
+    stamps = [p.stat().st_mtime_ns for p in class_images]
+
+    summary = train_class(source, "ring", ["signet"], tmp_path, config)
+    assert summary.outcomes[0].status == "trained"
+    assert sum(calls) == 3, "class images were drawn again for the second instance"
+    assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "class_images" / "ring").rglob("*.png"))] == stamps
+    assert read_adapter(tmp_path / "adapters" / "ring" / "signet").record["class_images"] == 3
+
+
+def test_unknown_class_and_instance_are_clear_errors(sample_catalogue, tmp_path):
+    with pytest.raises(CatalogError, match="unknown class 'bracelet'"):
+        train_class(_source(sample_catalogue), "bracelet", [], tmp_path, tiny_config())
+    with pytest.raises(CatalogError, match="unknown instance"):
+        train_class(_source(sample_catalogue), "ring", ["hexagon"], tmp_path, tiny_config())
+
+
+def test_empty_photo_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "photos").mkdir()
+    with pytest.raises(CatalogError, match="is empty"):
+        PhotoSource(photos_dir=tmp_path / "photos")
+
+
+def test_fp16_on_cpu_is_refused_with_advice():
+    from catalog_gen.training import weight_dtype_for
+
+    with pytest.raises(CatalogError, match="fp16.*CUDA"):
+        weight_dtype_for(tiny_config(mixed_precision="fp16"), torch.device("cpu"))
