@@ -258,12 +258,22 @@ def fit(components: Components, config: TrainConfig, job: InstanceJob, fingerpri
     """Train one LoRA on one instance. The base model must carry no adapter on entry."""
     device = components.device
     # 1. Encode every photo and prompt once: the encoders are frozen, so this is exact.
+    #    (cache_latents=false re-encodes the drawn photos every step instead: same numbers, more time.)
     photos = torch.stack([load_image_tensor(p, config.resolution) for p in job.photos])
-    photo_mean, photo_std = encode_latent_distribution(components, photos)
-    class_mean = class_std = None
-    if job.class_images:
-        class_imgs = torch.stack([load_image_tensor(p, config.resolution) for p in job.class_images])
-        class_mean, class_std = encode_latent_distribution(components, class_imgs)
+    class_photos = (torch.stack([load_image_tensor(p, config.resolution) for p in job.class_images])
+                    if job.class_images else None)
+    latent_cache = {}
+    if config.cache_latents:
+        latent_cache["photos"] = encode_latent_distribution(components, photos)
+        if class_photos is not None:
+            latent_cache["class"] = encode_latent_distribution(components, class_photos)
+
+    def latents_for(kind: str, images: torch.Tensor, picks: list[int], generator) -> torch.Tensor:
+        mean, std = latent_cache[kind] if kind in latent_cache else encode_latent_distribution(components, images[picks])
+        if kind in latent_cache:
+            mean, std = mean[picks], std[picks]
+        return sample_latents(components, mean, std, generator)
+
     prompt_ids = tokenize(components, [job.instance_prompt, job.class_prompt])
     cached_text = None if config.train_text_encoder else encode_prompts(components, [job.instance_prompt, job.class_prompt])
 
@@ -300,11 +310,11 @@ def fit(components: Components, config: TrainConfig, job: InstanceJob, fingerpri
         generator = torch.Generator().manual_seed(step_seed(config.seed, job.key, step))
         torch.manual_seed(step_seed(config.seed, job.key, step) ^ 1)  # LoRA dropout, if any
         picks = photo_positions(step, config.batch_size, len(job.photos), step_seed(config.seed, job.key, -2) % (1 << 31))
-        latents = sample_latents(components, photo_mean[picks], photo_std[picks], generator)
+        latents = latents_for("photos", photos, picks, generator)
         text_index = [0] * len(picks)
-        if class_mean is not None:
+        if class_photos is not None:
             class_picks = photo_positions(step, config.batch_size, len(job.class_images), config.seed + 7)
-            latents = torch.cat([latents, sample_latents(components, class_mean[class_picks], class_std[class_picks], generator)])
+            latents = torch.cat([latents, latents_for("class", class_photos, class_picks, generator)])
             text_index += [1] * len(class_picks)
         noise = torch.randn(latents.shape, generator=generator).to(device)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(device)

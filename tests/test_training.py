@@ -176,3 +176,13 @@ def test_fp16_on_cpu_is_refused_with_advice():
 
     with pytest.raises(CatalogError, match="fp16.*CUDA"):
         weight_dtype_for(tiny_config(mixed_precision="fp16"), torch.device("cpu"))
+
+
+def test_latent_cache_changes_speed_not_results(sample_catalogue, tmp_path):
+    source = _source(sample_catalogue)
+    train_class(source, "ring", ["band"], tmp_path / "cached", tiny_config(steps=3, checkpoint_every=0))
+    train_class(source, "ring", ["band"], tmp_path / "uncached",
+                tiny_config(steps=3, checkpoint_every=0, cache_latents=False))
+    a = read_adapter(tmp_path / "cached" / "adapters" / "ring" / "band")
+    b = read_adapter(tmp_path / "uncached" / "adapters" / "ring" / "band")
+    assert a.record["loss_curve"] == pytest.approx(b.record["loss_curve"], rel=1e-4)
