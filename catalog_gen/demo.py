@@ -2,7 +2,8 @@
 
     1. draw the sample jewelry catalogue          -> WORKDIR/sample/
     2. assign its photos to class / instance sets  (title rules of class_maps/jewelry.toml)
-    3. train one LoRA per instance of one class    -> WORKDIR/adapters/<class>/<instance>/
+    3. intake every instance and pick rare tokens  -> WORKDIR/datasets/, WORKDIR/tokens.json
+    4. train one LoRA per instance of one class    -> WORKDIR/adapters/<class>/<instance>/
        on the `tiny` preset with pipelines/tiny_demo.toml
 """
 
@@ -14,7 +15,8 @@ from typing import Iterator
 from catalog_gen.config import TrainConfig, build_config, read_recipe
 from catalog_gen.report_text import indent, progress_bar_factory, taxonomy_lines, train_summary_lines
 from catalog_gen.sample_data import write_sample_catalogue
-from catalog_gen.workflow import PhotoSource, assign_photos, train_class
+from catalog_gen.models import load_tokenizer, resolve_base_model
+from catalog_gen.workflow import PhotoSource, assign_photos, prepare_instances, train_class
 
 DEMO_RECIPE = "tiny_demo"
 
@@ -33,12 +35,17 @@ def run_demo(workdir: Path, class_key: str = "ring", steps: int | None = None) -
     source = PhotoSource(photos_dir=catalogue.photos_dir, products_csv=catalogue.products_csv)
     yield from indent(taxonomy_lines(assign_photos(source)), "   ")
 
-    yield f"3. train class '{class_key}' on the tiny preset ({config.steps} steps per instance)"
+    yield "3. intake and rare identifier tokens"
+    tokenizer = load_tokenizer(resolve_base_model(config.base_model))
+    for class_spec in assign_photos(source).class_map.classes.values():
+        prepared, _ = prepare_instances(source, class_spec.key, [], workdir, config.resolution, tokenizer)
+        for item in prepared:
+            yield (f"   {item.class_key + '/' + item.instance_key:<20} token '{item.token}'  "
+                   f"{len(item.photos)} photos kept, {len(item.refused)} refused")
+            yield from (f"      refused {Path(name).name}: {reason}" for name, reason in item.refused)
+
+    yield f"4. train class '{class_key}' on the tiny preset ({config.steps} steps per instance)"
     summary = train_class(source, class_key, [], workdir, config, resume=True,
                           progress=progress_bar_factory(config.steps))
     yield from indent(train_summary_lines(summary), "   ")
-    for outcome in summary.outcomes:
-        if outcome.adapter_dir is not None:
-            yield f"   refused photos and reasons: {workdir / 'datasets' / class_key}/*/{config.resolution}px/intake.json"
-            break
     yield f"done: adapters in {workdir / 'adapters' / class_key}, tokens in {workdir / 'tokens.json'}"
