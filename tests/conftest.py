@@ -32,3 +32,19 @@ def sample_catalogue(tmp_path_factory):
     from catalog_gen.sample_data import write_sample_catalogue
 
     return write_sample_catalogue(tmp_path_factory.mktemp("sample"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """The offline CLIP-format BPE tokenizer files, written once per session."""
+    from catalog_gen import bpe
+
+    return bpe.write_clip_tokenizer(tmp_path_factory.mktemp("clip-bpe-tiny"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    """The tokenizer_dir files loaded as transformers' (slow) CLIPTokenizer."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(tokenizer_dir)

@@ -20,13 +20,7 @@ SENTENCES = [
 ]
 
 
-@pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory):
-    # Shared by test_bpe.py and test_tokens.py through the session's base temp folder: built once.
-    path = tmp_path_factory.getbasetemp() / "clip-bpe-tiny"
-    if not (path / "vocab.json").exists():
-        bpe.write_clip_tokenizer(path)
-    return path
+# tokenizer_dir and tokenizer (its slow CLIPTokenizer) are session fixtures in conftest.py.
 
 
 @pytest.fixture(scope="session")
@@ -130,8 +124,7 @@ def test_slow_and_fast_classes_load_and_agree(tokenizer_dir, vocab):
     assert ids[0] == vocab["<|startoftext|>"] and ids[7:] == [vocab["<|endoftext|>"]] * 70
 
 
-def test_prompt_is_a_handful_of_whole_word_tokens(tokenizer_dir):
-    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+def test_prompt_is_a_handful_of_whole_word_tokens(tokenizer):
     assert tokenizer.tokenize("photo of a pair of hoops") == [
         "photo</w>", "of</w>", "a</w>", "pair</w>", "of</w>", "hoops</w>"
     ]
@@ -140,18 +133,16 @@ def test_prompt_is_a_handful_of_whole_word_tokens(tokenizer_dir):
     )
 
 
-def test_loaded_tokenizer_segments_exactly_as_the_merges_say(tokenizer_dir, merges):
+def test_loaded_tokenizer_segments_exactly_as_the_merges_say(tokenizer, merges):
     # Independent check of the file format: the tokenizers library's BPE vs our reference.
-    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
     words = list(bpe.builtin_corpus())[::25] + ["antidisestablishmentarianism", "qqqqq", "zzyzx", "hoopsy"]
     for word in words:
         assert tokenizer.tokenize(word) == bpe.encode_word(word, merges), word
 
 
-def test_common_english_words_are_single_tokens(tokenizer_dir):
+def test_common_english_words_are_single_tokens(tokenizer):
     import wordfreq
 
-    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
     common = [w for w in wordfreq.top_n_list("en", 1200) if re.fullmatch(r"[a-z]+", w)][:1000]
     assert all(len(tokenizer.tokenize(w)) == 1 for w in common)
 

@@ -8,9 +8,7 @@ import string
 
 import pytest
 import wordfreq
-from transformers import CLIPTokenizer
 
-from catalog_gen import bpe
 from catalog_gen.errors import CatalogError
 from catalog_gen.taxonomy import load_class_map
 from catalog_gen.tokens import (
@@ -22,15 +20,6 @@ from catalog_gen.tokens import (
     load_token_file,
     save_token_file,
 )
-
-
-@pytest.fixture(scope="session")
-def tokenizer(tmp_path_factory):
-    # Same folder as test_bpe.py's fixture: whichever runs first builds it.
-    path = tmp_path_factory.getbasetemp() / "clip-bpe-tiny"
-    if not (path / "vocab.json").exists():
-        bpe.write_clip_tokenizer(path)
-    return CLIPTokenizer.from_pretrained(path)
 
 
 @pytest.fixture(scope="module")
