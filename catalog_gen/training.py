@@ -220,10 +220,18 @@ def _add_lora(components: Components, config: TrainConfig, instance_key: str):
 
 
 def remove_lora(components: Components) -> None:
-    """Take the instance's LoRA out again so the next instance starts from the pure base model."""
-    components.unet.delete_adapters("default")
-    if getattr(components.text_encoder, "peft_config", None):
-        components.text_encoder.delete_adapter("default")
+    """Take the instance's LoRA out again so the next instance starts from the pure base model.
+
+    The peft wrapper modules are removed too (not only the adapter weights), so the model
+    is exactly the loaded base model again, module for module.
+    """
+    from diffusers.utils import recurse_remove_peft_layers
+
+    for module in (components.unet, components.text_encoder):
+        if getattr(module, "peft_config", None):
+            recurse_remove_peft_layers(module)
+            del module.peft_config
+            module._hf_peft_config_loaded = False
 
 
 def _trainable(module: torch.nn.Module, prefix: str) -> dict[str, torch.nn.Parameter]:

@@ -186,3 +186,49 @@ def test_latent_cache_changes_speed_not_results(sample_catalogue, tmp_path):
     a = read_adapter(tmp_path / "cached" / "adapters" / "ring" / "band")
     b = read_adapter(tmp_path / "uncached" / "adapters" / "ring" / "band")
     assert a.record["loss_curve"] == pytest.approx(b.record["loss_curve"], rel=1e-4)
+
+
+def test_text_encoder_lora_is_saved_in_both_formats_and_loads(sample_catalogue, tmp_path, tiny_model):
+    from diffusers import StableDiffusionPipeline
+
+    config = tiny_config(steps=3, checkpoint_every=0, validation_images=0, train_text_encoder=True,
+                         text_encoder_lr=1e-2)
+    summary = train_class(_source(sample_catalogue), "ring", ["band"], tmp_path, config)
+    assert summary.outcomes[0].status == "trained"
+    info = read_adapter(tmp_path / "adapters" / "ring" / "band")
+    diffusers_keys = load_file(str(info.diffusers_file)).keys()
+    assert any(k.startswith("text_encoder.") for k in diffusers_keys)
+    assert any(k.startswith("lora_te_") for k in load_file(str(info.kohya_file)))
+
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_model.path, safety_checker=None)
+    pipeline.set_progress_bar_config(disable=True)
+    prompt = info.record["instance_prompt"]
+    pipeline.load_lora_weights(str(info.folder), weight_name=info.diffusers_file.name)
+    from_diffusers = _pipeline_image(pipeline, prompt)
+    pipeline.unload_lora_weights()
+    pipeline.load_lora_weights(str(info.folder), weight_name=info.kohya_file.name)
+    assert torch.allclose(_pipeline_image(pipeline, prompt), from_diffusers, atol=1e-4)
+
+
+def test_removing_the_lora_restores_the_base_model(sample_catalogue, tmp_path, tiny_model):
+    from catalog_gen import training
+
+    config = tiny_config(steps=2, checkpoint_every=0, validation_images=0, train_text_encoder=True)
+    components = training.load_components(tiny_model, config, torch.device("cpu"))
+    before = {k: v.clone() for k, v in components.unet.state_dict().items()}
+    text_before = {k: v.clone() for k, v in components.text_encoder.state_dict().items()}
+    photos = tuple(sorted((sample_catalogue.photos_dir).glob("rg-sign-*")))[:3]
+    from catalog_gen.intake import IntakeConfig, intake_photos, save_training_set
+
+    dataset = save_training_set(intake_photos(photos, sample_catalogue.photos_dir, IntakeConfig(resolution=64)),
+                                tmp_path / "set")
+    job = training.InstanceJob("ring", "signet", "kqi", "photo of a kqi signet ring", "photo of a ring",
+                               tuple(sorted(dataset.glob("*.png"))), tmp_path / "ckpt")
+    training.fit(components, config, job, "test", resume=False)
+    training.remove_lora(components)
+    assert not getattr(components.unet, "peft_config", None)
+    after = components.unet.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    text_after = components.text_encoder.state_dict()
+    assert text_before.keys() == text_after.keys()
+    assert all(torch.equal(text_before[k], text_after[k]) for k in text_before)
