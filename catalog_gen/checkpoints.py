@@ -2,7 +2,7 @@
 
 A checkpoint folder `step-000050/` holds:
     lora.safetensors       every trainable tensor, by parameter name
-    optimizer.safetensors  the optimizer state, flattened to "<param index>.<state key>"
+    optimizer.safetensors  the optimizer state, flattened to "<param index>/<state key>[/...]"
     state.json             step, loss history, optimizer param groups, grad-scaler scale,
                            the training fingerprint it belongs to, timings
 It is built under a temporary name and renamed, so a kill -9 leaves either a complete
@@ -111,23 +111,36 @@ def prune_checkpoints(root: Path, keep: int) -> None:
 
 
 def _flatten_optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split the optimizer state into tensors and JSON scalars, keyed by their path.
+
+    The state is nested (bitsandbytes keeps its quantisation maps in a dict per
+    parameter), so paths are joined with "/": "3/exp_avg", "3/<quant state>/absmax1".
+    """
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}/{key}", inner)
+        elif torch.is_tensor(value):
+            tensors[prefix] = value.detach().cpu().contiguous()
+        else:
+            scalars[prefix] = value
+
     for index, values in optimizer.state_dict()["state"].items():
-        for key, value in values.items():
-            name = f"{index}.{key}"
-            if torch.is_tensor(value):
-                tensors[name] = value.detach().cpu().contiguous()
-            else:
-                scalars[name] = value
+        walk(str(index), values)
     return tensors, scalars
 
 
 def _restore_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     state: dict[int, dict[str, Any]] = {}
-    for name, value in list(tensors.items()) + list(meta["optimizer_scalars"].items()):
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
+    for path, value in list(tensors.items()) + list(meta["optimizer_scalars"].items()):
+        index, *keys = path.split("/")
+        node = state.setdefault(int(index), {})
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
     current = optimizer.state_dict()
     groups = []
     for saved, live in zip(meta["param_groups"], current["param_groups"]):

@@ -232,3 +232,16 @@ def test_removing_the_lora_restores_the_base_model(sample_catalogue, tmp_path, t
     text_after = components.text_encoder.state_dict()
     assert text_before.keys() == text_after.keys()
     assert all(torch.equal(text_before[k], text_after[k]) for k in text_before)
+
+
+def test_eight_bit_adam_trains_and_resumes_exactly(sample_catalogue, tmp_path):
+    config = tiny_config(optimizer="adamw8bit", steps=4, checkpoint_every=2, validation_images=0)
+    source = _source(sample_catalogue)
+    train_class(source, "ring", ["slim"], tmp_path / "straight", config)
+    with pytest.raises(InterruptedError):
+        train_class(source, "ring", ["slim"], tmp_path / "resumed", config, stop_after_step=3)
+    train_class(source, "ring", ["slim"], tmp_path / "resumed", config, resume=True)
+    a = load_file(str(read_adapter(tmp_path / "straight" / "adapters" / "ring" / "slim").diffusers_file))
+    b = load_file(str(read_adapter(tmp_path / "resumed" / "adapters" / "ring" / "slim").diffusers_file))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert read_adapter(tmp_path / "resumed" / "adapters" / "ring" / "slim").record["recipe"]["optimizer"] == "adamw8bit"
