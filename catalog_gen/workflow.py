@@ -188,7 +188,7 @@ def train_class(source: PhotoSource, class_key: str, instance_keys: Sequence[str
 
     from catalog_gen import training
 
-    state = PartialState()
+    state = PartialState(cpu=_use_cpu())
     workdir = Path(workdir)
     # 1. Resolve the base model (a preset is built once, by the first process).
     with state.main_process_first():
@@ -198,6 +198,9 @@ def train_class(source: PhotoSource, class_key: str, instance_keys: Sequence[str
         # 2-4. Photos -> instances -> clean training sets -> rare tokens.
         prepared, skipped = prepare_instances(source, class_key, instance_keys, workdir, config.resolution,
                                               tokenizer, config.min_photos)
+    # The other processes redo the intake after the main one and swap the dataset folders;
+    # nobody reads them for training until every process is done writing.
+    state.wait_for_everyone()
     summary = TrainSummary(skipped=skipped)
     if not prepared:
         raise CatalogError(f"class '{class_key}': no instance has enough usable photos to train "
@@ -238,6 +241,19 @@ def train_class(source: PhotoSource, class_key: str, instance_keys: Sequence[str
         summary.outcomes.append(outcome)
     state.wait_for_everyone()
     return summary
+
+
+def _use_cpu() -> bool:
+    """CPU processes when there is no GPU or `accelerate launch --cpu` asked for it.
+
+    PartialState() alone does neither: under a multi-process launch on a machine without
+    CUDA it finds no backend and every process believes it is alone (each trains every
+    instance), and it ignores ACCELERATE_USE_CPU. cpu=True makes it join the gloo group.
+    """
+    import torch
+    from accelerate.utils import parse_flag_from_env
+
+    return parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
 
 
 def _train_one(components, config, job, item, model: BaseModel, base_fingerprint, fingerprint, folder, *,

@@ -1,0 +1,276 @@
+"""The `catalog` command line: options in, one library call, lines and exit codes out.
+
+Most tests patch the library function the command calls and assert what it was given and
+what was printed; taxonomy, sample-data and demo run the real library (they are quick).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from catalog_gen.adapters import read_adapter
+from catalog_gen.cli.main import EXIT_BAD_INPUT, EXIT_PARTIAL, app
+from catalog_gen.config import TrainConfig, build_config, read_recipe
+from catalog_gen.errors import CatalogError
+from catalog_gen.workflow import PhotoSource, TrainOutcome, TrainSummary
+
+runner = CliRunner()
+
+
+class FakeTrainClass:
+    """Stands in for catalog_gen.workflow.train_class: records its call, returns a set summary."""
+
+    def __init__(self, summary: TrainSummary | None = None, error: Exception | None = None):
+        self.summary = summary or TrainSummary()
+        self.error = error
+        self.calls: list[dict] = []
+
+    def __call__(self, source, class_key, instance_keys, workdir, config, **kwargs):
+        self.calls.append(dict(source=source, class_key=class_key, instance_keys=instance_keys, workdir=workdir,
+                               config=config, **kwargs))
+        if self.error is not None:
+            raise self.error
+        return self.summary
+
+    @property
+    def config(self) -> TrainConfig:
+        (call,) = self.calls
+        return call["config"]
+
+
+@pytest.fixture
+def fake_train(monkeypatch):
+    """Patch train_class where `catalog train` imports it from (at call time)."""
+
+    def install(**kwargs) -> FakeTrainClass:
+        fake = FakeTrainClass(**kwargs)
+        monkeypatch.setattr("catalog_gen.workflow.train_class", fake)
+        return fake
+
+    return install
+
+
+def _source_args(catalogue) -> list[str]:
+    return ["--photos", str(catalogue.photos_dir), "--products", str(catalogue.products_csv)]
+
+
+def _train(catalogue, *options: str):
+    return runner.invoke(app, ["train", "--class", "ring", *_source_args(catalogue), *options])
+
+
+def _write_recipe(path: Path, **values) -> Path:
+    lines = ["[train]"] + [f"{key} = {_toml(value)}" for key, value in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return repr(value)
+
+
+# ---------------------------------------------------------------- train: options -> config
+
+
+def test_train_merges_builtin_recipe_under_command_line(fake_train, sample_catalogue, tmp_path):
+    fake = fake_train()
+    result = _train(sample_catalogue, "--recipe", "tiny_demo", "--steps", "7", "--instance", "band",
+                    "--instance", "signet", "--workdir", str(tmp_path / "work"))
+
+    assert result.exit_code == 0, result.output
+    config = fake.config
+    assert config.steps == 7  # command line
+    assert config.resolution == 64 and config.learning_rate == 1e-3 and config.optimizer == "adamw"  # recipe
+    assert config.checkpoint_every == 20 and config.validation_steps == 4  # recipe
+    assert config == build_config(TrainConfig, read_recipe("tiny_demo", "train"), {"steps": 7})
+    call = fake.calls[0]
+    assert call["class_key"] == "ring"
+    assert call["instance_keys"] == ["band", "signet"]
+    assert call["workdir"] == tmp_path / "work"
+    assert call["source"] == PhotoSource(sample_catalogue.photos_dir, sample_catalogue.products_csv, "jewelry")
+    assert call["resume"] is False and call["force"] is False
+    assert callable(call["progress"])
+    assert "0 trained, 0 already trained, 0 failed" in result.stdout
+
+
+def test_train_recipe_file_and_every_option(fake_train, sample_catalogue, tmp_path):
+    recipe = _write_recipe(tmp_path / "mine.toml", base_model="tiny", resolution=64, steps=11, lora_rank=2,
+                           optimizer="adamw", checkpoint_every=5, seed=3)
+    fake = fake_train()
+    result = _train(sample_catalogue, "--recipe", str(recipe), "--rank", "8", "--learning-rate", "0.002",
+                    "--seed", "9", "--resolution", "128", "--mixed-precision", "bf16", "--prior-preservation",
+                    "--resume", "--force")
+
+    assert result.exit_code == 0, result.output
+    config = fake.config
+    assert (config.lora_rank, config.learning_rate, config.seed, config.resolution) == (8, 0.002, 9, 128)
+    assert config.mixed_precision == "bf16" and config.prior_preservation is True
+    assert (config.steps, config.checkpoint_every, config.optimizer) == (11, 5, "adamw")  # from the file
+    assert config.validation_images == TrainConfig.validation_images  # neither: the default
+    assert fake.calls[0]["resume"] is True and fake.calls[0]["force"] is True
+    assert fake.calls[0]["instance_keys"] == []  # no --instance: every instance of the class
+    assert fake.calls[0]["workdir"] == Path("catalog-work")
+
+
+def test_train_without_recipe_uses_config_defaults(fake_train, sample_catalogue):
+    fake = fake_train()
+    result = _train(sample_catalogue, "--steps", "3")
+    assert result.exit_code == 0, result.output
+    assert fake.config == TrainConfig(steps=3)
+
+
+def test_train_prints_each_outcome(fake_train, sample_catalogue, tmp_path):
+    adapter_dir = tmp_path / "adapters" / "ring" / "band"
+    fake_train(summary=TrainSummary(outcomes=[
+        TrainOutcome("ring/band", "trained", adapter_dir=adapter_dir, steps=7, seconds=1.5),
+        TrainOutcome("ring/signet", "already trained", adapter_dir=tmp_path / "s", steps=7),
+    ]))
+    result = _train(sample_catalogue, "--steps", "7")
+    assert result.exit_code == 0, result.output
+    assert f"ring/band (7 steps, 1.5s) -> {adapter_dir}" in result.stdout
+    assert "already trained" in result.stdout and "ring/signet" in result.stdout
+    assert "1 trained, 1 already trained, 0 failed" in result.stdout
+
+
+# ---------------------------------------------------------------- train: errors and exit codes
+
+
+def test_failed_instance_exits_3_after_printing_the_summary(fake_train, sample_catalogue):
+    fake_train(summary=TrainSummary(outcomes=[
+        TrainOutcome("ring/band", "trained", adapter_dir=Path("a"), steps=2),
+        TrainOutcome("ring/signet", "failed", "loss became nan at step 3"),
+    ]))
+    result = _train(sample_catalogue)
+    assert result.exit_code == EXIT_PARTIAL == 3
+    assert "ring/signet: loss became nan at step 3" in result.stdout
+    assert "1 trained, 0 already trained, 1 failed" in result.stdout
+
+
+def test_library_error_exits_2_with_its_message(fake_train, sample_catalogue):
+    fake = fake_train(error=CatalogError("unknown class 'bracelet'; known: hoops, necklace, ring, studs"))
+    result = _train(sample_catalogue)
+    assert result.exit_code == EXIT_BAD_INPUT == 2
+    assert result.stderr.strip() == "error: unknown class 'bracelet'; known: hoops, necklace, ring, studs"
+    assert "Traceback" not in result.output
+    assert len(fake.calls) == 1
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--optimizer", "sgd"], "optimizer must be one of adamw8bit, adamw; got 'sgd'"),
+    (["--steps", "0"], "steps must be > 0, got 0"),
+    (["--mixed-precision", "fp32"], "mixed_precision must be one of no, fp16, bf16; got 'fp32'"),
+    (["--resolution", "100"], "resolution must be a multiple of 8"),
+    (["--learning-rate", "-1"], "learning_rate must be > 0, got -1.0"),
+])
+def test_bad_option_values_name_the_setting_and_never_train(fake_train, sample_catalogue, options, message):
+    fake = fake_train()
+    result = _train(sample_catalogue, *options)
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: ") and message in result.stderr
+    assert fake.calls == []
+
+
+def test_bad_recipe_is_a_clear_error(fake_train, sample_catalogue, tmp_path):
+    fake = fake_train()
+    result = _train(sample_catalogue, "--recipe", "no_such_recipe")
+    assert result.exit_code == 2
+    assert "recipe 'no_such_recipe' not found" in result.stderr
+
+    recipe = _write_recipe(tmp_path / "typo.toml", stepz=5)
+    result = _train(sample_catalogue, "--recipe", str(recipe))
+    assert result.exit_code == 2
+    assert f"recipe {recipe}: unknown setting(s) stepz" in result.stderr
+
+    recipe = _write_recipe(tmp_path / "type.toml", steps="many")
+    result = _train(sample_catalogue, "--recipe", str(recipe))
+    assert result.exit_code == 2
+    assert "steps must be int, got 'many'" in result.stderr
+    assert fake.calls == []
+
+
+def test_missing_photo_source_is_a_clear_error(fake_train, tmp_path):
+    fake = fake_train()
+    result = runner.invoke(app, ["train", "--class", "ring"])
+    assert result.exit_code == 2
+    assert "error: give a photo source" in result.stderr
+
+    result = runner.invoke(app, ["train", "--class", "ring", "--photos", str(tmp_path / "nowhere")])
+    assert result.exit_code == 2
+    assert f"photo folder {tmp_path / 'nowhere'} does not exist" in result.stderr
+    assert fake.calls == []
+
+
+def test_option_of_the_wrong_type_is_refused_by_the_parser(fake_train, sample_catalogue):
+    fake = fake_train()
+    result = _train(sample_catalogue, "--steps", "many")
+    assert result.exit_code == 2
+    assert "Invalid value for '--steps'" in result.output
+    assert fake.calls == []
+
+
+# ---------------------------------------------------------------- taxonomy, sample-data, demo (real library)
+
+
+def test_taxonomy_prints_the_table_for_the_sample_catalogue(sample_catalogue):
+    result = runner.invoke(app, ["taxonomy", *_source_args(sample_catalogue)])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("class map 'jewelry'")
+    assert lines[1].split() == ["class", "instance", "photos", "status"]
+    rows = {(line.split()[0], line.split()[1]) for line in lines[2:] if not line.startswith(" ")}
+    for key in [("ring", "band"), ("ring", "signet"), ("hoops", "beaded"), ("necklace", "pendant"), ("studs", "studs")]:
+        assert key in rows, f"{key} missing from:\n{result.stdout}"
+
+
+def test_taxonomy_unknown_class_map_exits_2(sample_catalogue):
+    result = runner.invoke(app, ["taxonomy", *_source_args(sample_catalogue), "--class-map", "no_such_map"])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: ") and "no_such_map" in result.stderr
+
+
+def test_sample_data_writes_the_catalogue(tmp_path):
+    out = tmp_path / "catalogue"
+    result = runner.invoke(app, ["sample-data", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "products.csv").is_file() and (out / "skus.csv").is_file()
+    assert any((out / "photos").rglob("*.jpg"))
+    assert f"wrote sample catalogue to {out}" in result.stdout
+    assert f"products: {out / 'products.csv'}" in result.stdout
+    assert "odd file" in result.stdout
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Real training runs on one intra-op thread: on this shared 2-core machine two spinning
+    OpenMP threads made the demo's steps up to 50x slower (0.3 s vs 11 s per instance)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_on_a_few_steps(tmp_path, tiny_model, one_torch_thread):
+    workdir = tmp_path / "demo"
+    result = runner.invoke(app, ["demo", "--workdir", str(workdir), "--steps", "2"])
+    assert result.exit_code == 0, result.output
+
+    adapters = workdir / "adapters" / "ring"
+    trained = sorted(p.name for p in adapters.iterdir() if not p.name.startswith("."))
+    assert trained == ["band", "bold", "dome", "signet", "slim", "stacker"]
+    for instance in trained:
+        info = read_adapter(adapters / instance)
+        assert info.diffusers_file.is_file() and info.kohya_file.is_file()
+        assert info.record["steps"] == 2 and info.record["recipe"]["resolution"] == 64
+        assert f"ring/{instance}" in result.stdout
+    assert "(2 steps per instance)" in result.stdout
+    assert f"done: adapters in {adapters}" in result.stdout
+    assert (workdir / "tokens.json").is_file() and (workdir / "sample" / "products.csv").is_file()

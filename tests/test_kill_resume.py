@@ -1,0 +1,136 @@
+"""A real `kill -9` in the middle of `catalog train`, then `catalog train --resume`.
+
+Checkpoints are built under a temporary name and renamed, so the kill leaves complete
+checkpoints and maybe one staging folder; the resumed run must carry on from the newest
+complete one and end with exactly the adapter an uninterrupted run produces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from catalog_gen.adapters import read_adapter
+from catalog_gen.checkpoints import list_checkpoints
+from catalog_gen.config import TrainConfig, build_config, read_recipe
+from catalog_gen.workflow import PhotoSource, train_class
+
+pytestmark = pytest.mark.slow
+
+# ~33 steps/s on one thread of this 2-core machine when it is idle: the run lasts several
+# seconds past its first checkpoint, so the kill lands mid-run, and the whole test stays short.
+STEPS = 200
+CATALOG = Path(sys.executable).parent / "catalog"
+
+
+@pytest.fixture
+def one_torch_thread():
+    """The in-process reference run uses one thread like the subprocesses (OMP_NUM_THREADS=1):
+    the thread count changes how MKL sums, so it must match for bitwise equality."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _write_recipe(path: Path) -> Path:
+    """tiny_demo with a checkpoint every 5 steps and no validation images."""
+    values = {**read_recipe("tiny_demo", "train"), "checkpoint_every": 5, "validation_images": 0}
+    path.write_text("[train]\n" + "".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items()))
+    return path
+
+
+def _train_command(sample_catalogue, workdir: Path, recipe: Path, *extra: str) -> list[str]:
+    return [str(CATALOG), "train", "--class", "ring", "--instance", "band",
+            "--photos", str(sample_catalogue.photos_dir), "--products", str(sample_catalogue.products_csv),
+            "--workdir", str(workdir), "--recipe", str(recipe), "--steps", str(STEPS), *extra]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "CATALOG_GEN_CACHE": os.environ["CATALOG_GEN_CACHE"], "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _wait_for_a_checkpoint(process: subprocess.Popen, checkpoints: Path, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(checkpoints.glob("step-*/state.json")):
+        if process.poll() is not None:
+            pytest.fail(f"training ended (rc {process.returncode}) before its first checkpoint:\n"
+                        f"{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"no checkpoint after {timeout}s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.02)
+
+
+def test_kill_9_then_resume_gives_the_uninterrupted_adapter(sample_catalogue, tiny_model, tmp_path,
+                                                           one_torch_thread):
+    recipe = _write_recipe(tmp_path / "kill.toml")
+    workdir = tmp_path / "killed"
+    checkpoints = workdir / "checkpoints" / "ring" / "band"
+    adapter = workdir / "adapters" / "ring" / "band"
+
+    # 1. Start training and kill -9 it once a complete checkpoint is on disk.
+    log = tmp_path / "killed.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(_train_command(sample_catalogue, workdir, recipe), env=_env(),
+                                   stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+        try:
+            _wait_for_a_checkpoint(process, checkpoints, log)
+            assert process.poll() is None, "the run finished before the kill: raise STEPS"
+            os.kill(process.pid, signal.SIGKILL)
+        finally:
+            process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    assert not (adapter / "adapter.json").exists()
+
+    # 2. Only complete checkpoints count: whatever else the kill left is ignored.
+    complete = list_checkpoints(checkpoints)
+    assert complete and complete[-1][0] < STEPS
+    for step, folder in complete:
+        assert folder.name == f"step-{step:06d}"
+        assert json.loads((folder / "state.json").read_text())["step"] == step
+        assert load_file(str(folder / "lora.safetensors")) and (folder / "optimizer.safetensors").is_file()
+    left_over = sorted(p.name for p in checkpoints.iterdir() if p not in {f for _, f in complete})
+    assert all(name.startswith(".step-") and name.endswith(".partial") for name in left_over), left_over
+    # A staging folder caught mid-write, and a step folder without state.json, must never be resumed from.
+    newest = complete[-1][0]
+    staging = checkpoints / f".step-{newest + 5:06d}.kill9.partial"
+    staging.mkdir()
+    (staging / "state.json").write_text("{}")
+    (checkpoints / "step-000999").mkdir()
+    (checkpoints / "step-000999" / "lora.safetensors").write_bytes(b"half")
+    assert list_checkpoints(checkpoints) == complete
+
+    # 3. Resume: it carries on from the newest complete checkpoint to the end.
+    resumed = subprocess.run(_train_command(sample_catalogue, workdir, recipe, "--resume"), env=_env(),
+                             capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr[-3000:]
+    assert f"ring/band ({STEPS} steps" in resumed.stdout
+    record = read_adapter(adapter).record
+    assert record["steps"] == STEPS and len(record["loss_curve"]) == STEPS
+    assert record["resumed_from_step"] == newest > 0
+    assert "step-000999" not in record["checkpoints"] and record["checkpoints"][-1] == f"step-{STEPS:06d}"
+
+    # 4. The same settings without interruption, in this process: the same adapter, bit for bit.
+    reference = tmp_path / "uninterrupted"
+    config = build_config(TrainConfig, read_recipe(recipe, "train"), {"steps": STEPS})
+    source = PhotoSource(photos_dir=sample_catalogue.photos_dir, products_csv=sample_catalogue.products_csv)
+    summary = train_class(source, "ring", ["band"], reference, config)
+    assert [o.status for o in summary.outcomes] == ["trained"]
+    expected = read_adapter(reference / "adapters" / "ring" / "band")
+    assert record["loss_curve"] == expected.record["loss_curve"]
+    assert record["fingerprint"] == expected.record["fingerprint"]
+    a = load_file(str(adapter / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(expected.diffusers_file))
+    assert a.keys() == b.keys() and a
+    assert all(torch.equal(a[key], b[key]) for key in a)
