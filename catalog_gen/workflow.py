@@ -62,6 +62,7 @@ class PreparedInstance:
     token: str
     photos: tuple[Path, ...]
     photo_hashes: tuple[str, ...]
+    photo_sources: tuple[str, ...]
     refused: tuple[tuple[str, str], ...]
     dataset_dir: Path
 
@@ -134,7 +135,8 @@ def prepare_instances(source: PhotoSource, class_key: str, instance_keys: Sequen
         prepared.append(PreparedInstance(
             class_key, instance_key, token_of[f"{class_key}/{instance_key}"],
             tuple(dataset / item["file"] for item in manifest["accepted"]),
-            tuple(item["sha256"] for item in manifest["accepted"]), refused, dataset))
+            tuple(item["sha256"] for item in manifest["accepted"]),
+            tuple(item["source"] for item in manifest["accepted"]), refused, dataset))
     return prepared, skipped
 
 
@@ -236,8 +238,7 @@ def train_class(source: PhotoSource, class_key: str, instance_keys: Sequence[str
         except CatalogError as error:
             outcome = TrainOutcome(job.key, "failed", str(error))
         finally:
-            if getattr(components.unet, "peft_config", None):
-                training.remove_lora(components)
+            training.remove_lora(components)
         summary.outcomes.append(outcome)
     state.wait_for_everyone()
     return summary
@@ -282,7 +283,8 @@ def _train_one(components, config, job, item, model: BaseModel, base_fingerprint
         "fingerprint": fingerprint,
         "steps": result.state.step,
         "resumed_from_step": result.resumed_from,
-        "photos": [{"file": str(p), "sha256": h} for p, h in zip(item.photos, item.photo_hashes)],
+        "photos": [{"file": str(p), "source": src, "sha256": h}
+                   for p, src, h in zip(item.photos, item.photo_sources, item.photo_hashes)],
         "refused_photos": [{"source": s, "reason": r} for s, r in item.refused],
         "class_images": len(job.class_images),
         "loss_curve": result.state.losses,
