@@ -171,3 +171,61 @@ def build_config(cls, recipe: Mapping[str, Any], overrides: Mapping[str, Any], o
         return cls(**merged)
     except TypeError as error:
         raise CatalogError(f"{origin}: {error}") from error
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Nightly generation and quality-gate settings."""
+
+    base_model: str = "tiny"
+    resolution: int = 512
+    scheduler: str = "dpm++"
+    """ddpm, ddim, pndm, lms, euler or dpm++."""
+    steps: int = 25
+    guidance: float = 7.5
+    batch_size: int = 4
+    """Candidates drawn per UNet batch (does not change any image)."""
+    n_images: int = 4
+    """Images kept per SKU (k); a sheet's n_images column overrides it per row."""
+    max_extra: int = 4
+    """Extra candidates drawn (with new seeds) when fewer than k pass the gates (M)."""
+    seed: int = 0
+    """Run seed; each candidate's seed is derived from (sku, candidate index, run seed)."""
+    negative_prompt: str = "blurry, lowres, watermark, text, cropped, deformed"
+    template: str = "{instance_prompt}"
+    """Prompt template; SKU sheet columns and token, instance, noun, instance_prompt are variables."""
+    clip_model: str = "openai/clip-vit-base-patch32"
+    dino_model: str = "facebook/dino-vits16"
+    embedder_backend: str = "torch"
+    """torch or onnx (exported once, run on onnxruntime)."""
+    min_clip_i: float = 0.70
+    min_dino: float = 0.50
+    min_clip_t: float = 0.20
+    calibrate: bool = True
+    """Per-instance CLIP-I / DINO thresholds from the reference photos' leave-one-out similarity."""
+    calibration_ratio: float = 0.85
+    """Calibrated threshold = ratio x the instance's real-to-real similarity (DreamBooth paper: ~0.86-0.91)."""
+    memorisation_dino: float = 0.97
+    """A candidate this close (DINO) to one training photo is a near copy and fails."""
+    min_pixel_std: float = 4.0
+    """Images whose pixel standard deviation (0-255) is below this are blank / near-uniform."""
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        from catalog_gen.sampling import SCHEDULERS
+
+        _choice("scheduler", self.scheduler, tuple(SCHEDULERS))
+        _choice("embedder_backend", self.embedder_backend, ("torch", "onnx"))
+        for name in ("resolution", "steps", "batch_size", "n_images", "calibration_ratio"):
+            _positive(name, getattr(self, name))
+        for name in ("max_extra", "seed", "guidance", "min_pixel_std"):
+            if getattr(self, name) < 0:
+                raise CatalogError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.resolution % 8:
+            raise CatalogError(f"resolution must be a multiple of 8, got {self.resolution}")
+        for name in ("min_clip_i", "min_dino", "min_clip_t", "memorisation_dino"):
+            if not -1.0 <= getattr(self, name) <= 1.0:
+                raise CatalogError(f"{name} is a cosine similarity threshold in [-1, 1], got {getattr(self, name)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -121,7 +121,25 @@ def load_pipeline(model: BaseModel, torch_dtype=None):
         requires_safety_checker=False,
     )
     pipeline.set_progress_bar_config(disable=True)
+    for module in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
+        own_aligned_memory(module)  # CPU results must not depend on how the weights sat in the file
     return pipeline
+
+
+def own_aligned_memory(module) -> None:
+    """Move every CPU weight that is not 64-byte aligned into its own fresh (aligned) storage.
+
+    Weights loaded from safetensors can sit at 8-byte offsets inside one shared buffer, and
+    MKL's matmul rounds differently on unaligned data. Whether `.to(device)` copied them
+    depended on the device spelling ('cpu' in one process, 'cpu:0' under a multi-process
+    launch), so the same instance trained to adapters differing in the last bits.
+    """
+    import torch
+
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            if tensor.data_ptr() % 64:
+                tensor.data = tensor.data.clone()
 
 
 def load_tokenizer(model: BaseModel):

@@ -99,7 +99,7 @@ def load_components(model: BaseModel, config: TrainConfig, device: torch.device)
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from catalog_gen.models import quiet_model_loading
+    from catalog_gen.models import own_aligned_memory, quiet_model_loading
 
     quiet_model_loading()
     dtype = weight_dtype_for(config, device)
@@ -113,7 +113,7 @@ def load_components(model: BaseModel, config: TrainConfig, device: torch.device)
         module.requires_grad_(False)
         module.to(device, dtype=dtype)
         if device.type == "cpu":
-            _own_aligned_memory(module)
+            own_aligned_memory(module)
     if config.attention == "xformers":
         try:
             unet.enable_xformers_memory_efficient_attention()
@@ -124,20 +124,6 @@ def load_components(model: BaseModel, config: TrainConfig, device: torch.device)
         if config.train_text_encoder:
             text_encoder.gradient_checkpointing_enable()
     return Components(model, tokenizer, text_encoder, vae, unet, noise_scheduler, device, dtype)
-
-
-def _own_aligned_memory(module: torch.nn.Module) -> None:
-    """Move every CPU weight that is not 64-byte aligned into its own fresh (aligned) storage.
-
-    Weights loaded from safetensors can sit at 8-byte offsets inside one shared buffer, and
-    MKL's matmul rounds differently on unaligned data. Whether `.to(device)` copied them
-    depended on the device spelling ('cpu' in one process, 'cpu:0' under a multi-process
-    launch), so the same instance trained to adapters differing in the last bits.
-    """
-    with torch.no_grad():
-        for tensor in [*module.parameters(), *module.buffers()]:
-            if tensor.data_ptr() % 64:
-                tensor.data = tensor.data.clone()
 
 
 def step_seed(seed: int, instance_key: str, step: int) -> int:

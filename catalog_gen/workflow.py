@@ -190,7 +190,7 @@ def train_class(source: PhotoSource, class_key: str, instance_keys: Sequence[str
 
     from catalog_gen import training
 
-    state = PartialState(cpu=_use_cpu())
+    state = PartialState(cpu=use_cpu())
     workdir = Path(workdir)
     # 1. Resolve the base model (a preset is built once, by the first process).
     with state.main_process_first():
@@ -244,7 +244,7 @@ def train_class(source: PhotoSource, class_key: str, instance_keys: Sequence[str
     return summary
 
 
-def _use_cpu() -> bool:
+def use_cpu() -> bool:
     """CPU processes when there is no GPU or `accelerate launch --cpu` asked for it.
 
     PartialState() alone does neither: under a multi-process launch on a machine without
