@@ -249,8 +249,7 @@ def _sku_rows(instances: list[_Instance], seed: int) -> list[list[str]]:
     rng = random.Random(f"{seed}:skus")
     rows = []
     for inst in instances:
-        for _ in range(2):
-            metal = rng.choice(METALS)
+        for metal in rng.sample(METALS, 2):  # two different metals: the SKU is made from the metal
             n_images, job_seed = rng.choice((2, 4, 4, 8)), rng.randrange(2**31)
             view, setting = rng.choice(_VIEWS), rng.choice(_SETTINGS)
             sku = inst.sku(metal)
