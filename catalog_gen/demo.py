@@ -5,6 +5,8 @@
     3. intake every instance and pick rare tokens  -> WORKDIR/datasets/, WORKDIR/tokens.json
     4. train one LoRA per instance of one class    -> WORKDIR/adapters/<class>/<instance>/
        on the `tiny` preset with pipelines/tiny_demo.toml
+    5. generate and gate images for the sample skus.csv -> WORKDIR/runs/demo/
+       with pipelines/tiny_nightly.toml (tiny CLIP / DINO presets)
 """
 
 from __future__ import annotations
@@ -12,13 +14,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from catalog_gen.config import TrainConfig, build_config, read_recipe
-from catalog_gen.report_text import indent, progress_bar_factory, taxonomy_lines, train_summary_lines
+from catalog_gen.config import GenerateConfig, TrainConfig, build_config, read_recipe
+from catalog_gen.generation import GenerationRequest, generate
+from catalog_gen.report_text import (
+    generation_summary_lines, indent, progress_bar_factory, taxonomy_lines, train_summary_lines,
+)
 from catalog_gen.sample_data import write_sample_catalogue
 from catalog_gen.models import load_tokenizer, resolve_base_model
 from catalog_gen.workflow import PhotoSource, assign_photos, prepare_instances, train_class
 
 DEMO_RECIPE = "tiny_demo"
+DEMO_NIGHTLY = "tiny_nightly"
 
 
 def run_demo(workdir: Path, class_key: str = "ring", steps: int | None = None) -> Iterator[str]:
@@ -48,4 +54,10 @@ def run_demo(workdir: Path, class_key: str = "ring", steps: int | None = None) -
     summary = train_class(source, class_key, [], workdir, config, resume=True,
                           progress=progress_bar_factory(config.steps))
     yield from indent(train_summary_lines(summary), "   ")
-    yield f"done: adapters in {workdir / 'adapters' / class_key}, tokens in {workdir / 'tokens.json'}"
+
+    yield "5. nightly generation with quality gates (sample skus.csv; rows without an adapter are rejected)"
+    generate_config = build_config(GenerateConfig, read_recipe(DEMO_NIGHTLY, "generate"), {}, origin=DEMO_NIGHTLY)
+    request = GenerationRequest(catalogue.skus_csv, workdir, workdir / "runs" / "demo",
+                                templates=read_recipe(DEMO_NIGHTLY, "templates"))
+    yield from indent(generation_summary_lines(generate(request, generate_config)), "   ")
+    yield f"done: adapters in {workdir / 'adapters' / class_key}, images in {request.run_dir / 'images'}"

@@ -56,5 +56,44 @@ def progress_bar_factory(total_steps: int):
     return lambda job: _Bar(total_steps, job.key)
 
 
+def generation_summary_lines(summary) -> list[str]:
+    lines = [f"run folder: {summary.run_dir}",
+             f"SKUs: {summary.skus_done} generated, {summary.skus_already_done} already done, "
+             f"{len(summary.errors)} with errors, {summary.rejected_rows} sheet rows rejected (rejects.csv)",
+             f"candidates: {summary.candidates}, passed the gates: {summary.passed}, kept: {summary.kept} "
+             f"({summary.seconds:.1f}s)"]
+    if summary.failed_by_gate:
+        lines.append("failed gates: " + ", ".join(f"{gate} {count}" for gate, count in sorted(summary.failed_by_gate.items())))
+    lines.extend(f"error {sku}: {message}" for sku, message in summary.errors)
+    lines.append(f"manifest: {summary.run_dir / 'manifest.parquet'} and manifest.csv")
+    return lines
+
+
+class _GenerationBar:
+    """A tqdm bar over SKUs showing images/s and the pass rate."""
+
+    def __init__(self):
+        import time
+
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(desc="SKUs", unit="sku", dynamic_ncols=True)
+        self._started = time.perf_counter()
+
+    def __call__(self, summary) -> None:
+        import time
+
+        elapsed = max(time.perf_counter() - self._started, 1e-9)
+        self._bar.total = summary.skus_total - summary.skus_already_done
+        self._bar.n = summary.skus_done + len(summary.errors)
+        rate = summary.passed / summary.candidates if summary.candidates else 0.0
+        self._bar.set_postfix(images_s=f"{summary.candidates / elapsed:.2f}", pass_rate=f"{rate:.0%}", refresh=False)
+        self._bar.refresh()
+
+
+def generation_progress():
+    return _GenerationBar()
+
+
 def indent(lines: Iterable[str], prefix: str = "  ") -> list[str]:
     return [prefix + line for line in lines]

@@ -123,6 +123,40 @@ def train(
         raise typer.Exit(EXIT_PARTIAL)
 
 
+@app.command("generate")
+@handles_errors
+def generate(
+    skus: Annotated[Path, typer.Option("--skus", help="SKU sheet (CSV or Parquet): sku,class,instance[,n_images,seed,...].")],
+    workdir: Workdir = Path("catalog-work"),
+    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Run folder (default WORKDIR/runs/<sheet>-<date>).")] = None,
+    class_map: ClassMapOpt = "jewelry",
+    recipe: Annotated[Optional[str], typer.Option(help="TOML recipe path or built-in name (pipelines/).")] = None,
+    base_model: Annotated[Optional[str], typer.Option("--base-model", help="Preset, local folder or cached hub id.")] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help="ddpm | ddim | pndm | lms | euler | dpm++")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Inference steps.")] = None,
+    n_images: Annotated[Optional[int], typer.Option("--n-images", help="Images kept per SKU (k).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Run seed.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Redo the whole run folder.")] = False,
+) -> None:
+    """Generate gated, on-style images for every SKU of a sheet (resumable: rerun to finish)."""
+    import time
+
+    from catalog_gen.config import GenerateConfig, build_config, read_recipe
+    from catalog_gen.generation import GenerationRequest, generate as run_generation
+    from catalog_gen.report_text import generation_progress, generation_summary_lines
+
+    config = build_config(GenerateConfig, read_recipe(recipe, "generate"), dict(
+        base_model=base_model, scheduler=scheduler, steps=steps, n_images=n_images, seed=seed,
+    ), origin=f"recipe {recipe}" if recipe else "options")
+    folder = run_dir or workdir / "runs" / f"{skus.stem}-{time.strftime('%Y%m%d')}"
+    request = GenerationRequest(skus, workdir, folder, class_map, read_recipe(recipe, "templates"), force)
+    summary = run_generation(request, config, progress=generation_progress())
+    for line in generation_summary_lines(summary):
+        typer.echo(line)
+    if summary.errors:
+        raise typer.Exit(EXIT_PARTIAL)
+
+
 @app.command("demo")
 @handles_errors
 def demo(

@@ -1,0 +1,358 @@
+"""The nightly batch generator: a SKU sheet in, gated on-style product images out.
+
+RUN_DIR layout:
+    run.json                     the resolved settings (a rerun must match them)
+    rejects.csv                  sheet rows refused, with line numbers and reasons
+    images/<safe sku>/<n>.png    every candidate, generation parameters in PNG text chunks
+    parts/<safe sku>.parquet     one finished SKU's manifest rows (written last: the SKU's
+                                 commit marker, so a crash redoes only unfinished SKUs)
+    manifest.parquet / .csv      all candidates: scores, verdicts, paths, timings
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from catalog_gen import gates, skus
+from catalog_gen.adapters import adapter_folder, read_adapter
+from catalog_gen.config import GenerateConfig
+from catalog_gen.errors import CatalogError
+from catalog_gen.storage import atomic_path, atomic_write_json
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    skus: Path
+    workdir: Path
+    run_dir: Path
+    class_map: str | Path = "jewelry"
+    templates: Mapping[str, str] = field(default_factory=dict)
+    """Per-class prompt templates (recipe [templates]); config.template otherwise."""
+    force: bool = False
+
+
+@dataclass
+class GenerationSummary:
+    run_dir: Path
+    skus_total: int = 0
+    skus_done: int = 0
+    skus_already_done: int = 0
+    candidates: int = 0
+    passed: int = 0
+    kept: int = 0
+    failed_by_gate: Counter = field(default_factory=Counter)
+    rejected_rows: int = 0
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class _Context:
+    """What every SKU of a run shares: the loaded models and the run's settings."""
+
+    config: GenerateConfig
+    run_dir: Path
+    pipeline: object
+    clip: object
+    dino: object
+    references: object
+    base_fingerprint: str
+    folder_of: dict[str, str]
+
+
+def generate(request: GenerationRequest, config: GenerateConfig, *, progress: Callable | None = None,
+             stop_after_skus: int | None = None) -> GenerationSummary:
+    """Run (or finish) a nightly generation; safe to rerun after a crash."""
+    from accelerate import PartialState
+
+    from catalog_gen.class_map import load_class_map
+    from catalog_gen.workflow import use_cpu
+
+    state = PartialState(cpu=use_cpu())
+    started = time.perf_counter()
+    run_dir = Path(request.run_dir)
+    summary = GenerationSummary(run_dir)
+    class_map = load_class_map(request.class_map)
+
+    # 1. Read and check the SKU sheet; refused rows go to rejects.csv, the rest go on.
+    rows, rejects = skus.read_sku_sheet(Path(request.skus))
+    rows, more_rejects = skus.validate_rows(
+        rows, class_map,
+        has_adapter=lambda c, i: (adapter_folder(request.workdir, c, i) / "adapter.json").is_file(),
+        template_for=lambda c: request.templates.get(c, config.template))
+    rejects = sorted(rejects + more_rejects, key=lambda r: r.line)
+    summary.rejected_rows, summary.skus_total = len(rejects), len(rows)
+
+    # 2. The run folder belongs to one set of settings; --force starts it over.
+    with state.main_process_first():
+        if state.is_main_process:
+            _claim_run_dir(run_dir, config, request)
+            skus.write_rejects(rejects, run_dir / "rejects.csv")
+    folder_of = skus.sku_folder_names([row.sku for row in rows])
+
+    # 3. Plan: SKUs grouped by instance, finished ones left alone.
+    todo: dict[tuple[str, str], list[skus.SkuRow]] = defaultdict(list)
+    for row in rows:
+        if _finished(run_dir, folder_of[row.sku]):
+            summary.skus_already_done += 1
+        else:
+            todo[(row.class_key, row.instance_key)].append(row)
+    groups = sorted(todo.items())[state.process_index::state.num_processes]
+
+    if groups:
+        # 4. The base pipeline and the embedders, loaded once.
+        context = _load_context(config, request, run_dir, folder_of, state.device)
+        # 5. One adapter in at a time, every SKU of its instance, adapter out.
+        for (class_key, instance_key), group_rows in groups:
+            _run_instance(context, class_map.get_class(class_key), instance_key, group_rows, request, summary,
+                          progress, stop_after_skus)
+    state.wait_for_everyone()
+
+    # 6. One manifest for the whole run, merged by the main process.
+    if state.is_main_process and (summary.skus_done or not (run_dir / "manifest.parquet").exists()):
+        _merge_manifest(run_dir, [folder_of[row.sku] for row in rows])
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def use_prompt_noun(prompt: str, token: str, noun: str) -> str:
+    """The prompt CLIP-T is measured against: the rare token means nothing to CLIP, so it gives way
+    to the class noun (or is dropped when the noun is already in the prompt)."""
+    words = prompt.split()
+    if token not in words:
+        return prompt
+    replacement = [] if noun in prompt else [noun]
+    out: list[str] = []
+    for word in words:
+        out.extend(replacement if word == token else [word])
+    return " ".join(out)
+
+
+def _claim_run_dir(run_dir: Path, config: GenerateConfig, request: GenerationRequest) -> None:
+    settings = {"generate": config.to_dict(), "templates": dict(request.templates),
+                "class_map": str(request.class_map)}
+    marker = run_dir / "run.json"
+    if request.force and run_dir.exists():
+        for name in ("images", "parts"):
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+        for name in ("manifest.parquet", "manifest.csv", "run.json"):
+            (run_dir / name).unlink(missing_ok=True)
+    if marker.is_file():
+        recorded = json.loads(marker.read_text())
+        if recorded.get("settings") != json.loads(json.dumps(settings, default=str)):
+            raise CatalogError(f"run folder {run_dir} was made with different settings; "
+                               "use another --run-dir, or --force to start it over")
+        return
+    atomic_write_json(marker, {"settings": settings, "skus": str(request.skus), "workdir": str(request.workdir),
+                               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
+
+def _finished(run_dir: Path, folder: str) -> bool:
+    import polars as pl
+
+    part = run_dir / "parts" / f"{folder}.parquet"
+    if not part.is_file():
+        return False
+    # A SKU that ended in an error is tried again on the next run.
+    return not pl.read_parquet(part)["reason"].str.starts_with("error:").any()
+
+
+def _load_context(config: GenerateConfig, request: GenerationRequest, run_dir: Path, folder_of, device) -> _Context:
+    from catalog_gen import embedders
+    from catalog_gen.models import load_pipeline, model_fingerprint, resolve_base_model
+
+    model = resolve_base_model(config.base_model)
+    pipeline = load_pipeline(model).to(device)
+    from catalog_gen.sampling import make_scheduler
+
+    pipeline.scheduler = make_scheduler(config.scheduler, pipeline.scheduler.config)
+    clip = embedders.load_clip(config.clip_model, device=str(device), backend=config.embedder_backend)
+    dino = embedders.load_dino(config.dino_model, device=str(device), backend=config.embedder_backend)
+    references = embedders.ReferenceEmbeddings(Path(request.workdir) / "embeddings")
+    return _Context(config, run_dir, pipeline, clip, dino, references, model_fingerprint(model), folder_of)
+
+
+def _run_instance(context: _Context, class_spec, instance_key: str, rows: Sequence[skus.SkuRow],
+                  request: GenerationRequest, summary: GenerationSummary, progress, stop_after_skus) -> None:
+    from catalog_gen.lora_files import DIFFUSERS_WEIGHTS_NAME
+
+    key = f"{class_spec.key}/{instance_key}"
+    try:
+        adapter = read_adapter(adapter_folder(request.workdir, class_spec.key, instance_key))
+        photos = [Path(p["file"]) for p in adapter.record["photos"]]
+        reference_clip = context.references.get(context.clip, key, photos).numpy()
+        reference_dino = context.references.get(context.dino, key, photos).numpy()
+        thresholds = gates.base_thresholds(context.config)
+        if context.config.calibrate:
+            thresholds = gates.calibrate(thresholds, reference_clip, reference_dino, context.config.calibration_ratio)
+        context.pipeline.load_lora_weights(str(adapter.folder), weight_name=DIFFUSERS_WEIGHTS_NAME,
+                                           adapter_name="sku_adapter")
+    except Exception as error:  # a bad adapter fails its SKUs, never the run
+        for row in rows:
+            _record_error(context, row, f"adapter {key}: {error}", summary)
+        return
+    try:
+        template = request.templates.get(class_spec.key, context.config.template)
+        for row in rows:
+            try:
+                _run_sku(context, row, adapter, class_spec, template, thresholds, reference_clip, reference_dino,
+                         summary)
+            except Exception as error:  # one failing SKU is recorded and the night goes on
+                _record_error(context, row, str(error) or type(error).__name__, summary)
+            if progress is not None:
+                progress(summary)
+            if stop_after_skus is not None and summary.skus_done >= stop_after_skus:
+                raise InterruptedError(f"stopped after {summary.skus_done} SKUs as asked")  # tests simulate a crash
+    finally:
+        # Adapter out, peft layers and all: the next instance starts from the pure base model.
+        context.pipeline.unload_lora_weights()
+
+
+def _run_sku(context: _Context, row: skus.SkuRow, adapter, class_spec, template: str, thresholds,
+             reference_clip, reference_dino, summary: GenerationSummary) -> None:
+    config = context.config
+    instance_spec = class_spec.instances[row.instance_key]
+    variables = {**row.variables, "token": adapter.token, "instance": instance_spec.name, "noun": class_spec.noun,
+                 "instance_prompt": adapter.record["instance_prompt"]}
+    prompt = skus.render_prompt(template, variables)
+    scoring_prompt = use_prompt_noun(prompt, adapter.token, class_spec.noun)
+    text_embedding = context.clip.embed_texts([scoring_prompt]).numpy()
+    k = row.n_images or config.n_images
+    budget = k + config.max_extra
+    records: list[dict] = []
+    verdicts: list[tuple[int, gates.Scores, gates.Verdict]] = []
+    index = 0
+    # Draw k, then more (new seeds) only while fewer than k have passed, up to M extra.
+    while index < budget:
+        passed = sum(v.passed for _, _, v in verdicts)
+        if passed >= k:
+            break
+        wanted = min(k - passed if index >= k else k, budget - index)
+        batch = list(range(index, index + wanted))
+        run_seed = row.seed if row.seed is not None else config.seed
+        seeds = [skus.candidate_seed(row.sku, i, run_seed) for i in batch]
+        t0 = time.perf_counter()
+        images = _draw(context, [prompt] * len(batch), seeds)
+        gen_seconds = (time.perf_counter() - t0) / len(batch)
+        t0 = time.perf_counter()
+        scored = _score(context, images, text_embedding, reference_clip, reference_dino)
+        score_seconds = (time.perf_counter() - t0) / len(batch)
+        for i, seed, image, scores in zip(batch, seeds, images, scored):
+            verdict = gates.decide(scores, thresholds)
+            verdicts.append((i, scores, verdict))
+            records.append(dict(candidate=i, seed=seed, image=image, scores=scores, verdict=verdict,
+                                gen_seconds=gen_seconds, score_seconds=score_seconds))
+        index += len(batch)
+    kept = gates.choose_kept(verdicts, k)
+    folder = context.folder_of[row.sku]
+    rows_out = []
+    for record in records:
+        path = Path("images") / folder / f"{record['candidate']}.png"
+        scores, verdict = record["scores"], record["verdict"]
+        _save_png(context, context.run_dir / path, record["image"], row, adapter, prompt, record["seed"], scores,
+                  verdict)
+        rows_out.append(_manifest_row(row, prompt, scoring_prompt, record, path, record["candidate"] in kept,
+                                      thresholds))
+        summary.failed_by_gate.update(verdict.failed_gates)
+    _write_part(context, folder, rows_out)
+    summary.skus_done += 1
+    summary.candidates += len(records)
+    summary.passed += sum(v.passed for _, _, v in verdicts)
+    summary.kept += len(kept)
+
+
+def _draw(context: _Context, prompts, seeds):
+    from catalog_gen.sampling import draw
+
+    config = context.config
+    return draw(context.pipeline, prompts, seeds, steps=config.steps, resolution=config.resolution,
+                guidance=config.guidance, negative_prompt=config.negative_prompt or None,
+                batch_size=config.batch_size)
+
+
+def _score(context: _Context, images, text_embedding, reference_clip, reference_dino) -> list[gates.Scores]:
+    from catalog_gen.metrics import pairwise_cosine
+
+    clip = context.clip.embed_images(images).numpy()
+    dino = context.dino.embed_images(images).numpy()
+    clip_to_refs = pairwise_cosine(clip, reference_clip)
+    dino_to_refs = pairwise_cosine(dino, reference_dino)
+    clip_t = pairwise_cosine(clip, text_embedding)[:, 0]
+    results = []
+    for n, image in enumerate(images):
+        pixel_std, finite = gates.image_statistics(np.asarray(image))
+        results.append(gates.Scores(
+            clip_i=float(clip_to_refs[n].mean()), dino=float(dino_to_refs[n].mean()), clip_t=float(clip_t[n]),
+            max_train_dino=float(dino_to_refs[n].max()), pixel_std=pixel_std, finite=finite))
+    return results
+
+
+def _manifest_row(row: skus.SkuRow, prompt: str, scoring_prompt: str, record: dict, path: Path, kept: bool,
+                  thresholds: gates.Thresholds) -> dict:
+    scores, verdict = record["scores"], record["verdict"]
+    return {
+        "sku": row.sku, "line": row.line, "class": row.class_key, "instance": row.instance_key,
+        "candidate": record["candidate"], "prompt": prompt, "clip_t_prompt": scoring_prompt, "seed": record["seed"],
+        "clip_i": scores.clip_i, "dino": scores.dino, "clip_t": scores.clip_t,
+        "max_train_dino": scores.max_train_dino, "pixel_std": scores.pixel_std,
+        "passed": verdict.passed, "kept": kept, "failed_gates": ",".join(verdict.failed_gates),
+        "reason": verdict.reason, "path": str(path),
+        "threshold_clip_i": thresholds.clip_i, "threshold_dino": thresholds.dino,
+        "threshold_clip_t": thresholds.clip_t, "calibrated": thresholds.calibrated,
+        "gen_seconds": round(record["gen_seconds"], 4), "score_seconds": round(record["score_seconds"], 4),
+    }
+
+
+def _save_png(context: _Context, path: Path, image, row, adapter, prompt: str, seed: int, scores, verdict) -> None:
+    from PIL.PngImagePlugin import PngInfo
+
+    config = context.config
+    info = PngInfo()
+    # A1111-style "parameters" so other tools read it, plus our own keys.
+    info.add_text("parameters", f"{prompt}\nNegative prompt: {config.negative_prompt}\nSteps: {config.steps}, "
+                                f"Sampler: {config.scheduler}, CFG scale: {config.guidance}, Seed: {seed}, "
+                                f"Size: {config.resolution}x{config.resolution}, "
+                                f"Model hash: {context.base_fingerprint}, Lora hash: {adapter.record['weights_sha256'][:16]}")
+    for key, value in {"sku": row.sku, "prompt": prompt, "seed": str(seed), "base_model": config.base_model,
+                       "base_model_hash": context.base_fingerprint, "adapter_hash": adapter.record["weights_sha256"],
+                       "scores": json.dumps({"clip_i": scores.clip_i, "dino": scores.dino, "clip_t": scores.clip_t}),
+                       "passed": str(verdict.passed), "generator": "catalog-gen"}.items():
+        info.add_itxt(key, value)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
+
+
+def _write_part(context: _Context, folder: str, rows: list[dict]) -> None:
+    import polars as pl
+
+    with atomic_path(context.run_dir / "parts" / f"{folder}.parquet") as tmp:
+        pl.DataFrame(rows).write_parquet(tmp)
+
+
+def _record_error(context: _Context, row: skus.SkuRow, message: str, summary: GenerationSummary) -> None:
+    summary.errors.append((row.sku, message))
+    _write_part(context, context.folder_of[row.sku], [{
+        "sku": row.sku, "line": row.line, "class": row.class_key, "instance": row.instance_key, "candidate": -1,
+        "passed": False, "kept": False, "failed_gates": "error", "reason": f"error: {message}", "path": "",
+    }])
+
+
+def _merge_manifest(run_dir: Path, folders: Sequence[str]) -> None:
+    import polars as pl
+
+    parts = [run_dir / "parts" / f"{folder}.parquet" for folder in folders]
+    frames = [pl.read_parquet(part) for part in parts if part.is_file()]
+    if not frames:
+        return
+    manifest = pl.concat(frames, how="diagonal_relaxed").sort(["sku", "candidate"])
+    with atomic_path(run_dir / "manifest.parquet") as tmp:
+        manifest.write_parquet(tmp)
+    skus.write_csv_escaped(manifest, run_dir / "manifest.csv")

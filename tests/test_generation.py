@@ -1,0 +1,214 @@
+"""The nightly generator end to end on the tiny presets (CPU)."""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from PIL import Image
+
+from catalog_gen.config import GenerateConfig, TrainConfig, build_config, read_recipe
+from catalog_gen.generation import GenerationRequest, generate
+from catalog_gen.workflow import PhotoSource, train_class
+from test_multiprocess import BIN, subprocess_env
+
+INSTANCES = ["band", "signet"]
+SHEET = (
+    "sku,class,instance,n_images,seed,view,setting,metal\r\n"
+    "RG-BAND-1,ring,band,2,,front view,on marble,gold\r\n"
+    "RG-BAND-2,ring,band,,,side view,on linen,silver\r\n"
+    "../escape,ring,signet,1,5,top view,on wood,gold\r\n"
+    "RG-BAND-1,ring,band,2,,front view,on marble,gold\r\n"      # line 5: duplicate sku
+    "NK-1,necklace,chain,2,,front view,on marble,gold\r\n"      # line 6: no adapter
+    "RG-X,ring,hexagon,2,,front view,on marble,gold\r\n"        # line 7: unknown instance
+    "RG-Y,ring,band,2,,front view,,gold\r\n"                    # line 8: missing {setting}
+)
+
+
+@pytest.fixture(scope="module")
+def workdir(sample_catalogue, tmp_path_factory):
+    """Two ring adapters trained briefly on the tiny preset."""
+    folder = tmp_path_factory.mktemp("generate-work")
+    config = replace(build_config(TrainConfig, read_recipe("tiny_demo", "train"), {}),
+                     steps=4, checkpoint_every=0, validation_images=0)
+    source = PhotoSource(photos_dir=sample_catalogue.photos_dir, products_csv=sample_catalogue.products_csv)
+    summary = train_class(source, "ring", INSTANCES, folder, config)
+    assert [o.status for o in summary.outcomes] == ["trained", "trained"]
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sheet(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("sheet") / "skus.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + SHEET.encode("utf-8"))  # a BOM and CRLF, as spreadsheets write
+    return path
+
+
+def nightly(**overrides) -> GenerateConfig:
+    return replace(build_config(GenerateConfig, read_recipe("tiny_nightly", "generate"), {}), **overrides)
+
+
+def run(sheet: Path, workdir: Path, run_dir: Path, config: GenerateConfig | None = None, **kwargs):
+    request = GenerationRequest(sheet, workdir, run_dir, templates=read_recipe("tiny_nightly", "templates"),
+                                force=kwargs.pop("force", False))
+    return generate(request, config or nightly(), **kwargs)
+
+
+@pytest.fixture(scope="module")
+def finished_run(sheet, workdir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    return run_dir, run(sheet, workdir, run_dir)
+
+
+def test_run_writes_images_manifest_and_rejects(finished_run):
+    run_dir, summary = finished_run
+    assert summary.skus_done == 3 and summary.rejected_rows == 4 and not summary.errors
+    manifest = pl.read_parquet(run_dir / "manifest.parquet")
+    assert set(manifest["sku"]) == {"RG-BAND-1", "RG-BAND-2", "../escape"}
+    assert manifest.height == summary.candidates
+    assert {"clip_i", "dino", "clip_t", "passed", "kept", "reason", "seed", "path", "gen_seconds"} <= set(manifest.columns)
+    for row in manifest.iter_rows(named=True):
+        path = (run_dir / row["path"]).resolve()
+        assert path.is_file() and path.is_relative_to(run_dir.resolve())
+        assert bool(row["passed"]) == (row["reason"] == "")
+    wanted = {"../escape": 1, "RG-BAND-1": 2, "RG-BAND-2": 2}  # n_images column, else the recipe's 2
+    for sku, group in manifest.group_by("sku"):
+        sku = sku[0]
+        assert group.filter(pl.col("kept"))["passed"].all()
+        assert group["kept"].sum() == min(wanted[sku], group["passed"].sum())
+        # More candidates than k only when fewer than k passed among the first k.
+        assert group.height == wanted[sku] or group.head(wanted[sku])["passed"].sum() < wanted[sku]
+    assert summary.kept == manifest["kept"].sum() and summary.kept > 0
+    with Image.open(run_dir / manifest["path"][0]) as image:
+        assert image.text["sku"] == manifest["sku"][0]
+        assert image.text["seed"] == str(manifest["seed"][0])
+        assert "Negative prompt:" in image.text["parameters"]
+    rejects = pl.read_csv(run_dir / "rejects.csv")
+    assert rejects["line"].to_list() == [5, 6, 7, 8]
+    assert "duplicate" in rejects["reason"][0] and "no trained adapter" in rejects["reason"][1]
+    assert "hexagon" in rejects["reason"][2] and "setting" in rejects["reason"][3]
+    assert (run_dir / "manifest.csv").is_file()
+
+
+def test_prompt_fills_the_template_and_scores_use_the_noun(finished_run):
+    run_dir, _ = finished_run
+    row = pl.read_parquet(run_dir / "manifest.parquet").filter(pl.col("sku") == "RG-BAND-2").row(0, named=True)
+    assert row["prompt"].endswith("band ring in silver, side view, on linen")
+    token = row["prompt"].split()[3]
+    assert token not in row["clip_t_prompt"].split() and "ring" in row["clip_t_prompt"]
+
+
+def test_finished_run_rerun_does_nothing(finished_run, sheet, workdir):
+    run_dir, _ = finished_run
+    stamp = (run_dir / "manifest.parquet").stat().st_mtime_ns
+    summary = run(sheet, workdir, run_dir)
+    assert summary.skus_done == 0 and summary.skus_already_done == 3
+    assert (run_dir / "manifest.parquet").stat().st_mtime_ns == stamp
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(finished_run, sheet, workdir, tmp_path):
+    reference, _ = finished_run
+    with pytest.raises(InterruptedError):
+        run(sheet, workdir, tmp_path, stop_after_skus=1)
+    assert len(list((tmp_path / "parts").glob("*.parquet"))) == 1
+    summary = run(sheet, workdir, tmp_path)
+    assert summary.skus_done == 2 and summary.skus_already_done == 1
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".") and p.is_file()], "temporary files left"
+    columns = ["sku", "candidate", "seed", "clip_i", "dino", "passed", "kept", "path"]
+    a = pl.read_parquet(tmp_path / "manifest.parquet").select(columns)
+    b = pl.read_parquet(reference / "manifest.parquet").select(columns)
+    assert a.equals(b)
+    for path in a["path"]:
+        assert np.array_equal(np.asarray(Image.open(tmp_path / path)), np.asarray(Image.open(reference / path)))
+
+
+def test_images_do_not_depend_on_batch_size(finished_run, sheet, workdir, tmp_path):
+    reference, _ = finished_run
+    run(sheet, workdir, tmp_path, nightly(batch_size=1))
+    a = pl.read_parquet(tmp_path / "manifest.parquet")
+    b = pl.read_parquet(reference / "manifest.parquet")
+    assert a["seed"].to_list() == b["seed"].to_list()
+    for path in a["path"]:
+        x = np.asarray(Image.open(tmp_path / path), dtype=np.int16)
+        y = np.asarray(Image.open(reference / path), dtype=np.int16)
+        # Batched and single matmuls may round differently in the last bit: at most one level.
+        assert np.abs(x - y).max() <= 1, path
+
+
+def test_changed_settings_refuse_the_run_folder(finished_run, sheet, workdir):
+    from catalog_gen.errors import CatalogError
+
+    run_dir, _ = finished_run
+    with pytest.raises(CatalogError, match="different settings"):
+        run(sheet, workdir, run_dir, nightly(steps=3))
+
+
+def test_unloading_the_adapter_leaves_the_base_model_unchanged(workdir, tiny_model):
+    from catalog_gen.adapters import read_adapter
+    from catalog_gen.lora_files import DIFFUSERS_WEIGHTS_NAME
+    from catalog_gen.models import load_pipeline
+    from catalog_gen.sampling import draw
+
+    pipeline = load_pipeline(tiny_model)
+    prompt = read_adapter(workdir / "adapters" / "ring" / "band").record["instance_prompt"]
+    base = np.asarray(draw(pipeline, [prompt], [7], steps=4, resolution=64)[0])
+    pipeline.load_lora_weights(str(workdir / "adapters" / "ring" / "band"), weight_name=DIFFUSERS_WEIGHTS_NAME,
+                               adapter_name="sku_adapter")
+    tuned = np.asarray(draw(pipeline, [prompt], [7], steps=4, resolution=64)[0])
+    pipeline.unload_lora_weights()
+    after = np.asarray(draw(pipeline, [prompt], [7], steps=4, resolution=64)[0])
+    assert not np.array_equal(base, tuned)
+    assert np.array_equal(base, after)
+
+
+def test_gates_that_cannot_pass_draw_extra_candidates_and_keep_none(sheet, workdir, tmp_path):
+    summary = run(sheet, workdir, tmp_path, nightly(calibrate=False, min_clip_i=1.0, max_extra=1))
+    manifest = pl.read_parquet(tmp_path / "manifest.parquet")
+    assert summary.kept == 0 and not manifest["passed"].any()
+    # Each SKU drew its k candidates plus the one extra allowed.
+    counts = dict(manifest.group_by("sku").len().iter_rows())
+    assert counts == {"RG-BAND-1": 3, "RG-BAND-2": 3, "../escape": 2}
+    assert all("CLIP-I" in reason for reason in manifest["reason"])
+    assert summary.failed_by_gate["clip_i"] == manifest.height
+
+
+def test_a_broken_adapter_fails_its_skus_not_the_run(sheet, workdir, tmp_path_factory, tmp_path):
+    import shutil
+
+    broken = tmp_path_factory.mktemp("broken-work")
+    shutil.copytree(workdir / "adapters", broken / "adapters")
+    shutil.copytree(workdir / "datasets", broken / "datasets")
+    (broken / "adapters" / "ring" / "signet" / "pytorch_lora_weights.safetensors").write_bytes(b"not weights")
+    summary = run(sheet, broken, tmp_path)
+    assert [sku for sku, _ in summary.errors] == ["../escape"]
+    assert summary.skus_done == 2
+    manifest = pl.read_parquet(tmp_path / "manifest.parquet")
+    assert manifest.filter(pl.col("sku") == "../escape")["reason"][0].startswith("error: adapter ring/signet")
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(finished_run, sheet, workdir, tmp_path):
+    reference, _ = finished_run
+    run_dir = tmp_path / "run2"
+    recipe = Path(__file__).resolve().parents[1] / "pipelines" / "tiny_nightly.toml"
+    command = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+               "-m", "catalog_gen.cli.main", "generate", "--skus", str(sheet), "--workdir", str(workdir),
+               "--run-dir", str(run_dir), "--recipe", str(recipe)]
+    done = subprocess.run(command, env=subprocess_env(tmp_path), capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    columns = ["sku", "candidate", "seed", "passed", "kept", "path"]
+    a = pl.read_parquet(run_dir / "manifest.parquet")
+    b = pl.read_parquet(reference / "manifest.parquet")
+    assert a.select(columns).equals(b.select(columns))
+    assert np.allclose(a["clip_i"].to_numpy(), b["clip_i"].to_numpy(), atol=1e-5)
+    for path in a["path"]:
+        x = np.asarray(Image.open(run_dir / path), dtype=np.int16)
+        y = np.asarray(Image.open(reference / path), dtype=np.int16)
+        assert np.abs(x - y).max() <= 1, path
