@@ -274,3 +274,54 @@ def test_demo_runs_end_to_end_on_a_few_steps(tmp_path, tiny_model, one_torch_thr
     assert "(2 steps per instance)" in result.stdout
     assert f"done: adapters in {adapters}" in result.stdout
     assert (workdir / "tokens.json").is_file() and (workdir / "sample" / "products.csv").is_file()
+    manifest = workdir / "runs" / "demo" / "manifest.parquet"
+    assert manifest.is_file() and "5. nightly generation" in result.stdout
+    assert "sheet rows rejected (rejects.csv)" in result.stdout
+
+
+@pytest.fixture
+def fake_generate(monkeypatch):
+    """Patch the generator where the command imports it; record what it was given."""
+    from catalog_gen import generation
+
+    calls = []
+
+    def fake(request, config, **kwargs):
+        calls.append((request, config))
+        summary = generation.GenerationSummary(request.run_dir, skus_total=2, skus_done=2, candidates=4, passed=3,
+                                               kept=3)
+        if request.skus.name == "broken.csv":
+            summary.errors.append(("SKU-9", "adapter ring/band: bad file"))
+        return summary
+
+    monkeypatch.setattr(generation, "generate", fake)
+    return calls
+
+
+def test_generate_merges_recipe_and_templates_under_options(fake_generate, tmp_path):
+    result = runner.invoke(app, ["generate", "--skus", str(tmp_path / "skus.csv"), "--workdir", str(tmp_path),
+                                 "--run-dir", str(tmp_path / "run"), "--recipe", "tiny_nightly", "--steps", "3"])
+    assert result.exit_code == 0, result.output
+    request, config = fake_generate[0]
+    assert config.steps == 3 and config.clip_model == "tiny-clip" and config.resolution == 64
+    assert request.run_dir == tmp_path / "run" and "ring" in request.templates
+    assert "candidates: 4, passed the gates: 3, kept: 3" in result.stdout
+
+
+def test_generate_default_run_folder_is_named_after_the_sheet(fake_generate, tmp_path):
+    result = runner.invoke(app, ["generate", "--skus", str(tmp_path / "nightly.csv"), "--workdir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    request, _ = fake_generate[0]
+    assert request.run_dir.parent == tmp_path / "runs" and request.run_dir.name.startswith("nightly-")
+
+
+def test_generate_with_sku_errors_exits_3(fake_generate, tmp_path):
+    result = runner.invoke(app, ["generate", "--skus", str(tmp_path / "broken.csv"), "--workdir", str(tmp_path)])
+    assert result.exit_code == EXIT_PARTIAL
+    assert "error SKU-9: adapter ring/band: bad file" in result.stdout
+
+
+def test_generate_bad_setting_is_refused_before_running(fake_generate, tmp_path):
+    result = runner.invoke(app, ["generate", "--skus", str(tmp_path / "s.csv"), "--scheduler", "heun9"])
+    assert result.exit_code == EXIT_BAD_INPUT and "scheduler" in result.output
+    assert fake_generate == []
