@@ -39,6 +39,11 @@ class PhotoSource:
     class_map: str | Path = "jewelry"
 
     def __post_init__(self) -> None:
+        # Absolute from here on: photo paths are joined onto the root, and a relative root
+        # would be joined twice.
+        for name in ("photos_dir", "products_csv"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)).expanduser().absolute())
         if self.photos_dir is None and self.products_csv is None:
             raise CatalogError("give a photo source: --photos DIR (laid out <class>/<instance>/) or --products CSV")
         if self.products_csv is not None and not Path(self.products_csv).is_file():

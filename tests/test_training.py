@@ -245,3 +245,13 @@ def test_eight_bit_adam_trains_and_resumes_exactly(sample_catalogue, tmp_path):
     b = load_file(str(read_adapter(tmp_path / "resumed" / "adapters" / "ring" / "slim").diffusers_file))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert read_adapter(tmp_path / "resumed" / "adapters" / "ring" / "slim").record["recipe"]["optimizer"] == "adamw8bit"
+
+
+def test_relative_photo_paths_work(sample_catalogue, tmp_path, monkeypatch):
+    monkeypatch.chdir(sample_catalogue.root.parent)
+    relative = Path(sample_catalogue.root.name)
+    source = PhotoSource(photos_dir=relative / "photos", products_csv=relative / "products.csv")
+    summary = train_class(source, "ring", ["band"], tmp_path,
+                          tiny_config(steps=1, checkpoint_every=0, validation_images=0))
+    assert summary.outcomes[0].status == "trained"
+    assert len(read_adapter(tmp_path / "adapters" / "ring" / "band").record["photos"]) == 4
