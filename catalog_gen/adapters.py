@@ -41,6 +41,12 @@ class AdapterInfo:
     def token(self) -> str:
         return self.record["token"]
 
+    @property
+    def photo_paths(self) -> list[Path]:
+        """The normalised training photos (recorded relative to the workdir that holds the adapter)."""
+        workdir = self.folder.parents[2]  # WORKDIR/adapters/<class>/<instance>
+        return [workdir / entry["file"] for entry in self.record["photos"]]
+
 
 def adapter_folder(workdir: Path, class_key: str, instance_key: str) -> Path:
     return Path(workdir) / "adapters" / class_key / instance_key

@@ -70,6 +70,8 @@ class TrainConfig:
     validation_steps: int = 20
     min_photos: int | None = None
     """Override the class map's minimum photo count per instance."""
+    max_photos: int | None = None
+    """Train on only the first N usable photos (the sweeps' number-of-photos axis)."""
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -92,6 +94,8 @@ class TrainConfig:
             raise CatalogError("prior_preservation needs num_class_images >= 1")
         if self.warmup_steps > self.steps:
             raise CatalogError(f"warmup_steps ({self.warmup_steps}) is longer than steps ({self.steps})")
+        if self.max_photos is not None and self.max_photos < 1:
+            raise CatalogError(f"max_photos must be >= 1, got {self.max_photos}")
         if self.min_photos is not None and self.min_photos < 1:
             raise CatalogError(f"min_photos must be >= 1, got {self.min_photos}")
 

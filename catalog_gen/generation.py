@@ -187,7 +187,7 @@ def _run_instance(context: _Context, class_spec, instance_key: str, rows: Sequen
     key = f"{class_spec.key}/{instance_key}"
     try:
         adapter = read_adapter(adapter_folder(request.workdir, class_spec.key, instance_key))
-        photos = [Path(p["file"]) for p in adapter.record["photos"]]
+        photos = adapter.photo_paths
         reference_clip = context.references.get(context.clip, key, photos).numpy()
         reference_dino = context.references.get(context.dino, key, photos).numpy()
         thresholds = gates.base_thresholds(context.config)

@@ -38,7 +38,7 @@ def train_summary_lines(summary) -> list[str]:
 class _Bar:
     """A tqdm bar per instance showing loss and steps/s."""
 
-    def __init__(self, total: int, label: str):
+    def __init__(self, total: int | None, label: str):
         from tqdm.auto import tqdm
 
         self._bar = tqdm(total=total, desc=label, unit="step", dynamic_ncols=True, leave=True)
@@ -52,7 +52,7 @@ class _Bar:
         self._bar.close()
 
 
-def progress_bar_factory(total_steps: int):
+def progress_bar_factory(total_steps: int | None):
     return lambda job: _Bar(total_steps, job.key)
 
 

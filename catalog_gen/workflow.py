@@ -10,7 +10,10 @@ WORKDIR layout:
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,15 +190,21 @@ def save_validation_images(components, job, config: TrainConfig, step: int) -> N
 
 def train_class(source: PhotoSource, class_key: str, instance_keys: Sequence[str], workdir: Path,
                 config: TrainConfig, *, resume: bool = False, force: bool = False,
-                progress: Callable | None = None, stop_after_step: int | None = None) -> TrainSummary:
-    """Train one adapter per instance of a class. Finished adapters are kept, failures reported."""
+                progress: Callable | None = None, stop_after_step: int | None = None,
+                distributed: bool = True) -> TrainSummary:
+    """Train one adapter per instance of a class. Finished adapters are kept, failures reported.
+
+    Under `accelerate launch` the instances are shared out between the processes; with
+    distributed=False this process trains them all and never waits for the others (a
+    sweep gives each process its own grid points instead).
+    """
     import shutil
 
     from accelerate import PartialState
 
     from catalog_gen import training
 
-    state = PartialState(cpu=use_cpu())
+    state = PartialState(cpu=use_cpu()) if distributed else _ThisProcessOnly(PartialState(cpu=use_cpu()).device)
     workdir = Path(workdir)
     # 1. Resolve the base model (a preset is built once, by the first process).
     with state.main_process_first():
@@ -226,6 +235,10 @@ def train_class(source: PhotoSource, class_key: str, instance_keys: Sequence[str
 
     # 7. This process's share of the instances.
     for item in prepared[state.process_index::state.num_processes]:
+        if config.max_photos is not None:
+            item = dataclasses.replace(item, photos=item.photos[:config.max_photos],
+                                       photo_hashes=item.photo_hashes[:config.max_photos],
+                                       photo_sources=item.photo_sources[:config.max_photos])
         job = training.InstanceJob(
             class_key, item.instance_key, item.token,
             class_spec.instance_prompt_for(item.instance_key, item.token), class_spec.class_prompt,
@@ -249,6 +262,21 @@ def train_class(source: PhotoSource, class_key: str, instance_keys: Sequence[str
     return summary
 
 
+class _ThisProcessOnly:
+    """The slice of accelerate's PartialState that train_class uses, for one process on its own."""
+
+    process_index, num_processes, is_main_process = 0, 1, True
+
+    def __init__(self, device):
+        self.device = device
+
+    def main_process_first(self):
+        return contextlib.nullcontext()
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
 def use_cpu() -> bool:
     """CPU processes when there is no GPU or `accelerate launch --cpu` asked for it.
 
@@ -267,6 +295,7 @@ def _train_one(components, config, job, item, model: BaseModel, base_fingerprint
     from catalog_gen import training
 
     started = time.perf_counter()
+    workdir = folder.parents[2]  # WORKDIR/adapters/<class>/<instance>
     report = progress(job) if progress is not None else None
     try:
         result = training.fit(
@@ -288,7 +317,8 @@ def _train_one(components, config, job, item, model: BaseModel, base_fingerprint
         "fingerprint": fingerprint,
         "steps": result.state.step,
         "resumed_from_step": result.resumed_from,
-        "photos": [{"file": str(p), "source": src, "sha256": h}
+        # Photo paths relative to the workdir, so a workdir can be moved or used from another folder.
+        "photos": [{"file": os.path.relpath(p, workdir), "source": src, "sha256": h}
                    for p, src, h in zip(item.photos, item.photo_sources, item.photo_hashes)],
         "refused_photos": [{"source": s, "reason": r} for s, r in item.refused],
         "class_images": len(job.class_images),

@@ -157,6 +157,58 @@ def generate(
         raise typer.Exit(EXIT_PARTIAL)
 
 
+@app.command("eval")
+@handles_errors
+def eval_command(
+    class_key: Annotated[str, typer.Option("--class", help="Class whose adapters to evaluate.")],
+    instance: Annotated[Optional[list[str]], typer.Option("--instance", help="Only these instances (repeatable).")] = None,
+    workdir: Workdir = Path("catalog-work"),
+    class_map: ClassMapOpt = "jewelry",
+    recipe: Annotated[Optional[str], typer.Option(help="TOML recipe with an [eval] section (pipelines/eval.toml).")] = None,
+    extractor: Annotated[Optional[str], typer.Option(help="KID/FID features: dino | clip")] = None,
+    select_by: Annotated[Optional[str], typer.Option("--select-by", help="Metric that names the best checkpoint.")] = None,
+) -> None:
+    """KID / FID / CLIP-I / DINO / CLIP-T for every saved checkpoint of a class's adapters."""
+    from catalog_gen.config import build_config, read_recipe
+    from catalog_gen.evaluation import EvalConfig, run_eval
+
+    config = build_config(EvalConfig, read_recipe(recipe, "eval"), dict(extractor=extractor, select_by=select_by),
+                          origin=f"recipe {recipe}" if recipe else "options")
+    out = run_eval(workdir, class_key, instance or [], config, class_map)
+    typer.echo((out / "summary.md").read_text())
+    typer.echo(f"results: {out / 'eval.parquet'}, plots and summary.md in {out}")
+
+
+@app.command("sweep")
+@handles_errors
+def sweep_command(
+    class_key: Annotated[str, typer.Option("--class", help="Product class.")],
+    instance: Annotated[str, typer.Option("--instance", help="The instance to sweep.")],
+    name: Annotated[str, typer.Option(help="Sweep name (its folder under WORKDIR/sweeps/).")],
+    photos: Annotated[Optional[Path], typer.Option("--photos", help="Photo folder (see `train`).")] = None,
+    products: Annotated[Optional[Path], typer.Option("--products", help="products.csv (see `train`).")] = None,
+    workdir: Workdir = Path("catalog-work"),
+    class_map: ClassMapOpt = "jewelry",
+    recipe: Annotated[Optional[str], typer.Option(help="TOML recipe with [train], [eval] and [sweep] sections.")] = None,
+    grid: Annotated[Optional[str], typer.Option(help="Grid, e.g. 'steps=100,200 lora_rank=4,16' (replaces [sweep]).")] = None,
+) -> None:
+    """Train and evaluate every point of a grid; rerun to finish an interrupted sweep."""
+    from catalog_gen.config import TrainConfig, build_config, read_recipe
+    from catalog_gen.evaluation import EvalConfig
+    from catalog_gen.report_text import progress_bar_factory
+    from catalog_gen.sweep import parse_grid_option, run_sweep
+    from catalog_gen.workflow import PhotoSource
+
+    origin = f"recipe {recipe}" if recipe else "options"
+    train_config = build_config(TrainConfig, read_recipe(recipe, "train"), {}, origin=origin)
+    eval_config = build_config(EvalConfig, read_recipe(recipe, "eval"), {}, origin=origin)
+    axes = parse_grid_option(grid) if grid else read_recipe(recipe, "sweep")
+    out = run_sweep(PhotoSource(photos, products, class_map), class_key, instance, workdir, name, axes,
+                    train_config, eval_config, progress=progress_bar_factory(None))
+    typer.echo((out / "results.md").read_text())
+    typer.echo(f"results: {out / 'results.parquet'}, plots in {out}")
+
+
 @app.command("demo")
 @handles_errors
 def demo(

@@ -1,0 +1,271 @@
+"""`catalog eval`: how each saved checkpoint of an adapter moved towards the product photos.
+
+For every checkpoint a fixed prompt set is drawn with fixed seeds; the images are compared
+with the instance's photos and with the base model's images for the same prompts and
+seeds (shared/seeds/000 measured both), by KID and FID on one named feature extractor,
+plus CLIP-I, DINO and CLIP-T. Scores from different extractors are not comparable, so the
+extractor is named in every row.
+
+WORKDIR/eval/<class>/
+    eval.parquet          one row per (instance, checkpoint)
+    <metric>.png          each metric against the training step, a line per instance
+    summary.md            the table, and the best checkpoint per instance by `select_by`
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from catalog_gen import metrics
+from catalog_gen.adapters import AdapterInfo, adapter_folder, read_adapter
+from catalog_gen.checkpoints import list_checkpoints
+from catalog_gen.config import _choice, _positive, check_field_types
+from catalog_gen.errors import CatalogError
+from catalog_gen.storage import atomic_path, atomic_write_text
+
+# metric -> True when higher is better
+METRICS = {"kid_photos": False, "fid_photos": False, "kid_base": True, "fid_base": True,
+           "clip_i": True, "dino": True, "clip_t": True}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What `catalog eval` draws and how it scores."""
+
+    prompts: tuple[str, ...] = ("{instance_prompt}", "{instance_prompt} on white marble",
+                                "{instance_prompt}, close-up", "{instance_prompt} on a linen cloth")
+    """Prompt templates; {token}, {instance}, {noun} and {instance_prompt} are filled per instance."""
+    images_per_prompt: int = 4
+    seed: int = 0
+    scheduler: str = "dpm++"
+    steps: int = 25
+    guidance: float = 7.5
+    batch_size: int = 4
+    extractor: str = "dino"
+    """Features for KID / FID: dino or clip."""
+    clip_model: str = "openai/clip-vit-base-patch32"
+    dino_model: str = "facebook/dino-vits16"
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    select_by: str = "kid_photos"
+    """The metric that names the best checkpoint."""
+
+    def __post_init__(self) -> None:
+        from catalog_gen.sampling import SCHEDULERS
+
+        if isinstance(self.prompts, list):  # TOML arrays arrive as lists
+            object.__setattr__(self, "prompts", tuple(self.prompts))
+        check_field_types(self)
+        if not self.prompts or not all(isinstance(p, str) and p.strip() for p in self.prompts):
+            raise CatalogError(f"eval prompts must be non-empty text templates, got {self.prompts!r}")
+        _choice("scheduler", self.scheduler, tuple(SCHEDULERS))
+        _choice("extractor", self.extractor, ("dino", "clip"))
+        _choice("select_by", self.select_by, tuple(METRICS))
+        for name in ("images_per_prompt", "steps", "batch_size", "kid_subsets", "kid_subset_size"):
+            _positive(name, getattr(self, name))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class EvalModels:
+    """Loaded once per run: the base pipeline and the two embedders."""
+
+    pipeline: Any
+    clip: Any
+    dino: Any
+    references: Any
+
+
+def load_eval_models(base_model: str, config: EvalConfig, workdir: Path, device="cpu") -> EvalModels:
+    from catalog_gen import embedders
+    from catalog_gen.models import load_pipeline, resolve_base_model
+    from catalog_gen.sampling import make_scheduler
+
+    pipeline = load_pipeline(resolve_base_model(base_model)).to(device)
+    pipeline.scheduler = make_scheduler(config.scheduler, pipeline.scheduler.config)
+    return EvalModels(pipeline, embedders.load_clip(config.clip_model, device=str(device)),
+                      embedders.load_dino(config.dino_model, device=str(device)),
+                      embedders.ReferenceEmbeddings(Path(workdir) / "embeddings"))
+
+
+def eval_prompts(config: EvalConfig, adapter: AdapterInfo, noun: str, instance_name: str) -> tuple[list[str], list[int]]:
+    from catalog_gen.skus import render_prompt
+
+    variables = {"token": adapter.token, "instance": instance_name, "noun": noun,
+                 "instance_prompt": adapter.record["instance_prompt"]}
+    prompts, seeds = [], []
+    for template in config.prompts:
+        for n in range(config.images_per_prompt):
+            prompts.append(render_prompt(template, variables))
+            seeds.append(config.seed * 1_000 + n)
+    return prompts, seeds
+
+
+def checkpoint_as_adapter_file(adapter: AdapterInfo, checkpoint: Path, out_dir: Path) -> Path:
+    """A checkpoint's LoRA as a diffusers-format file that plain `load_lora_weights` reads.
+
+    Checkpoints hold raw parameter names (with peft's adapter name, ".default."); the
+    finished adapter file's metadata carries the LoRA config (rank, alpha), so it is reused.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from catalog_gen.lora_files import DIFFUSERS_WEIGHTS_NAME
+
+    tensors = load_file(str(checkpoint / "lora.safetensors"))
+    with safe_open(str(adapter.diffusers_file), "pt") as handle:
+        metadata = handle.metadata()
+    path = Path(out_dir) / DIFFUSERS_WEIGHTS_NAME
+    save_file({name.replace(".default.", "."): t for name, t in tensors.items()}, str(path), metadata=metadata)
+    return path
+
+
+def score_images(models: EvalModels, config: EvalConfig, images, photo_features, base_features, text,
+                 reference_clip, reference_dino) -> dict[str, float]:
+    """KID / FID against the photos and the base model's images, and the three DreamBooth scores."""
+    clip = models.clip.embed_images(images).numpy()
+    dino = models.dino.embed_images(images).numpy()
+    features = dino if config.extractor == "dino" else clip
+    size = min(config.kid_subset_size, len(features), len(photo_features), len(base_features))
+    with_photos = metrics.kid(photo_features, features, subsets=config.kid_subsets, subset_size=size)
+    with_base = metrics.kid(base_features, features, subsets=config.kid_subsets, subset_size=size)
+    return {
+        "kid_photos": with_photos[0], "kid_photos_std": with_photos[1],
+        "fid_photos": metrics.fid(photo_features, features),
+        "kid_base": with_base[0], "kid_base_std": with_base[1],
+        "fid_base": metrics.fid(base_features, features),
+        "clip_i": metrics.clip_i(clip, reference_clip), "dino": metrics.dino(dino, reference_dino),
+        "clip_t": metrics.clip_t(clip, np.repeat(text, len(clip), axis=0) if len(text) == 1 else text),
+    }
+
+
+def evaluate_instance(models: EvalModels, config: EvalConfig, workdir: Path, class_spec, instance_key: str,
+                      resolution: int | None = None) -> list[dict]:
+    """One row per saved checkpoint of one instance's adapter."""
+    import warnings
+
+    from catalog_gen.generation import use_prompt_noun
+    from catalog_gen.sampling import draw
+
+    adapter = read_adapter(adapter_folder(workdir, class_spec.key, instance_key))
+    checkpoints = list_checkpoints(Path(workdir) / "checkpoints" / class_spec.key / instance_key)
+    if not checkpoints:
+        raise CatalogError(f"{class_spec.key}/{instance_key}: no saved checkpoints to evaluate")
+    key = f"{class_spec.key}/{instance_key}"
+    resolution = resolution or adapter.record["recipe"]["resolution"]
+    prompts, seeds = eval_prompts(config, adapter, class_spec.noun, class_spec.instances[instance_key].name)
+    photos = adapter.photo_paths
+    reference_clip = models.references.get(models.clip, key, photos).numpy()
+    reference_dino = models.references.get(models.dino, key, photos).numpy()
+    photo_features = reference_dino if config.extractor == "dino" else reference_clip
+    text = models.clip.embed_texts([use_prompt_noun(p, adapter.token, class_spec.noun) for p in prompts]).numpy()
+
+    def render():
+        return draw(models.pipeline, prompts, seeds, steps=config.steps, resolution=resolution,
+                    guidance=config.guidance, batch_size=config.batch_size)
+
+    base_images = render()  # the base model, same prompts and seeds
+    base_features = (models.dino if config.extractor == "dino" else models.clip).embed_images(base_images).numpy()
+    rows = []
+    for step, folder in checkpoints:
+        with tempfile.TemporaryDirectory() as scratch:
+            weights = checkpoint_as_adapter_file(adapter, folder, Path(scratch))
+            models.pipeline.load_lora_weights(scratch, weight_name=weights.name, adapter_name="eval_checkpoint")
+        try:
+            images = render()
+        finally:
+            models.pipeline.unload_lora_weights()
+        with warnings.catch_warnings():
+            # Small catalogues: KID shrinks its subsets and FID's covariance is singular. Both
+            # are expected here and recorded in the row (n_photos, n_generated) instead.
+            warnings.simplefilter("ignore", UserWarning)
+            scores = score_images(models, config, images, photo_features, base_features, text,
+                                  reference_clip, reference_dino)
+        rows.append({"class": class_spec.key, "instance": instance_key, "step": step, "extractor": config.extractor,
+                     "n_generated": len(images), "n_photos": len(photos), **scores})
+    return rows
+
+
+def best_checkpoints(rows: Sequence[dict], metric: str) -> dict[str, dict]:
+    """Per instance, the row with the best value of `metric` (ties: the earlier step)."""
+    higher = METRICS[metric]
+    best: dict[str, dict] = {}
+    for row in sorted(rows, key=lambda r: (r["instance"], r["step"])):
+        current = best.get(row["instance"])
+        if current is None or (row[metric] > current[metric] if higher else row[metric] < current[metric]):
+            best[row["instance"]] = row
+    return best
+
+
+def summary_markdown(rows: Sequence[dict], config: EvalConfig, title: str) -> str:
+    columns = ["instance", "step", *METRICS]
+    lines = [f"# {title}", "",
+             f"Extractor for KID/FID: **{config.extractor}** ({config.dino_model if config.extractor == 'dino' else config.clip_model}); "
+             f"{len(config.prompts)} prompts x {config.images_per_prompt} seeds, {config.scheduler} {config.steps} steps.",
+             "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in sorted(rows, key=lambda r: (r["instance"], r["step"])):
+        lines.append("| " + " | ".join(_cell(row[c]) for c in columns) + " |")
+    direction = "higher" if METRICS[config.select_by] else "lower"
+    lines += ["", f"Best checkpoint by {config.select_by} ({direction} is better):", ""]
+    for instance, row in best_checkpoints(rows, config.select_by).items():
+        lines.append(f"- {instance}: step {row['step']} ({config.select_by} = {_cell(row[config.select_by])})")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def plot_metric(rows: Sequence[dict], metric: str, x: str, path: Path, group: str = "instance",
+                xlabel: str | None = None) -> Path:
+    """A line per group of `metric` against `x`, written atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5, 3.2), dpi=100)
+    for name in sorted({str(r[group]) for r in rows}):
+        points = sorted((r[x], r[metric]) for r in rows if str(r[group]) == name)
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    axis.set_xlabel(xlabel or x)
+    axis.set_ylabel(metric)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")
+    plt.close(figure)
+    return path
+
+
+def run_eval(workdir: Path, class_key: str, instance_keys: Sequence[str], config: EvalConfig,
+             class_map: str | Path = "jewelry") -> Path:
+    """Evaluate every checkpoint of the class's adapters; return the folder with the results."""
+    import polars as pl
+
+    from catalog_gen.class_map import load_class_map
+
+    class_spec = load_class_map(class_map).get_class(class_key)
+    instances = list(instance_keys) or [k for k in class_spec.instances
+                                        if (adapter_folder(workdir, class_key, k) / "adapter.json").is_file()]
+    if not instances:
+        raise CatalogError(f"class '{class_key}': no trained adapters in {workdir}; run catalog train first")
+    base_model = read_adapter(adapter_folder(workdir, class_key, instances[0])).record["base_model"]["spec"]
+    models = load_eval_models(base_model, config, workdir)
+    rows = [row for key in instances for row in evaluate_instance(models, config, workdir, class_spec, key)]
+    out = Path(workdir) / "eval" / class_key
+    with atomic_path(out / "eval.parquet") as tmp:
+        pl.DataFrame(rows).write_parquet(tmp)
+    for metric in METRICS:
+        plot_metric(rows, metric, "step", out / f"{metric}.png")
+    atomic_write_text(out / "summary.md", summary_markdown(rows, config, f"Evaluation of class {class_key}"))
+    return out

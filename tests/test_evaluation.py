@@ -1,0 +1,91 @@
+"""`catalog eval` and `catalog sweep` end to end on the tiny presets."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import polars as pl
+import pytest
+
+from catalog_gen.config import TrainConfig, build_config, read_recipe
+from catalog_gen.errors import CatalogError
+from catalog_gen.evaluation import EvalConfig, best_checkpoints, run_eval
+from catalog_gen.sweep import grid_points, parse_grid_option, point_id, run_sweep
+from catalog_gen.workflow import PhotoSource, train_class
+
+
+def recipe_configs():
+    train = build_config(TrainConfig, read_recipe("tiny_sweep", "train"), {})
+    evaluation = build_config(EvalConfig, read_recipe("tiny_sweep", "eval"), {})
+    return train, evaluation
+
+
+def source(sample_catalogue) -> PhotoSource:
+    return PhotoSource(photos_dir=sample_catalogue.photos_dir, products_csv=sample_catalogue.products_csv)
+
+
+def test_eval_scores_every_checkpoint(sample_catalogue, tmp_path):
+    train, evaluation = recipe_configs()
+    train_class(source(sample_catalogue), "ring", ["band", "slim"], tmp_path, replace(train, steps=20))
+    out = run_eval(tmp_path, "ring", [], evaluation)
+    table = pl.read_parquet(out / "eval.parquet")
+    assert sorted(zip(table["instance"], table["step"])) == [("band", 10), ("band", 20), ("slim", 10), ("slim", 20)]
+    assert set(table["extractor"]) == {"dino"}
+    for metric in ("kid_photos", "fid_photos", "kid_base", "fid_base", "clip_i", "dino", "clip_t"):
+        assert table[metric].is_finite().all(), metric
+        assert (out / f"{metric}.png").stat().st_size > 1000
+    assert (table["n_generated"] == 6).all()
+    summary = (out / "summary.md").read_text()
+    best = best_checkpoints(table.to_dicts(), "kid_photos")
+    assert f"- band: step {best['band']['step']}" in summary and "Extractor for KID/FID: **dino**" in summary
+
+
+def test_eval_without_checkpoints_or_adapters_is_a_clear_error(tmp_path):
+    _, evaluation = recipe_configs()
+    with pytest.raises(CatalogError, match="no trained adapters"):
+        run_eval(tmp_path, "ring", [], evaluation)
+
+
+def test_best_checkpoint_direction():
+    rows = [{"instance": "a", "step": 10, "kid_photos": 0.2, "dino": 0.5},
+            {"instance": "a", "step": 20, "kid_photos": 0.1, "dino": 0.4}]
+    assert best_checkpoints(rows, "kid_photos")["a"]["step"] == 20
+    assert best_checkpoints(rows, "dino")["a"]["step"] == 10
+
+
+def test_grid_parsing_and_points():
+    grid = parse_grid_option("steps=10,30 learning_rate=1e-4,1e-3 scheduler=ddim prior_preservation=true")
+    assert grid == {"steps": [10, 30], "learning_rate": [1e-4, 1e-3], "scheduler": ["ddim"],
+                    "prior_preservation": [True]}
+    points = grid_points(grid)
+    assert len(points) == 4 and len({point_id(p) for p in points}) == 4
+    with pytest.raises(CatalogError, match="unknown sweep axis 'batch'"):
+        grid_points({"batch": [1]})
+    with pytest.raises(CatalogError, match="no values"):
+        grid_points({"steps": []})
+
+
+def test_sweep_resumes_a_half_finished_grid(sample_catalogue, tmp_path):
+    train, evaluation = recipe_configs()
+    grid = {"steps": [6, 12], "num_photos": [3]}
+    with pytest.raises(InterruptedError):
+        run_sweep(source(sample_catalogue), "ring", "band", tmp_path, "t", grid, train, evaluation,
+                  stop_after_points=1)
+    finished = sorted((tmp_path / "sweeps" / "t" / "points").glob("*/result.json"))
+    assert len(finished) == 1
+    stamp = finished[0].stat().st_mtime_ns
+
+    out = run_sweep(source(sample_catalogue), "ring", "band", tmp_path, "t", grid, train, evaluation)
+    assert finished[0].stat().st_mtime_ns == stamp, "a finished point was redone"
+    table = pl.read_parquet(out / "results.parquet")
+    assert sorted(table["axis_steps"]) == [6, 12] and set(table["axis_num_photos"]) == {3}
+    assert (out / "steps-kid_photos.png").is_file()
+    assert "| num_photos | steps | kid_photos |" in (out / "results.md").read_text()
+    for result in (out / "points").glob("*/result.json"):
+        record = json.loads(result.read_text())
+        adapter = json.loads((result.parent / "adapters" / "ring" / "band" / "adapter.json").read_text())
+        assert adapter["steps"] == record["point"]["steps"] and len(adapter["photos"]) == 3
+
+    with pytest.raises(CatalogError, match="different grid"):
+        run_sweep(source(sample_catalogue), "ring", "band", tmp_path, "t", {"steps": [6]}, train, evaluation)
