@@ -50,6 +50,9 @@ class ImageTransform:
     crop: tuple[int, int]  # (height, width)
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    float_resize: bool = False
+    """Resize each channel in floating point (no rounding or clipping to uint8), as KID / FID
+    features want; the gates keep the model's own uint8 preprocessing."""
 
     @classmethod
     def from_folder(cls, folder: Path, image_size: int, mean=CLIP_MEAN, std=CLIP_STD) -> "ImageTransform":
@@ -68,10 +71,14 @@ class ImageTransform:
         image = _to_rgb(image)
         # The long side rounds down, as in transformers' processors, so both crop the same pixels.
         width, height = (self.shortest_side * side // min(image.size) for side in image.size)
-        image = image.resize((width, height), Image.BICUBIC)
         top, left = (height - self.crop[0]) // 2, (width - self.crop[1]) // 2
-        image = image.crop((left, top, left + self.crop[1], top + self.crop[0]))
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        if self.float_resize:
+            channels = [np.asarray(c.convert("F").resize((width, height), Image.BICUBIC)) for c in image.split()]
+            array = np.stack(channels, axis=-1)[top:top + self.crop[0], left:left + self.crop[1]]
+        else:
+            image = image.resize((width, height), Image.BICUBIC)
+            array = np.asarray(image.crop((left, top, left + self.crop[1], top + self.crop[0])), dtype=np.float32)
+        pixels = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32) / 255.0).permute(2, 0, 1)
         return (pixels - torch.tensor(self.mean).view(3, 1, 1)) / torch.tensor(self.std).view(3, 1, 1)
 
 

@@ -89,3 +89,20 @@ def test_sweep_resumes_a_half_finished_grid(sample_catalogue, tmp_path):
 
     with pytest.raises(CatalogError, match="different grid"):
         run_sweep(source(sample_catalogue), "ring", "band", tmp_path, "t", {"steps": [6]}, train, evaluation)
+
+
+def test_eval_resize_keeps_floating_point_values():
+    import dataclasses
+
+    import numpy as np
+    from PIL import Image
+
+    from catalog_gen.embedders import ImageTransform
+
+    edge = np.zeros((64, 64, 3), dtype=np.uint8)
+    edge[:, 32:] = 255  # a hard edge: bicubic overshoots past 255 and below 0 beside it
+    transform = ImageTransform(24, (24, 24), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    as_uint8 = transform(Image.fromarray(edge))
+    as_float = dataclasses.replace(transform, float_resize=True)(Image.fromarray(edge))
+    assert float(as_uint8.max()) == 1.0 and float(as_uint8.min()) == 0.0
+    assert float(as_float.max()) > 1.0 and float(as_float.min()) < 0.0
