@@ -11,6 +11,7 @@ RUN_DIR layout:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -37,6 +38,8 @@ class GenerationRequest:
     templates: Mapping[str, str] = field(default_factory=dict)
     """Per-class prompt templates (recipe [templates]); config.template otherwise."""
     force: bool = False
+    redo_rejected: Path | None = None
+    """A reviewed earlier run: only the SKUs rejected there are generated, with new seeds."""
 
 
 @dataclass
@@ -66,6 +69,7 @@ class _Context:
     references: object
     base_fingerprint: str
     folder_of: dict[str, str]
+    seed_offset: int = 0
 
 
 def generate(request: GenerationRequest, config: GenerateConfig, *, progress: Callable | None = None,
@@ -89,12 +93,17 @@ def generate(request: GenerationRequest, config: GenerateConfig, *, progress: Ca
         has_adapter=lambda c, i: (adapter_folder(request.workdir, c, i) / "adapter.json").is_file(),
         template_for=lambda c: request.templates.get(c, config.template))
     rejects = sorted(rejects + more_rejects, key=lambda r: r.line)
+    redo_round = 0
+    if request.redo_rejected is not None:
+        rejected, redo_round = rejected_in(Path(request.redo_rejected))
+        # Only the rejected SKUs, each drawing as many new images as were rejected.
+        rows = [dataclasses.replace(row, n_images=rejected[row.sku]) for row in rows if row.sku in rejected]
     summary.rejected_rows, summary.skus_total = len(rejects), len(rows)
 
     # 2. The run folder belongs to one set of settings; --force starts it over.
     with state.main_process_first():
         if state.is_main_process:
-            _claim_run_dir(run_dir, config, request)
+            _claim_run_dir(run_dir, config, request, redo_round)
             skus.write_rejects(rejects, run_dir / "rejects.csv")
     folder_of = skus.sku_folder_names([row.sku for row in rows])
 
@@ -110,6 +119,7 @@ def generate(request: GenerationRequest, config: GenerateConfig, *, progress: Ca
     if groups:
         # 4. The base pipeline and the embedders, loaded once.
         context = _load_context(config, request, run_dir, folder_of, state.device)
+        context.seed_offset = redo_round * REDO_SEED_STRIDE
         # 5. One adapter in at a time, every SKU of its instance, adapter out.
         for (class_key, instance_key), group_rows in groups:
             _run_instance(context, class_map.get_class(class_key), instance_key, group_rows, request, summary,
@@ -121,6 +131,23 @@ def generate(request: GenerationRequest, config: GenerateConfig, *, progress: Ca
         _merge_manifest(run_dir, [folder_of[row.sku] for row in rows])
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+# Seeds of a redo round n are those of run seed + n * stride: new images, still reproducible.
+REDO_SEED_STRIDE = 1_000_003
+
+
+def rejected_in(previous_run: Path) -> tuple[dict[str, int], int]:
+    """Per SKU, how many candidates a reviewer rejected in an earlier run; and the next redo round."""
+    import polars as pl
+
+    decisions = previous_run / "decisions.parquet"
+    if not decisions.is_file():
+        raise CatalogError(f"{previous_run} has no decisions.parquet: review it first (catalog review {previous_run})")
+    table = pl.read_parquet(decisions)
+    rejected = dict(Counter(table.filter(pl.col("decision") == "reject")["sku"].to_list()))
+    previous = json.loads((previous_run / "run.json").read_text()) if (previous_run / "run.json").is_file() else {}
+    return rejected, int(previous.get("settings", {}).get("redo_round", 0)) + 1
 
 
 def use_prompt_noun(prompt: str, token: str, noun: str) -> str:
@@ -136,9 +163,10 @@ def use_prompt_noun(prompt: str, token: str, noun: str) -> str:
     return " ".join(out)
 
 
-def _claim_run_dir(run_dir: Path, config: GenerateConfig, request: GenerationRequest) -> None:
+def _claim_run_dir(run_dir: Path, config: GenerateConfig, request: GenerationRequest, redo_round: int) -> None:
     settings = {"generate": config.to_dict(), "templates": dict(request.templates),
-                "class_map": str(request.class_map)}
+                "class_map": str(request.class_map), "redo_round": redo_round,
+                "redo_rejected": str(request.redo_rejected) if request.redo_rejected else None}
     marker = run_dir / "run.json"
     if request.force and run_dir.exists():
         for name in ("images", "parts"):
@@ -237,7 +265,7 @@ def _run_sku(context: _Context, row: skus.SkuRow, adapter, class_spec, template:
             break
         wanted = min(k - passed if index >= k else k, budget - index)
         batch = list(range(index, index + wanted))
-        run_seed = row.seed if row.seed is not None else config.seed
+        run_seed = (row.seed if row.seed is not None else config.seed) + context.seed_offset
         seeds = [skus.candidate_seed(row.sku, i, run_seed) for i in batch]
         t0 = time.perf_counter()
         images = _draw(context, [prompt] * len(batch), seeds)

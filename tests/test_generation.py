@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from dataclasses import replace
 from pathlib import Path
@@ -55,7 +56,7 @@ def nightly(**overrides) -> GenerateConfig:
 
 def run(sheet: Path, workdir: Path, run_dir: Path, config: GenerateConfig | None = None, **kwargs):
     request = GenerationRequest(sheet, workdir, run_dir, templates=read_recipe("tiny_nightly", "templates"),
-                                force=kwargs.pop("force", False))
+                                force=kwargs.pop("force", False), redo_rejected=kwargs.pop("redo_rejected", None))
     return generate(request, config or nightly(), **kwargs)
 
 
@@ -212,3 +213,56 @@ def test_two_processes_equal_one(finished_run, sheet, workdir, tmp_path):
         x = np.asarray(Image.open(run_dir / path), dtype=np.int16)
         y = np.asarray(Image.open(reference / path), dtype=np.int16)
         assert np.abs(x - y).max() <= 1, path
+
+
+def _write_decisions(run_dir: Path, entries):
+    rows = [{"sku": sku, "candidate": candidate, "decision": decision,
+             "reason_code": "artefact" if decision == "reject" else None, "note": None, "reviewer": "test",
+             "decided_at": "2026-11-23T00:00:00Z"} for sku, candidate, decision in entries]
+    pl.DataFrame(rows, schema_overrides={"reason_code": pl.Utf8, "note": pl.Utf8}).write_parquet(
+        run_dir / "decisions.parquet")
+
+
+def test_redo_rejected_regenerates_exactly_the_rejected_skus(finished_run, sheet, workdir, tmp_path):
+    import shutil
+
+    original, _ = finished_run
+    reviewed = tmp_path / "reviewed"
+    shutil.copytree(original, reviewed)
+    _write_decisions(reviewed, [("RG-BAND-1", 0, "reject"), ("RG-BAND-1", 1, "approve"), ("../escape", 0, "approve")])
+    summary = run(sheet, workdir, tmp_path / "redo", redo_rejected=reviewed)
+    manifest = pl.read_parquet(tmp_path / "redo" / "manifest.parquet")
+    assert set(manifest["sku"]) == {"RG-BAND-1"} and summary.skus_done == 1
+    # One rejected image -> one new image wanted, drawn from new seeds.
+    assert manifest["kept"].sum() <= 1 and manifest.height >= 1
+    old_seeds = set(pl.read_parquet(original / "manifest.parquet").filter(pl.col("sku") == "RG-BAND-1")["seed"])
+    assert not old_seeds & set(manifest["seed"])
+    assert json.loads((tmp_path / "redo" / "run.json").read_text())["settings"]["redo_round"] == 1
+
+
+def test_redo_needs_a_reviewed_run(finished_run, sheet, workdir, tmp_path):
+    from catalog_gen.errors import CatalogError
+
+    with pytest.raises(CatalogError, match="no decisions.parquet"):
+        run(sheet, workdir, tmp_path / "redo", redo_rejected=tmp_path)
+
+
+def test_export_writes_marketplace_files(finished_run, tmp_path):
+    import shutil
+
+    from catalog_gen.export import AI_SOURCE_TYPE, export_approved
+
+    original, _ = finished_run
+    reviewed = tmp_path / "reviewed"
+    shutil.copytree(original, reviewed)
+    _write_decisions(reviewed, [("RG-BAND-1", 0, "approve"), ("../escape", 0, "approve"), ("RG-BAND-2", 0, "reject")])
+    written = export_approved(reviewed, tmp_path / "out")
+    assert len(written) == 2 and all(p.resolve().is_relative_to((tmp_path / "out").resolve()) for p in written)
+    for path in written:
+        with Image.open(path) as image:
+            assert image.format == "JPEG" and image.size == (2048, 2048) and image.mode == "RGB"
+            assert image.info.get("icc_profile")  # sRGB profile embedded
+            assert AI_SOURCE_TYPE.encode() in image.info["xmp"]
+            assert "photo of a" in image.getexif()[0x010E]
+    listing = pl.read_csv(tmp_path / "out" / "export.csv")
+    assert sorted(listing["sku"]) == ["../escape", "RG-BAND-1"]

@@ -1,0 +1,108 @@
+"""`catalog export RUN_DIR --approved DEST`: approved images in marketplace shape.
+
+Square on white (padded, never cropped), the profile's size and format, sRGB, the
+generation parameters kept (EXIF description, XMP), and an AI-generated marker: IPTC's
+DigitalSourceType "trainedAlgorithmicMedia" in XMP, the field marketplaces and the
+IPTC photo metadata standard read for synthetic images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+from xml.sax.saxutils import escape
+
+from catalog_gen.errors import CatalogError
+from catalog_gen.storage import atomic_path
+
+AI_SOURCE_TYPE = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
+
+
+@dataclass(frozen=True)
+class ExportProfile:
+    name: str
+    size: int
+    format: str  # "JPEG" or "PNG"
+    quality: int = 95
+
+
+PROFILES = {
+    "marketplace": ExportProfile("marketplace", 2048, "JPEG", 95),
+    "web": ExportProfile("web", 1200, "JPEG", 90),
+    "lossless": ExportProfile("lossless", 2048, "PNG"),
+}
+
+
+def approved_candidates(run_dir: Path):
+    """Manifest rows of the candidates a reviewer approved (latest decision per candidate)."""
+    import polars as pl
+
+    decisions_file = Path(run_dir) / "decisions.parquet"
+    if not decisions_file.is_file():
+        raise CatalogError(f"{run_dir} has no decisions.parquet: review the run first (catalog review {run_dir})")
+    decisions = pl.read_parquet(decisions_file).filter(pl.col("decision") == "approve").select("sku", "candidate")
+    manifest = pl.read_parquet(Path(run_dir) / "manifest.parquet")
+    return manifest.join(decisions, on=["sku", "candidate"], how="inner").sort("sku", "candidate")
+
+
+def xmp_packet(prompt: str, seed: int, sku: str) -> bytes:
+    """XMP with the IPTC AI marker and the generation parameters (all values XML-escaped)."""
+    return (
+        '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+        '<rdf:Description rdf:about="" xmlns:Iptc4xmpExt="http://iptc.org/std/Iptc4xmpExt/2008-02-29/" '
+        'xmlns:dc="http://purl.org/dc/elements/1.1/" xmlns:catalog="https://catalog-gen.invalid/ns/1.0/">'
+        f"<Iptc4xmpExt:DigitalSourceType>{AI_SOURCE_TYPE}</Iptc4xmpExt:DigitalSourceType>"
+        f"<dc:description>{escape(prompt)}</dc:description>"
+        f"<catalog:sku>{escape(sku)}</catalog:sku><catalog:seed>{seed}</catalog:seed>"
+        f"<catalog:generator>catalog-gen</catalog:generator>"
+        "</rdf:Description></rdf:RDF></x:xmpmeta>"
+    ).encode("utf-8")
+
+
+def export_image(source: Path, dest: Path, profile: ExportProfile, prompt: str, seed: int, sku: str) -> Path:
+    from PIL import Image, ImageCms
+
+    from catalog_gen.intake import IntakeConfig, normalise_photo
+
+    with Image.open(source) as image:
+        # The same product-safe path as training photos: alpha on white, pad to square, resize.
+        shaped = normalise_photo(image, IntakeConfig(resolution=profile.size, min_side=1))
+    exif = Image.Exif()
+    exif[0x010E] = prompt  # ImageDescription
+    exif[0x0131] = "catalog-gen (AI-generated image)"  # Software
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    options = dict(icc_profile=srgb, exif=exif, xmp=xmp_packet(prompt, seed, sku))
+    if profile.format == "JPEG":
+        options.update(quality=profile.quality, subsampling=0)
+    with atomic_path(dest) as tmp:
+        shaped.save(tmp, format=profile.format, **options)
+    return dest
+
+
+def export_approved(run_dir: Path, dest: Path, profile_name: str = "marketplace") -> list[Path]:
+    """Export every approved candidate of a run; returns the files written."""
+    from catalog_gen.skus import sku_folder_names, write_csv_escaped
+
+    profile = PROFILES.get(profile_name)
+    if profile is None:
+        raise CatalogError(f"unknown export profile '{profile_name}'; profiles: {', '.join(PROFILES)}")
+    rows = approved_candidates(run_dir)
+    if rows.height == 0:
+        raise CatalogError(f"{run_dir}: no approved candidates to export")
+    folders = sku_folder_names(sorted(set(rows["sku"])))
+    suffix = ".jpg" if profile.format == "JPEG" else ".png"
+    written: list[Path] = []
+    names: list[str] = []
+    for row in rows.iter_rows(named=True):
+        target = Path(dest) / f"{folders[row['sku']]}_{row['candidate']}{suffix}"
+        written.append(export_image(Path(run_dir) / row["path"], target, profile, row["prompt"], row["seed"], row["sku"]))
+        names.append(target.name)
+    write_csv_escaped(rows.with_columns(_export_file_column(names)), Path(dest) / "export.csv")
+    return written
+
+
+def _export_file_column(names: Sequence[str]):
+    import polars as pl
+
+    return pl.Series("export_file", list(names))
