@@ -137,6 +137,7 @@ def generate(
     n_images: Annotated[Optional[int], typer.Option("--n-images", help="Images kept per SKU (k).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Run seed.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Redo the whole run folder.")] = False,
+    redo_rejected: Annotated[Optional[Path], typer.Option("--redo-rejected", help="Reviewed earlier run: regenerate only its rejected SKUs, with new seeds.")] = None,
 ) -> None:
     """Generate gated, on-style images for every SKU of a sheet (resumable: rerun to finish)."""
     import time
@@ -148,13 +149,29 @@ def generate(
     config = build_config(GenerateConfig, read_recipe(recipe, "generate"), dict(
         base_model=base_model, scheduler=scheduler, steps=steps, n_images=n_images, seed=seed,
     ), origin=f"recipe {recipe}" if recipe else "options")
-    folder = run_dir or workdir / "runs" / f"{skus.stem}-{time.strftime('%Y%m%d')}"
-    request = GenerationRequest(skus, workdir, folder, class_map, read_recipe(recipe, "templates"), force)
+    redo = f"-redo-{redo_rejected.name}" if redo_rejected else ""
+    folder = run_dir or workdir / "runs" / f"{skus.stem}-{time.strftime('%Y%m%d')}{redo}"
+    request = GenerationRequest(skus, workdir, folder, class_map, read_recipe(recipe, "templates"), force,
+                                redo_rejected)
     summary = run_generation(request, config, progress=generation_progress())
     for line in generation_summary_lines(summary):
         typer.echo(line)
     if summary.errors:
         raise typer.Exit(EXIT_PARTIAL)
+
+
+@app.command("export")
+@handles_errors
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A reviewed run folder.")],
+    approved: Annotated[Path, typer.Option("--approved", help="Destination folder for the approved images.")],
+    profile: Annotated[str, typer.Option(help="marketplace (2048 px JPEG) | web (1200 px JPEG) | lossless (2048 px PNG)")] = "marketplace",
+) -> None:
+    """Export approved images: square on white, sRGB, generation metadata and an AI-generated marker."""
+    from catalog_gen.export import export_approved
+
+    written = export_approved(run_dir, approved, profile)
+    typer.echo(f"exported {len(written)} approved image(s) to {approved} (list: {approved / 'export.csv'})")
 
 
 @app.command("eval")
