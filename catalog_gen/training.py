@@ -205,6 +205,25 @@ def training_fingerprint(config: TrainConfig, job: InstanceJob, base_fingerprint
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def optimizer_step(loss: torch.Tensor, optimizer, scaler, params: list[torch.nn.Parameter],
+                   max_grad_norm: float) -> None:
+    """Backward and one optimizer step. Under fp16 the gradients are unscaled before clipping,
+    so the clip threshold means the same as without a scaler."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+
+
 def _add_lora(components: Components, config: TrainConfig, instance_key: str):
     from peft import LoraConfig
 
@@ -217,8 +236,22 @@ def _add_lora(components: Components, config: TrainConfig, instance_key: str):
     if config.train_text_encoder:
         text_config = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                                  init_lora_weights=True, target_modules=TEXT_ENCODER_LORA_TARGETS)
-        components.text_encoder.add_adapter(text_config)
+        _inject_text_encoder_lora(components.text_encoder, text_config)
     return unet_config, text_config
+
+
+def _inject_text_encoder_lora(text_encoder: torch.nn.Module, lora_config) -> None:
+    """Add LoRA layers to the text encoder with peft itself.
+
+    transformers' own `add_adapter` demands a peft release newer than any published yet
+    (transformers 5.24 asks for peft >= 0.22), so we inject through peft and record the
+    config where transformers and diffusers look for it.
+    """
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(lora_config, text_encoder, adapter_name="default")
+    text_encoder.peft_config = {"default": lora_config}
+    text_encoder._hf_peft_config_loaded = True
 
 
 def remove_lora(components: Components) -> None:
@@ -344,19 +377,7 @@ def fit(components: Components, config: TrainConfig, job: InstanceJob, fingerpri
         if not torch.isfinite(loss):
             raise CatalogError(f"{job.key}: loss became {loss.item()} at step {step + 1}; lower the learning rate "
                                "or use mixed_precision 'no'/'bf16'")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if config.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(list(trainable.values()), config.max_grad_norm)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        optimizer_step(loss, optimizer, scaler, list(trainable.values()), config.max_grad_norm)
 
         state.step = step + 1
         state.losses.append(round(float(loss.item()), 6))
