@@ -226,6 +226,62 @@ def sweep_command(
     typer.echo(f"results: {out / 'results.parquet'}, plots in {out}")
 
 
+def _thumbnail_bar():
+    """A progress(done, total) callback drawing a tqdm bar on stderr while thumbnails are made."""
+    from tqdm import tqdm
+
+    bar = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc="thumbnails", unit="image", leave=False)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return update
+
+
+@app.command("report")
+@handles_errors
+def report_command(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (catalog generate).")],
+) -> None:
+    """Write RUN_DIR/report/index.html: summary, score plots and every candidate per SKU (opens from disk)."""
+    from catalog_gen.report import write_report
+
+    result = write_report(run_dir, progress=_thumbnail_bar())
+    typer.echo(f"report: {result.index} ({result.skus} SKUs, {result.candidates} candidates; "
+               f"thumbnails: {result.thumbs_made} made, {result.thumbs_reused} reused)")
+
+
+@app.command("review")
+@handles_errors
+def review_command(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (catalog generate).")],
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1; 0 picks a free one.")] = 8765,
+    reviewer: Annotated[Optional[str], typer.Option(help="Name recorded with each decision (default: your user name).")] = None,
+    import_file: Annotated[Optional[Path], typer.Option("--import", help="Apply decisions exported from the report page instead of serving.")] = None,
+) -> None:
+    """Review a run in the browser: approve / reject each candidate; decisions go to RUN_DIR/decisions.parquet."""
+    from catalog_gen import review
+
+    if import_file is not None:
+        result = review.import_decisions(run_dir, import_file, reviewer)
+        typer.echo(f"imported {result.applied} decision(s) into {run_dir / review.DECISIONS_PARQUET}"
+                   + (f"; {result.skipped_older} older than decisions already there were skipped" if result.skipped_older else ""))
+        return
+    server = review.serve(run_dir, port, reviewer, progress=_thumbnail_bar())
+    typer.echo(f"reviewing {run_dir}: open {server.url}  (Ctrl-C to stop; decisions are saved as you make them)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        typer.echo("stopped")
+    finally:
+        server.server_close()
+
+
 @app.command("demo")
 @handles_errors
 def demo(
@@ -233,7 +289,7 @@ def demo(
     class_key: Annotated[str, typer.Option("--class", help="Class to train in the demo.")] = "ring",
     steps: Annotated[Optional[int], typer.Option(help="Training steps per instance (recipe: 60).")] = None,
 ) -> None:
-    """Run the main job on the built-in defaults: sample data -> taxonomy -> train, tiny preset, CPU."""
+    """Run the main job on the built-in defaults: sample data -> taxonomy -> train -> generate, tiny presets, CPU."""
     from catalog_gen.demo import run_demo
 
     for line in run_demo(workdir, class_key, steps=steps):
