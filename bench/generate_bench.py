@@ -322,7 +322,6 @@ def per_image_table(result: dict, config: GenerateConfig, device: str) -> list[s
              f"warm-up, draw and floors run in turns; LoRA rank {result['lora_rank']} loaded with "
              f"load_lora_weights; CPU cores used {result['cores_used']:.2f}, 1-min load "
              f"{result['load_average'][0]:.2f}..{result['load_average'][1]:.2f})",
-             *([result["note"]] if result.get("note") else []),
              "",
              "| preset | px | device | steps | batch | draw s/img | floor s/img | draw / floor | target <= 1.10 "
              "| per-turn ratio median [quartiles] | floor, LoRA disabled s/img | text encode s/img | to PIL s/img |",
@@ -422,7 +421,7 @@ def load_generation_pipeline(config: GenerateConfig, device):
     from catalog_gen.models import load_pipeline, resolve_base_model
     from catalog_gen.sampling import make_scheduler
 
-    pipeline = load_pipeline(resolve_base_model(config.base_model)).to(device)
+    pipeline = load_pipeline(resolve_base_model(config.base_model), device, config.precision)
     pipeline.scheduler = make_scheduler(config.scheduler, pipeline.scheduler.config)
     return pipeline
 
@@ -451,7 +450,6 @@ def measure_per_image(job: dict) -> dict:
 
     config, device = GenerateConfig(**job["config"]), torch.device(job["device"])
     pipeline = load_generation_pipeline(config, device)
-    note = _unify_dtypes(pipeline)
     folder = write_random_adapter(pipeline.unet, job["lora_rank"], Path(job["workdir"]) / "per-image-adapter")
 
     def load_adapter() -> None:
@@ -485,19 +483,8 @@ def measure_per_image(job: dict) -> dict:
     # What one adapter swap costs on this model: what the per-SKU loop pays per SKU and generate() per instance.
     swap = _in_turns({"unload": pipeline.unload_lora_weights, "load": load_adapter}, 1, 3, device)
     return {"rows": rows, "dtype": str(pipeline.unet.dtype).replace("torch.", ""), "warmup": job["warmup"],
-            "repeats": job["repeats"], "lora_rank": job["lora_rank"], "note": note,
+            "repeats": job["repeats"], "lora_rank": job["lora_rank"],
             "adapter_load_s": statistics.median(swap["load"]), "adapter_unload_s": statistics.median(swap["unload"])}
-
-
-def _unify_dtypes(pipeline) -> str:
-    """Where the loaded components disagree in dtype (generate() then fails on its first draw), cast the
-    text encoder to the UNet's dtype so the timing can go on, and say so."""
-    dtypes = {name: str(getattr(pipeline, name).dtype).replace("torch.", "") for name in ("unet", "vae", "text_encoder")}
-    if len(set(dtypes.values())) == 1:
-        return ""
-    pipeline.text_encoder.to(pipeline.unet.dtype)
-    return (f"WARNING: load_pipeline() gave mixed dtypes {dtypes}, so draw() and generate() fail with a dtype "
-            f"mismatch on this model; for this measurement only the text encoder was cast to {dtypes['unet']}")
 
 
 def _in_turns(runs: dict[str, Callable], warmup: int, repeats: int, device) -> dict[str, list[float]]:

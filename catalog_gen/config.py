@@ -16,6 +16,7 @@ from catalog_gen.errors import CatalogError
 
 OPTIMIZERS = ("adamw8bit", "adamw")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+INFERENCE_PRECISION = ("auto", "fp32", "fp16", "bf16")
 ATTENTION = ("sdpa", "xformers")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 
@@ -202,6 +203,8 @@ class GenerateConfig:
     dino_model: str = "facebook/dino-vits16"
     embedder_backend: str = "torch"
     """torch or onnx (exported once, run on onnxruntime)."""
+    precision: str = "auto"
+    """Pipeline dtype: auto (fp16 on CUDA, fp32 elsewhere), fp32, fp16 or bf16."""
     min_clip_i: float = 0.70
     min_dino: float = 0.50
     min_clip_t: float = 0.20
@@ -220,6 +223,7 @@ class GenerateConfig:
 
         _choice("scheduler", self.scheduler, tuple(SCHEDULERS))
         _choice("embedder_backend", self.embedder_backend, ("torch", "onnx"))
+        _choice("precision", self.precision, INFERENCE_PRECISION)
         for name in ("resolution", "steps", "batch_size", "n_images", "calibration_ratio"):
             _positive(name, getattr(self, name))
         for name in ("max_extra", "seed", "guidance", "min_pixel_std"):

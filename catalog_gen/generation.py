@@ -198,7 +198,7 @@ def _load_context(config: GenerateConfig, request: GenerationRequest, run_dir: P
     from catalog_gen.models import load_pipeline, model_fingerprint, resolve_base_model
 
     model = resolve_base_model(config.base_model)
-    pipeline = load_pipeline(model).to(device)
+    pipeline = load_pipeline(model, device, config.precision)
     from catalog_gen.sampling import make_scheduler
 
     pipeline.scheduler = make_scheduler(config.scheduler, pipeline.scheduler.config)

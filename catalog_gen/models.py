@@ -107,23 +107,56 @@ def quiet_model_loading() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def load_pipeline(model: BaseModel, torch_dtype=None):
-    """The StableDiffusionPipeline of a resolved model, offline, safetensors only."""
+def inference_dtype(precision: str, device):
+    """The one dtype every pipeline component runs in for `precision` on `device`."""
+    import torch
+
+    device_type = torch.device(device).type
+    # auto: fp16 on a CUDA GPU (half the memory, tensor cores), fp32 elsewhere (CPUs have no fast fp16).
+    if precision == "auto":
+        return torch.float16 if device_type == "cuda" else torch.float32
+    if precision == "fp16" and device_type != "cuda":
+        raise CatalogError(f"precision 'fp16' needs a CUDA GPU; on {device_type} use 'fp32', 'bf16' or 'auto'")
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if precision not in dtypes:
+        raise CatalogError(f"precision must be one of auto, {', '.join(dtypes)}, got {precision!r}")
+    return dtypes[precision]
+
+
+def load_pipeline(model: BaseModel, device="cpu", precision: str = "auto"):
+    """The StableDiffusionPipeline of a resolved model on `device`, offline, safetensors only.
+
+    Every component is loaded in one dtype: left to the files, a model stored in fp16 (like
+    the published SD 1.5 and our sd15-shape preset) keeps an fp16 text encoder beside whatever
+    the rest becomes, and the first prompt fails with a dtype mismatch.
+    """
     from diffusers import StableDiffusionPipeline
 
     quiet_model_loading()
     pipeline = StableDiffusionPipeline.from_pretrained(
         model.path,
-        torch_dtype=torch_dtype,
+        **_dtype_argument(inference_dtype(precision, device)),
         use_safetensors=True,
         local_files_only=True,
         safety_checker=None,
         requires_safety_checker=False,
     )
     pipeline.set_progress_bar_config(disable=True)
+    pipeline = pipeline.to(device)
     for module in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
         own_aligned_memory(module)  # CPU results must not depend on how the weights sat in the file
     return pipeline
+
+
+def _dtype_argument(dtype) -> dict:
+    """diffusers renamed `torch_dtype` to `dtype` (the old name now warns on every load); the
+    releases that know the new name have `_resolve_dtype`, older ones only take the old name."""
+    try:
+        from diffusers.utils import deprecation_utils
+    except ImportError:
+        return {"torch_dtype": dtype}
+    accepts_dtype = hasattr(deprecation_utils, "_resolve_dtype")
+    return {"dtype": dtype} if accepts_dtype else {"torch_dtype": dtype}
 
 
 def own_aligned_memory(module) -> None:

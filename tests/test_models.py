@@ -36,6 +36,24 @@ def test_tiny_preset_loads_back_as_a_local_folder_and_generates(tiny_model, tmp_
     assert model_fingerprint(local) == model_fingerprint(tiny_model)
 
 
+def test_a_model_stored_in_fp16_loads_in_one_dtype_and_generates(tiny_model, tmp_path):
+    # SD 1.5 and sd15-shape are stored in fp16; on a CPU every component must come back fp32
+    # (an fp16 text encoder beside an fp32 UNet fails on the first prompt).
+    from diffusers import StableDiffusionPipeline
+
+    stored = tmp_path / "fp16-model"
+    StableDiffusionPipeline.from_pretrained(tiny_model.path, local_files_only=True).to(torch.float16).save_pretrained(
+        stored, safe_serialization=True)
+    pipeline = load_pipeline(resolve_base_model(str(stored)), "cpu")
+    assert {pipeline.unet.dtype, pipeline.vae.dtype, pipeline.text_encoder.dtype} == {torch.float32}
+    image = pipeline("photo of a ring", num_inference_steps=2, height=64, width=64,
+                     generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+    assert load_pipeline(resolve_base_model(str(stored)), "cpu", "bf16").text_encoder.dtype == torch.bfloat16
+    with pytest.raises(CatalogError, match="fp16.*needs a CUDA GPU"):
+        load_pipeline(resolve_base_model(str(stored)), "cpu", "fp16")
+
+
 def test_preset_build_is_deterministic(tmp_path, tiny_model):
     rebuilt = materialise_preset("tiny", cache_dir=tmp_path)
     for component in ("unet", "vae", "text_encoder"):
