@@ -122,7 +122,9 @@ def load_components(model: BaseModel, config: TrainConfig, device: torch.device)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if config.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
+            # transformers 5 renamed it (the old name warns); older releases know only the old one.
+            enable = getattr(text_encoder, "activation_checkpointing_enable", None) or text_encoder.gradient_checkpointing_enable
+            enable()
     return Components(model, tokenizer, text_encoder, vae, unet, noise_scheduler, device, dtype)
 
 
@@ -179,12 +181,21 @@ def tokenize(components: Components, prompts: Sequence[str]) -> torch.Tensor:
                      truncation=True, return_tensors="pt").input_ids.to(components.device)
 
 
+VAE_ENCODE_BATCH = 4
+"""Images per VAE encoder call. SD's encoder holds about 1 GB of activations per 512 px image in
+fp32, so 100 class images in one call would need the memory of a much larger GPU than a T4."""
+
+
 @torch.no_grad()
 def encode_latent_distribution(components: Components, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The VAE's posterior mean and std per image; latents are sampled from it every step."""
     vae = components.vae
-    dist = vae.encode(images.to(components.device, dtype=vae.dtype)).latent_dist
-    return dist.mean.float(), dist.std.float()
+    means, stds = [], []
+    for chunk in images.split(VAE_ENCODE_BATCH):
+        dist = vae.encode(chunk.to(components.device, dtype=vae.dtype)).latent_dist
+        means.append(dist.mean.float())
+        stds.append(dist.std.float())
+    return torch.cat(means), torch.cat(stds)
 
 
 def sample_latents(components: Components, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -310,6 +321,7 @@ def fit(components: Components, config: TrainConfig, job: InstanceJob, fingerpri
         latent_cache["photos"] = encode_latent_distribution(components, photos)
         if class_photos is not None:
             latent_cache["class"] = encode_latent_distribution(components, class_photos)
+        photos = class_photos = None  # not needed again; 100 class images at 512 px are 300 MB of pixels
 
     def latents_for(kind: str, images: torch.Tensor, picks: list[int], generator) -> torch.Tensor:
         mean, std = latent_cache[kind] if kind in latent_cache else encode_latent_distribution(components, images[picks])
@@ -355,7 +367,7 @@ def fit(components: Components, config: TrainConfig, job: InstanceJob, fingerpri
         picks = photo_positions(step, config.batch_size, len(job.photos), step_seed(config.seed, job.key, -2) % (1 << 31))
         latents = latents_for("photos", photos, picks, generator)
         text_index = [0] * len(picks)
-        if class_photos is not None:
+        if job.class_images:
             class_picks = photo_positions(step, config.batch_size, len(job.class_images), config.seed + 7)
             latents = torch.cat([latents, latents_for("class", class_photos, class_picks, generator)])
             text_index += [1] * len(class_picks)

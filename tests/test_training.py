@@ -191,10 +191,15 @@ def test_latent_cache_changes_speed_not_results(sample_catalogue, tmp_path):
 def test_text_encoder_lora_is_saved_in_both_formats_and_loads(sample_catalogue, tmp_path, tiny_model):
     from diffusers import StableDiffusionPipeline
 
+    import warnings
+
     config = tiny_config(steps=3, checkpoint_every=0, validation_images=0, train_text_encoder=True,
-                         text_encoder_lr=1e-2)
-    summary = train_class(_source(sample_catalogue), "ring", ["band"], tmp_path, config)
+                         text_encoder_lr=1e-2, gradient_checkpointing=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = train_class(_source(sample_catalogue), "ring", ["band"], tmp_path, config)
     assert summary.outcomes[0].status == "trained"
+    assert not [w for w in caught if "checkpointing" in str(w.message)], "deprecated checkpointing API used"
     info = read_adapter(tmp_path / "adapters" / "ring" / "band")
     diffusers_keys = load_file(str(info.diffusers_file)).keys()
     assert any(k.startswith("text_encoder.") for k in diffusers_keys)
