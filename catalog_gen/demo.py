@@ -7,6 +7,7 @@
        on the `tiny` preset with pipelines/tiny_demo.toml
     5. generate and gate images for the sample skus.csv -> WORKDIR/runs/demo/
        with pipelines/tiny_nightly.toml (tiny CLIP / DINO presets)
+    6. write the QA report of that run             -> WORKDIR/runs/demo/report/index.html
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from catalog_gen.report_text import (
 )
 from catalog_gen.sample_data import write_sample_catalogue
 from catalog_gen.models import load_tokenizer, resolve_base_model
+from catalog_gen.report import write_report
 from catalog_gen.workflow import PhotoSource, assign_photos, prepare_instances, train_class
 
 DEMO_RECIPE = "tiny_demo"
@@ -60,4 +62,9 @@ def run_demo(workdir: Path, class_key: str = "ring", steps: int | None = None) -
     request = GenerationRequest(catalogue.skus_csv, workdir, workdir / "runs" / "demo",
                                 templates=read_recipe(DEMO_NIGHTLY, "templates"))
     yield from indent(generation_summary_lines(generate(request, generate_config)), "   ")
+
+    yield "6. QA report"
+    report = write_report(request.run_dir)
+    yield f"   {report.skus} SKUs, {report.candidates} candidates -> {report.index}"
     yield f"done: adapters in {workdir / 'adapters' / class_key}, images in {request.run_dir / 'images'}"
+    yield f"review: open {report.index} in a browser, or run `catalog review {request.run_dir}` to approve / reject"

@@ -277,6 +277,12 @@ def test_demo_runs_end_to_end_on_a_few_steps(tmp_path, tiny_model, one_torch_thr
     manifest = workdir / "runs" / "demo" / "manifest.parquet"
     assert manifest.is_file() and "5. nightly generation" in result.stdout
     assert "sheet rows rejected (rejects.csv)" in result.stdout
+    report = workdir / "runs" / "demo" / "report" / "index.html"
+    assert report.is_file() and f"-> {report}" in result.stdout and "catalog review" in result.stdout
+    import polars as pl
+
+    skus_in_run = pl.read_parquet(manifest)["sku"].n_unique()
+    assert skus_in_run > 0 and report.read_text().count('<article class="card"') == skus_in_run
 
 
 @pytest.fixture
