@@ -25,9 +25,11 @@ import numpy as np
 from catalog_gen import metrics
 from catalog_gen.adapters import AdapterInfo, adapter_folder, read_adapter
 from catalog_gen.checkpoints import list_checkpoints
-from catalog_gen.config import _choice, _positive, check_field_types
+from catalog_gen.config import INFERENCE_PRECISION, _choice, _positive, check_field_types
 from catalog_gen.errors import CatalogError
 from catalog_gen.storage import atomic_path, atomic_write_text
+
+EXTRACTORS = ("dino", "clip", "inception")  # KID / FID features; "inception" is the FID Inception-v3
 
 # metric -> True when higher is better
 METRICS = {"kid_photos": False, "fid_photos": False, "kid_base": True, "fid_base": True,
@@ -47,10 +49,15 @@ class EvalConfig:
     steps: int = 25
     guidance: float = 7.5
     batch_size: int = 4
+    precision: str = "auto"
+    """Pipeline dtype: auto (fp16 on CUDA, fp32 elsewhere), fp32, fp16 or bf16."""
     extractor: str = "dino"
-    """Features for KID / FID: dino or clip."""
+    """Features for KID / FID: dino, clip or inception (the FID Inception-v3; needs its weights file)."""
     clip_model: str = "openai/clip-vit-base-patch32"
     dino_model: str = "facebook/dino-vits16"
+    inception_weights: str = ""
+    """The FID Inception-v3 weights file (.pth state dict or .safetensors); empty: $CATALOG_GEN_INCEPTION_WEIGHTS,
+    then $TORCH_HOME/hub/checkpoints/pt_inception-2015-12-05-6726825d.pth. Never downloaded."""
     kid_subsets: int = 100
     kid_subset_size: int = 1000
     select_by: str = "kid_photos"
@@ -65,7 +72,8 @@ class EvalConfig:
         if not self.prompts or not all(isinstance(p, str) and p.strip() for p in self.prompts):
             raise CatalogError(f"eval prompts must be non-empty text templates, got {self.prompts!r}")
         _choice("scheduler", self.scheduler, tuple(SCHEDULERS))
-        _choice("extractor", self.extractor, ("dino", "clip"))
+        _choice("precision", self.precision, INFERENCE_PRECISION)
+        _choice("extractor", self.extractor, EXTRACTORS)
         _choice("select_by", self.select_by, tuple(METRICS))
         for name in ("images_per_prompt", "steps", "batch_size", "kid_subsets", "kid_subset_size"):
             _positive(name, getattr(self, name))
@@ -76,12 +84,14 @@ class EvalConfig:
 
 @dataclass
 class EvalModels:
-    """Loaded once per run: the base pipeline and the two embedders."""
+    """Loaded once per run: the base pipeline, the two embedders and the KID / FID extractor
+    (one of the two, or the FID Inception-v3)."""
 
     pipeline: Any
     clip: Any
     dino: Any
     references: Any
+    extractor: Any
 
 
 def load_eval_models(base_model: str, config: EvalConfig, workdir: Path, device="cpu") -> EvalModels:
@@ -89,7 +99,12 @@ def load_eval_models(base_model: str, config: EvalConfig, workdir: Path, device=
     from catalog_gen.models import load_pipeline, resolve_base_model
     from catalog_gen.sampling import make_scheduler
 
-    pipeline = load_pipeline(resolve_base_model(base_model)).to(device)
+    inception = None
+    if config.extractor == "inception":  # first: a missing weights file is reported before the long loads
+        from catalog_gen.inception import load_fid_inception
+
+        inception = load_fid_inception(config.inception_weights, device=str(device))
+    pipeline = load_pipeline(resolve_base_model(base_model), device, config.precision)
     pipeline.scheduler = make_scheduler(config.scheduler, pipeline.scheduler.config)
     clip = embedders.load_clip(config.clip_model, device=str(device))
     dino = embedders.load_dino(config.dino_model, device=str(device))
@@ -97,8 +112,11 @@ def load_eval_models(base_model: str, config: EvalConfig, workdir: Path, device=
     # point: uint8 rounding after a bicubic resize shifts KID / FID (clean-fid's finding).
     for embedder in (clip, dino):
         embedder.transform = dataclasses.replace(embedder.transform, float_resize=True)
+    # (The Inception's own transform resizes the same way, to 299 px.)
+    extractor = {"dino": dino, "clip": clip}.get(config.extractor, inception)
     # Reference embeddings made this way are cached apart from the gates' ones.
-    return EvalModels(pipeline, clip, dino, embedders.ReferenceEmbeddings(Path(workdir) / "embeddings" / "float-resize"))
+    references = embedders.ReferenceEmbeddings(Path(workdir) / "embeddings" / "float-resize")
+    return EvalModels(pipeline, clip, dino, references, extractor)
 
 
 def eval_prompts(config: EvalConfig, adapter: AdapterInfo, noun: str, instance_name: str) -> tuple[list[str], list[int]]:
@@ -138,7 +156,10 @@ def score_images(models: EvalModels, config: EvalConfig, images, photo_features,
     """KID / FID against the photos and the base model's images, and the three DreamBooth scores."""
     clip = models.clip.embed_images(images).numpy()
     dino = models.dino.embed_images(images).numpy()
-    features = dino if config.extractor == "dino" else clip
+    if config.extractor == "inception":
+        features = models.extractor.embed_images(images).numpy()
+    else:  # CLIP or DINO: computed just above
+        features = dino if config.extractor == "dino" else clip
     size = min(config.kid_subset_size, len(features), len(photo_features), len(base_features))
     with_photos = metrics.kid(photo_features, features, subsets=config.kid_subsets, subset_size=size)
     with_base = metrics.kid(base_features, features, subsets=config.kid_subsets, subset_size=size)
@@ -170,7 +191,7 @@ def evaluate_instance(models: EvalModels, config: EvalConfig, workdir: Path, cla
     photos = adapter.photo_paths
     reference_clip = models.references.get(models.clip, key, photos).numpy()
     reference_dino = models.references.get(models.dino, key, photos).numpy()
-    photo_features = reference_dino if config.extractor == "dino" else reference_clip
+    photo_features = models.references.get(models.extractor, key, photos).numpy()  # cached: no recompute for CLIP/DINO
     text = models.clip.embed_texts([use_prompt_noun(p, adapter.token, class_spec.noun) for p in prompts]).numpy()
 
     def render():
@@ -178,7 +199,7 @@ def evaluate_instance(models: EvalModels, config: EvalConfig, workdir: Path, cla
                     guidance=config.guidance, batch_size=config.batch_size)
 
     base_images = render()  # the base model, same prompts and seeds
-    base_features = (models.dino if config.extractor == "dino" else models.clip).embed_images(base_images).numpy()
+    base_features = models.extractor.embed_images(base_images).numpy()
     rows = []
     for step, folder in checkpoints:
         with tempfile.TemporaryDirectory() as scratch:
@@ -195,6 +216,7 @@ def evaluate_instance(models: EvalModels, config: EvalConfig, workdir: Path, cla
             scores = score_images(models, config, images, photo_features, base_features, text,
                                   reference_clip, reference_dino)
         rows.append({"class": class_spec.key, "instance": instance_key, "step": step, "extractor": config.extractor,
+                     "extractor_model": models.extractor.name,
                      "n_generated": len(images), "n_photos": len(photos), **scores})
     return rows
 
@@ -212,8 +234,12 @@ def best_checkpoints(rows: Sequence[dict], metric: str) -> dict[str, dict]:
 
 def summary_markdown(rows: Sequence[dict], config: EvalConfig, title: str) -> str:
     columns = ["instance", "step", *METRICS]
+    # The extractor's model (for inception: the weights file and its hash) and the resize are named:
+    # scores made with another of either are not comparable.
+    extractor_models = ", ".join(sorted({str(row["extractor_model"]) for row in rows}))
     lines = [f"# {title}", "",
-             f"Extractor for KID/FID: **{config.extractor}** ({config.dino_model if config.extractor == 'dino' else config.clip_model}); "
+             f"Extractor for KID/FID: **{config.extractor}** ({extractor_models}), images resized bicubic in "
+             "floating point; "
              f"{len(config.prompts)} prompts x {config.images_per_prompt} seeds, {config.scheduler} {config.steps} steps.",
              "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in sorted(rows, key=lambda r: (r["instance"], r["step"])):

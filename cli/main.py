@@ -182,14 +182,17 @@ def eval_command(
     workdir: Workdir = Path("catalog-work"),
     class_map: ClassMapOpt = "jewelry",
     recipe: Annotated[Optional[str], typer.Option(help="TOML recipe with an [eval] section (pipelines/eval.toml).")] = None,
-    extractor: Annotated[Optional[str], typer.Option(help="KID/FID features: dino | clip")] = None,
+    extractor: Annotated[Optional[str], typer.Option(help="KID/FID features: dino | clip | inception (FID Inception-v3)")] = None,
+    inception_weights: Annotated[Optional[Path], typer.Option("--inception-weights", help="The FID Inception-v3 weights file (pt_inception-2015-12-05-6726825d.pth); never downloaded.")] = None,
     select_by: Annotated[Optional[str], typer.Option("--select-by", help="Metric that names the best checkpoint.")] = None,
 ) -> None:
     """KID / FID / CLIP-I / DINO / CLIP-T for every saved checkpoint of a class's adapters."""
     from catalog_gen.config import build_config, read_recipe
     from catalog_gen.evaluation import EvalConfig, run_eval
 
-    config = build_config(EvalConfig, read_recipe(recipe, "eval"), dict(extractor=extractor, select_by=select_by),
+    overrides = dict(extractor=extractor, select_by=select_by,
+                     inception_weights=str(inception_weights) if inception_weights else None)
+    config = build_config(EvalConfig, read_recipe(recipe, "eval"), overrides,
                           origin=f"recipe {recipe}" if recipe else "options")
     out = run_eval(workdir, class_key, instance or [], config, class_map)
     typer.echo((out / "summary.md").read_text())

@@ -331,3 +331,26 @@ def test_generate_bad_setting_is_refused_before_running(fake_generate, tmp_path)
     result = runner.invoke(app, ["generate", "--skus", str(tmp_path / "s.csv"), "--scheduler", "heun9"])
     assert result.exit_code == EXIT_BAD_INPUT and "scheduler" in result.output
     assert fake_generate == []
+
+
+def test_eval_passes_the_inception_extractor_and_weights_file(monkeypatch, tmp_path):
+    from catalog_gen import evaluation
+
+    seen = []
+
+    def fake_run_eval(workdir, class_key, instances, config, class_map):
+        seen.append(config)
+        out = tmp_path / "out"
+        out.mkdir(exist_ok=True)
+        (out / "summary.md").write_text("summary")
+        return out
+
+    monkeypatch.setattr(evaluation, "run_eval", fake_run_eval)
+    weights = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    result = runner.invoke(app, ["eval", "--class", "ring", "--workdir", str(tmp_path / "work"),
+                                 "--extractor", "inception", "--inception-weights", str(weights)])
+    assert result.exit_code == 0, result.output
+    assert seen[0].extractor == "inception" and seen[0].inception_weights == str(weights)
+
+    result = runner.invoke(app, ["eval", "--class", "ring", "--extractor", "resnet"])
+    assert result.exit_code == 2 and "extractor" in result.stderr and "inception" in result.stderr
