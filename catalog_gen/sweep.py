@@ -137,11 +137,34 @@ def _claim(sweep_dir: Path, grid, train: TrainConfig, evaluation: EvalConfig, cl
                                       "class": class_key, "instance": instance_key}, default=str))
     marker = sweep_dir / "sweep.json"
     if marker.is_file():
-        if json.loads(marker.read_text()) != settings:
-            raise CatalogError(f"sweep '{sweep_dir.name}' exists with a different grid or settings; "
-                               "choose another --name")
+        defaults = json.loads(json.dumps({"train": TrainConfig().to_dict(), "eval": EvalConfig().to_dict()},
+                                         default=str))
+        changed = changed_settings(json.loads(marker.read_text()), settings, defaults)
+        if changed:
+            raise CatalogError(f"sweep '{sweep_dir.name}' exists with a different grid or settings "
+                               f"({', '.join(changed)}); choose another --name")
         return
     atomic_write_json(marker, settings)
+
+
+def changed_settings(saved: Mapping[str, Any], current: Mapping[str, Any], defaults: Mapping[str, Any]) -> list[str]:
+    """The settings in which a sweep's saved claim and this run differ, as 'section.name'.
+
+    A setting the saved claim lacks counts as unchanged when this run leaves it at its default:
+    a newer catalog-gen that adds a setting must still resume the sweeps of the older one.
+    """
+    changed = []
+    for section in sorted(set(saved) | set(current)):
+        old, new = saved.get(section), current.get(section)
+        if isinstance(old, dict) and isinstance(new, dict) and section in defaults:
+            for name in sorted(set(old) | set(new)):
+                if name not in old and new.get(name) == defaults[section].get(name):
+                    continue
+                if old.get(name) != new.get(name):
+                    changed.append(f"{section}.{name}")
+        elif old != new:
+            changed.append(section)
+    return changed
 
 
 def _tabulate(sweep_dir: Path, points: Sequence[dict], select_by: str) -> None:

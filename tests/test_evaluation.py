@@ -106,3 +106,17 @@ def test_eval_resize_keeps_floating_point_values():
     as_float = dataclasses.replace(transform, float_resize=True)(Image.fromarray(edge))
     assert float(as_uint8.max()) == 1.0 and float(as_uint8.min()) == 0.0
     assert float(as_float.max()) > 1.0 and float(as_float.min()) < 0.0
+
+
+def test_sweep_claims_compare_setting_by_setting():
+    from catalog_gen.sweep import changed_settings
+
+    defaults = {"train": {"steps": 200, "rank": 4}, "eval": {"precision": "auto", "steps": 25}}
+    saved = {"grid": {"steps": [6]}, "train": {"steps": 200, "rank": 4}, "eval": {"steps": 25}, "class": "ring"}
+    # A setting added after the sweep started, left at its default: the sweep resumes.
+    same = {**saved, "eval": {"steps": 25, "precision": "auto"}}
+    assert changed_settings(saved, same, defaults) == []
+    # ... but not when it is set to something else, and every difference is named.
+    other = {**saved, "grid": {"steps": [6, 12]}, "train": {"steps": 200, "rank": 8},
+             "eval": {"steps": 25, "precision": "bf16"}}
+    assert changed_settings(saved, other, defaults) == ["eval.precision", "grid", "train.rank"]
