@@ -15,7 +15,7 @@ import dataclasses
 import json
 import shutil
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -120,7 +120,7 @@ def generate(request: GenerationRequest, config: GenerateConfig, *, progress: Ca
         # 4. The base pipeline and the embedders, loaded once.
         context = _load_context(config, request, run_dir, folder_of, state.device)
         context.seed_offset = redo_round * REDO_SEED_STRIDE
-        # 5. One adapter in at a time, every SKU of its instance, adapter out.
+        # 5. One adapter in at a time; its SKUs' candidates share UNet batches; adapter out.
         for (class_key, instance_key), group_rows in groups:
             _run_instance(context, class_map.get_class(class_key), instance_key, group_rows, request, summary,
                           progress, stop_after_skus)
@@ -208,93 +208,266 @@ def _load_context(config: GenerateConfig, request: GenerationRequest, run_dir: P
     return _Context(config, run_dir, pipeline, clip, dino, references, model_fingerprint(model), folder_of)
 
 
+# Where one SKU stands, and which candidates the next shared batch draws: pure, unit-tested on its own.
+
+@dataclass(frozen=True)
+class SkuState:
+    """What the planner knows of one SKU; every candidate drawn so far has been scored."""
+
+    sku: str
+    prompt: str
+    run_seed: int
+    k: int
+    """Images wanted (and kept at most) for the SKU."""
+    budget: int
+    """k + M: the most candidates the SKU may draw."""
+    drawn: int = 0
+    passed: int = 0
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One candidate in a shared batch."""
+
+    sku: str
+    candidate: int
+    seed: int
+    prompt: str
+
+
+def candidates_wanted(state: SkuState) -> int:
+    """How many more candidates a SKU draws now: its first k whatever the gates say, then one extra per
+    missing pass (so the SKU stops at its first k passes), never beyond k + M."""
+    missing = state.k - state.drawn if state.drawn < state.k else state.k - state.passed
+    return max(0, min(missing, state.budget - state.drawn))
+
+
+def plan_batch(states: Sequence[SkuState], batch_size: int) -> list[Slot]:
+    """The next batch: SKUs in order, each with as many of its wanted candidates as still fit.
+
+    A SKU whose candidates are split over batches draws the same ones as drawn all at once:
+    candidates_wanted is re-asked only after the earlier ones are scored, and it never asks for
+    more than the passes still missing."""
+    slots: list[Slot] = []
+    for state in states:
+        count = min(candidates_wanted(state), batch_size - len(slots))
+        slots += [Slot(state.sku, index, skus.candidate_seed(state.sku, index, state.run_seed), state.prompt)
+                  for index in range(state.drawn, state.drawn + count)]
+    return slots
+
+
+@dataclass(frozen=True)
+class _Instance:
+    """What every SKU of one instance shares: the adapter (loaded), its template, references and thresholds."""
+
+    class_spec: object
+    adapter: object
+    template: str
+    thresholds: gates.Thresholds
+    reference_clip: np.ndarray
+    reference_dino: np.ndarray
+
+
+@dataclass
+class _SkuRun:
+    """One SKU in flight: its prompts, and the candidates drawn and scored so far (images held until written)."""
+
+    row: skus.SkuRow
+    prompt: str
+    scoring_prompt: str
+    text_embedding: np.ndarray
+    state: SkuState
+    records: list[dict] = field(default_factory=list)
+
+    def add(self, records: list[dict]) -> None:
+        self.records += records
+        self.state = dataclasses.replace(self.state, drawn=len(self.records),
+                                         passed=sum(record["verdict"].passed for record in self.records))
+
+
 def _run_instance(context: _Context, class_spec, instance_key: str, rows: Sequence[skus.SkuRow],
                   request: GenerationRequest, summary: GenerationSummary, progress, stop_after_skus) -> None:
-    from catalog_gen.lora_files import DIFFUSERS_WEIGHTS_NAME
-
     key = f"{class_spec.key}/{instance_key}"
     try:
-        adapter = read_adapter(adapter_folder(request.workdir, class_spec.key, instance_key))
-        photos = adapter.photo_paths
-        reference_clip = context.references.get(context.clip, key, photos).numpy()
-        reference_dino = context.references.get(context.dino, key, photos).numpy()
-        thresholds = gates.base_thresholds(context.config)
-        if context.config.calibrate:
-            thresholds = gates.calibrate(thresholds, reference_clip, reference_dino, context.config.calibration_ratio)
-        context.pipeline.load_lora_weights(str(adapter.folder), weight_name=DIFFUSERS_WEIGHTS_NAME,
-                                           adapter_name="sku_adapter")
+        instance = _load_instance(context, class_spec, instance_key, request)
     except Exception as error:  # a bad adapter fails its SKUs, never the run
         for row in rows:
             _record_error(context, row, f"adapter {key}: {error}", summary)
         return
     try:
-        template = request.templates.get(class_spec.key, context.config.template)
-        for row in rows:
-            try:
-                _run_sku(context, row, adapter, class_spec, template, thresholds, reference_clip, reference_dino,
-                         summary)
-            except Exception as error:  # one failing SKU is recorded and the night goes on
-                _record_error(context, row, str(error) or type(error).__name__, summary)
-            if progress is not None:
-                progress(summary)
-            if stop_after_skus is not None and summary.skus_done >= stop_after_skus:
-                raise InterruptedError(f"stopped after {summary.skus_done} SKUs as asked")  # tests simulate a crash
+        _run_skus(context, instance, rows, summary, lambda: _sku_done(summary, progress, stop_after_skus))
     finally:
         # Adapter out, peft layers and all: the next instance starts from the pure base model.
         context.pipeline.unload_lora_weights()
 
 
-def _run_sku(context: _Context, row: skus.SkuRow, adapter, class_spec, template: str, thresholds,
-             reference_clip, reference_dino, summary: GenerationSummary) -> None:
-    config = context.config
-    instance_spec = class_spec.instances[row.instance_key]
-    variables = {**row.variables, "token": adapter.token, "instance": instance_spec.name, "noun": class_spec.noun,
-                 "instance_prompt": adapter.record["instance_prompt"]}
-    prompt = skus.render_prompt(template, variables)
+def _load_instance(context: _Context, class_spec, instance_key: str, request: GenerationRequest) -> _Instance:
+    from catalog_gen.lora_files import DIFFUSERS_WEIGHTS_NAME
+
+    adapter = read_adapter(adapter_folder(request.workdir, class_spec.key, instance_key))
+    key = f"{class_spec.key}/{instance_key}"
+    reference_clip = context.references.get(context.clip, key, adapter.photo_paths).numpy()
+    reference_dino = context.references.get(context.dino, key, adapter.photo_paths).numpy()
+    thresholds = gates.base_thresholds(context.config)
+    if context.config.calibrate:
+        thresholds = gates.calibrate(thresholds, reference_clip, reference_dino, context.config.calibration_ratio)
+    context.pipeline.load_lora_weights(str(adapter.folder), weight_name=DIFFUSERS_WEIGHTS_NAME,
+                                       adapter_name="sku_adapter")
+    template = request.templates.get(class_spec.key, context.config.template)
+    return _Instance(class_spec, adapter, template, thresholds, reference_clip, reference_dino)
+
+
+def _sku_done(summary: GenerationSummary, progress, stop_after_skus) -> None:
+    if progress is not None:
+        progress(summary)
+    if stop_after_skus is not None and summary.skus_done >= stop_after_skus:
+        raise InterruptedError(f"stopped after {summary.skus_done} SKUs as asked")  # tests simulate a crash
+
+
+def _run_skus(context: _Context, instance: _Instance, rows: Sequence[skus.SkuRow], summary: GenerationSummary,
+              sku_done: Callable[[], None]) -> None:
+    """Every SKU of one instance, the candidates of several SKUs sharing each UNet batch.
+
+    A SKU joins only while the next batch has room, so at most batch_size SKUs are in flight; each
+    is written (PNGs, then its part) as soon as it wants no more candidates: a crash loses only those."""
+    batch_size = context.config.batch_size
+    waiting, active = deque(rows), []
+    while True:
+        # 1. SKUs join in sheet order while the next batch would not be full.
+        while waiting and len(plan_batch([run.state for run in active], batch_size)) < batch_size:
+            row = waiting.popleft()
+            try:
+                active.append(_start_sku(context, instance, row))
+            except Exception as error:  # e.g. its prompt: this SKU fails, the others go on
+                _record_error(context, row, _message(error), summary)
+                sku_done()
+        # 2. The next batch (every active SKU wants at least one candidate: empty means all done).
+        slots = plan_batch([run.state for run in active], batch_size)
+        if not slots:
+            return
+        # 3. Draw and score it as one; a SKU at fault fails alone.
+        runs = {run.row.sku: run for run in active}
+        records, errors = _draw_and_score(context, instance, runs, slots)
+        for sku, candidates in records.items():
+            runs[sku].add(candidates)
+        # 4. SKUs that failed or want no more are written now; the rest go on with the next batch.
+        done = {run.row.sku for run in active if run.row.sku in errors or candidates_wanted(run.state) == 0}
+        finished = [run for run in active if run.row.sku in done]
+        active = [run for run in active if run.row.sku not in done]
+        for run in finished:
+            error = errors.get(run.row.sku)
+            if error is None:
+                try:
+                    _finish_sku(context, instance, run, summary)
+                except Exception as failure:  # e.g. a PNG it cannot write: this SKU fails, the night goes on
+                    error = _message(failure)
+            if error is not None:
+                _record_error(context, run.row, error, summary)
+            sku_done()
+
+
+def _start_sku(context: _Context, instance: _Instance, row: skus.SkuRow) -> _SkuRun:
+    config, class_spec, adapter = context.config, instance.class_spec, instance.adapter
+    variables = {**row.variables, "token": adapter.token, "instance": class_spec.instances[row.instance_key].name,
+                 "noun": class_spec.noun, "instance_prompt": adapter.record["instance_prompt"]}
+    prompt = skus.render_prompt(instance.template, variables)
     scoring_prompt = use_prompt_noun(prompt, adapter.token, class_spec.noun)
-    text_embedding = context.clip.embed_texts([scoring_prompt]).numpy()
     k = row.n_images or config.n_images
-    budget = k + config.max_extra
-    records: list[dict] = []
-    verdicts: list[tuple[int, gates.Scores, gates.Verdict]] = []
-    index = 0
-    # Draw k, then more (new seeds) only while fewer than k have passed, up to M extra.
-    while index < budget:
-        passed = sum(v.passed for _, _, v in verdicts)
-        if passed >= k:
-            break
-        wanted = min(k - passed if index >= k else k, budget - index)
-        batch = list(range(index, index + wanted))
-        run_seed = (row.seed if row.seed is not None else config.seed) + context.seed_offset
-        seeds = [skus.candidate_seed(row.sku, i, run_seed) for i in batch]
-        t0 = time.perf_counter()
-        images = _draw(context, [prompt] * len(batch), seeds)
-        gen_seconds = (time.perf_counter() - t0) / len(batch)
-        t0 = time.perf_counter()
-        scored = _score(context, images, text_embedding, reference_clip, reference_dino)
-        score_seconds = (time.perf_counter() - t0) / len(batch)
-        for i, seed, image, scores in zip(batch, seeds, images, scored):
-            verdict = gates.decide(scores, thresholds)
-            verdicts.append((i, scores, verdict))
-            records.append(dict(candidate=i, seed=seed, image=image, scores=scores, verdict=verdict,
-                                gen_seconds=gen_seconds, score_seconds=score_seconds))
-        index += len(batch)
-    kept = gates.choose_kept(verdicts, k)
+    run_seed = (row.seed if row.seed is not None else config.seed) + context.seed_offset
+    return _SkuRun(row, prompt, scoring_prompt, context.clip.embed_texts([scoring_prompt]).numpy(),
+                   SkuState(row.sku, prompt, run_seed, k, k + config.max_extra))
+
+
+def _draw_and_score(context: _Context, instance: _Instance, runs: Mapping[str, _SkuRun],
+                    slots: Sequence[Slot]) -> tuple[dict[str, list[dict]], dict[str, str]]:
+    """The slots' candidates by SKU (seed, image, scores, verdict, timings), and the SKUs that failed, with why."""
+    slots_of: dict[str, list[Slot]] = defaultdict(list)
+    for slot in slots:
+        slots_of[slot.sku].append(slot)
+    # 1. One draw for the whole batch: a candidate depends only on its prompt and seed, not on its batch.
+    started = time.perf_counter()
+    images_of, errors = _shared_or_each(slots_of, lambda parts: _draw_parts(context, parts))
+    gen_seconds = (time.perf_counter() - started) / len(slots)
+    # 2. One embedding pass per embedder for what was drawn; CLIP-T against each SKU's own prompt.
+    started = time.perf_counter()
+    scores_of, score_errors = _shared_or_each(images_of, lambda parts: _score_parts(context, instance, runs, parts))
+    score_seconds = (time.perf_counter() - started) / max(1, sum(map(len, images_of.values())))
+    records = {sku: [dict(candidate=slot.candidate, seed=slot.seed, image=image, scores=scores,
+                          verdict=gates.decide(scores, instance.thresholds), gen_seconds=gen_seconds,
+                          score_seconds=score_seconds)
+                     for slot, image, scores in zip(slots_of[sku], images_of[sku], scores_of[sku])]
+               for sku in scores_of}
+    return records, {**errors, **score_errors}
+
+
+def _shared_or_each(parts: Mapping[str, list], work: Callable[[Mapping[str, list]], dict]) -> tuple[dict, dict]:
+    """work(parts) for all SKUs at once; if that raises, work on each SKU alone, so that only the SKUs
+    at fault fail. Returns (results by SKU, error message by SKU)."""
+    if not parts:  # every SKU of the batch failed an earlier step
+        return {}, {}
+    try:
+        return work(parts), {}
+    except Exception as error:
+        if len(parts) == 1:
+            return {}, {sku: _message(error) for sku in parts}
+    results, errors = {}, {}
+    for sku, part in parts.items():
+        try:
+            results.update(work({sku: part}))
+        except Exception as error:
+            errors[sku] = _message(error)
+    return results, errors
+
+
+def _split_like(items: Sequence, parts: Mapping[str, list]) -> dict[str, list]:
+    """items, one per element of parts' lists in order, cut back into the same parts."""
+    if len(items) != sum(map(len, parts.values())):
+        raise CatalogError(f"expected {sum(map(len, parts.values()))} results, got {len(items)}")
+    out, start = {}, 0
+    for sku, part in parts.items():
+        out[sku], start = items[start:start + len(part)], start + len(part)
+    return out
+
+
+def _draw_parts(context: _Context, slots_of: Mapping[str, list[Slot]]) -> dict[str, list]:
+    slots = [slot for part in slots_of.values() for slot in part]
+    return _split_like(_draw(context, [slot.prompt for slot in slots], [slot.seed for slot in slots]), slots_of)
+
+
+def _score_parts(context: _Context, instance: _Instance, runs: Mapping[str, _SkuRun],
+                 images_of: Mapping[str, list]) -> dict[str, list[gates.Scores]]:
+    images = [image for part in images_of.values() for image in part]
+    clip_of = _split_like(context.clip.embed_images(images).numpy(), images_of)
+    dino_of = _split_like(context.dino.embed_images(images).numpy(), images_of)
+    return {sku: _gate_scores(part, clip_of[sku], dino_of[sku], runs[sku].text_embedding, instance.reference_clip,
+                              instance.reference_dino)
+            for sku, part in images_of.items()}
+
+
+def _finish_sku(context: _Context, instance: _Instance, run: _SkuRun, summary: GenerationSummary) -> None:
+    """The SKU's kept choice, its PNGs, then its manifest part (the commit marker: written last)."""
+    row, records = run.row, run.records
+    verdicts = [(record["candidate"], record["scores"], record["verdict"]) for record in records]
+    kept = gates.choose_kept(verdicts, run.state.k)
     folder = context.folder_of[row.sku]
     rows_out = []
     for record in records:
         path = Path("images") / folder / f"{record['candidate']}.png"
         scores, verdict = record["scores"], record["verdict"]
-        _save_png(context, context.run_dir / path, record["image"], row, adapter, prompt, record["seed"], scores,
-                  verdict)
-        rows_out.append(_manifest_row(row, prompt, scoring_prompt, record, path, record["candidate"] in kept,
-                                      thresholds))
+        _save_png(context, context.run_dir / path, record["image"], row, instance.adapter, run.prompt, record["seed"],
+                  scores, verdict)
+        rows_out.append(_manifest_row(row, run.prompt, run.scoring_prompt, record, path, record["candidate"] in kept,
+                                      instance.thresholds))
         summary.failed_by_gate.update(verdict.failed_gates)
     _write_part(context, folder, rows_out)
     summary.skus_done += 1
     summary.candidates += len(records)
-    summary.passed += sum(v.passed for _, _, v in verdicts)
+    summary.passed += run.state.passed
     summary.kept += len(kept)
+
+
+def _message(error: Exception) -> str:
+    return str(error) or type(error).__name__
 
 
 def _draw(context: _Context, prompts, seeds):
@@ -307,10 +480,17 @@ def _draw(context: _Context, prompts, seeds):
 
 
 def _score(context: _Context, images, text_embedding, reference_clip, reference_dino) -> list[gates.Scores]:
-    from catalog_gen.metrics import pairwise_cosine
-
+    """One SKU's images scored on their own (bench/generate_bench.py's per-SKU loop scores with it)."""
     clip = context.clip.embed_images(images).numpy()
     dino = context.dino.embed_images(images).numpy()
+    return _gate_scores(images, clip, dino, text_embedding, reference_clip, reference_dino)
+
+
+def _gate_scores(images, clip: np.ndarray, dino: np.ndarray, text_embedding: np.ndarray, reference_clip: np.ndarray,
+                 reference_dino: np.ndarray) -> list[gates.Scores]:
+    """The gates' numbers for each image, from its CLIP and DINO embeddings and its prompt's text embedding."""
+    from catalog_gen.metrics import pairwise_cosine
+
     clip_to_refs = pairwise_cosine(clip, reference_clip)
     dino_to_refs = pairwise_cosine(dino, reference_dino)
     clip_t = pairwise_cosine(clip, text_embedding)[:, 0]
