@@ -39,8 +39,8 @@ from catalog_gen import bpe
 from catalog_gen.errors import CatalogError
 # The base-model rules, shared: which files are pickles, the per-file hash memo, what a hub id looks like.
 from catalog_gen.models import _PICKLE_SUFFIXES, _cached_file_hash, _looks_like_hub_id
-from catalog_gen.presets import cache_root
-from catalog_gen.storage import atomic_directory, atomic_write_json, sha256_file
+from catalog_gen.presets import cache_root, save_transformers_model
+from catalog_gen.storage import atomic_write_json, build_once, sha256_file
 
 # Bump when a preset's architecture or recipe changes, so old cache folders are not reused.
 EMBEDDER_PRESET_FORMAT = 1
@@ -145,20 +145,24 @@ def export_onnx(modules: dict[str, torch.nn.Module], examples: dict[str, torch.T
     folder = onnx_folder(fingerprint)
     marker = folder / "catalog_gen_onnx.json"
     expected = {"format": ONNX_FORMAT, "parts": sorted(modules)}
-    if marker.is_file() and json.loads(marker.read_text()) == expected:
-        return folder
-    # The exporter logs a warning per torchvision op it cannot register; torchvision is not used here.
-    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    with atomic_directory(folder) as staging, warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch-internal deprecations, nothing to act on
-        for part, module in modules.items():
-            module = module.to("cpu").eval()
-            name = "pixel_values" if part == "image" else "input_ids"
-            torch.onnx.export(module, (examples[part],), staging / f"{part}.onnx", dynamo=True, verbose=False,
-                              input_names=[name], output_names=["embeddings"],
-                              dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
-        atomic_write_json(staging / marker.name, expected)
-    return folder
+
+    def complete(path: Path) -> bool:
+        return (path / marker.name).is_file() and json.loads((path / marker.name).read_text()) == expected
+
+    def export(staging: Path) -> None:
+        # The exporter logs a warning per torchvision op it cannot register; torchvision is not used here.
+        logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch-internal deprecations, nothing to act on
+            for part, module in modules.items():
+                module = module.to("cpu").eval()
+                name = "pixel_values" if part == "image" else "input_ids"
+                torch.onnx.export(module, (examples[part],), staging / f"{part}.onnx", dynamo=True, verbose=False,
+                                  input_names=[name], output_names=["embeddings"],
+                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+            atomic_write_json(staging / marker.name, expected)
+
+    return build_once(folder, complete, export)
 
 
 # ---------------------------------------------------------------- built-in presets
@@ -176,14 +180,13 @@ def materialise_embedder_preset(name: str, cache_dir: Path | None = None) -> Pat
     if preset is None:
         raise CatalogError(f"unknown embedder preset '{name}'; built-in: {', '.join(EMBEDDER_PRESETS)}")
     folder = (cache_dir or cache_root()) / "presets" / f"{name}-v{EMBEDDER_PRESET_FORMAT}"
-    if (folder / _COMPLETE_MARKER).is_file():
-        return folder
-    # Built under a temporary name and renamed: an interrupted build is never mistaken for a preset.
-    quiet_transformers()
-    with atomic_directory(folder) as staging:
+
+    def build(staging: Path) -> None:
+        quiet_transformers()
         preset.build(staging)
         atomic_write_json(staging / _COMPLETE_MARKER, {"preset": name, "format": EMBEDDER_PRESET_FORMAT})
-    return folder
+
+    return build_once(folder, lambda path: (path / _COMPLETE_MARKER).is_file(), build)
 
 
 def quiet_transformers() -> None:
@@ -237,7 +240,7 @@ def _build_tiny_clip(out_dir: Path) -> None:
     torch.manual_seed(0)
     model = CLIPModel(CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=32))
     # 3. An ordinary HF folder: safetensors, config.json, preprocessor_config.json, tokenizer files.
-    model.save_pretrained(out_dir, safe_serialization=True)
+    save_transformers_model(model, out_dir)
     _write_json(out_dir / "preprocessor_config.json",
                 _preprocessor_config("CLIPImageProcessor", CLIP_MEAN, CLIP_STD))
     for source in sorted((out_dir / "_tokenizer_build").iterdir()):
@@ -253,7 +256,7 @@ def _build_tiny_dino(out_dir: Path) -> None:
     torch.manual_seed(1)
     # No pooler: facebook/dino-vits16's pooler is randomly initialised and never used.
     model = ViTModel(config, add_pooling_layer=False)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    save_transformers_model(model, out_dir)
     _write_json(out_dir / "preprocessor_config.json",
                 _preprocessor_config("ViTImageProcessor", IMAGENET_MEAN, IMAGENET_STD))
 

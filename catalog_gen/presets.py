@@ -22,7 +22,7 @@ import torch
 
 from catalog_gen import bpe
 from catalog_gen.errors import CatalogError
-from catalog_gen.storage import atomic_directory, atomic_write_json
+from catalog_gen.storage import atomic_write_json, build_once
 
 # Bump when a preset's architecture or recipe changes, so old cache folders are not reused.
 PRESET_FORMAT = 1
@@ -60,13 +60,27 @@ def materialise_preset(name: str, cache_dir: Path | None = None) -> Path:
     if preset is None:
         raise CatalogError(f"unknown preset '{name}'; built-in presets: {', '.join(PRESETS)}")
     folder = (cache_dir or cache_root()) / "presets" / f"{name}-v{PRESET_FORMAT}"
-    if (folder / _COMPLETE_MARKER).is_file():
-        return folder
-    # Built under a temporary name and renamed: an interrupted build is never mistaken for a preset.
-    with atomic_directory(folder) as staging:
+
+    def build(staging: Path) -> None:
         preset.build(staging)
         atomic_write_json(staging / _COMPLETE_MARKER, {"preset": name, "format": PRESET_FORMAT})
-    return folder
+
+    return build_once(folder, lambda path: (path / _COMPLETE_MARKER).is_file(), build)
+
+
+def save_transformers_model(model, folder: Path) -> None:
+    """config.json and model.safetensors of a transformers model, written by whichever process calls.
+
+    transformers 5's save_pretrained writes no weights on a process other than rank 0 once
+    torch.distributed is up (as under accelerate launch), and a preset is built by whichever
+    process asks first: that left a preset with a completion marker and no model in it.
+    """
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(folder)
+    weights = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
 
 
 def _save_pipeline(out_dir: Path, unet, vae, text_encoder, tokenizer_dir: Path, dtype: torch.dtype) -> None:
@@ -87,6 +101,7 @@ def _save_pipeline(out_dir: Path, unet, vae, text_encoder, tokenizer_dir: Path, 
         requires_safety_checker=False,
     )
     pipeline.save_pretrained(out_dir, safe_serialization=True)
+    save_transformers_model(text_encoder, out_dir / "text_encoder")  # see save_transformers_model
     # Ship the tokenizer as SD 1.5 does (vocab.json + merges.txt), not only transformers' tokenizer.json.
     for source in tokenizer_dir.iterdir():
         shutil.copyfile(source, out_dir / "tokenizer" / source.name)

@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 from urllib.parse import unquote, urlsplit
 
 from catalog_gen.errors import CatalogError
-from catalog_gen.storage import atomic_path, is_inside
+from catalog_gen.storage import atomic_path, exclusive_lock, is_inside
 
 DECISIONS_PARQUET = "decisions.parquet"
 DECISIONS_CSV = "decisions.csv"
@@ -197,17 +196,9 @@ def export_payload(rows: Sequence[Mapping[str, Any]], run: str) -> dict:
 
 # ---------------------------------------------------------------- files: lock, read, write
 
-@contextmanager
-def decisions_lock(run_dir: Path) -> Iterator[None]:
+def decisions_lock(run_dir: Path):
     """An exclusive lock over the decisions of one run, across threads, processes and servers."""
-    import fcntl
-
-    fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # per open file: two threads of one process exclude each other too
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock; the lock file stays (deleting it would race)
+    return exclusive_lock(Path(run_dir) / LOCK_FILE)
 
 
 def load_decisions(run_dir: Path):

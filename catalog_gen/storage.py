@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 _HASH_CHUNK = 1 << 20
 
@@ -81,6 +81,43 @@ def atomic_directory(path: Path) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def exclusive_lock(lock_file: Path) -> Iterator[None]:
+    """An exclusive lock held while the block runs, across threads, processes and servers.
+
+    The lock file is created if missing and never deleted: deleting it would let a process
+    that opened the old file and one that created a new one both hold "the" lock.
+    """
+    import fcntl
+
+    Path(lock_file).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # per open file: two threads of one process exclude each other too
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def build_once(folder: Path, is_complete: Callable[[Path], bool], build: Callable[[Path], None]) -> Path:
+    """`folder`, built by `build(staging)` unless `is_complete(folder)` says a finished one is there.
+
+    Several processes may ask at once (accelerate launch, two terminals): one builds while the
+    others wait, then find it complete. Without the lock the second builder's swap removed the
+    folder for a moment while the first was already reading it.
+    """
+    folder = Path(folder)
+    if is_complete(folder):
+        return folder
+    with exclusive_lock(folder.with_name(f".{folder.name}.lock")):
+        if is_complete(folder):  # built by another process while this one waited
+            return folder
+        # Built under a temporary name and renamed: an interrupted build is never mistaken for a finished one.
+        with atomic_directory(folder) as staging:
+            build(staging)
+    return folder
 
 
 def sha256_file(path: Path) -> str:

@@ -129,6 +129,7 @@ def run_sweep(source, class_key: str, instance_key: str, workdir: Path, name: st
     # 3. One table and a plot per axis, from every finished point.
     if state.is_main_process:
         _tabulate(sweep_dir, points, evaluation.select_by)
+    state.wait_for_everyone()  # every process returns only once the table it may read exists
     return sweep_dir
 
 

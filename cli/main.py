@@ -225,6 +225,10 @@ def sweep_command(
     axes = parse_grid_option(grid) if grid else read_recipe(recipe, "sweep")
     out = run_sweep(PhotoSource(photos, products, class_map), class_key, instance, workdir, name, axes,
                     train_config, eval_config, progress=progress_bar_factory(None))
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under accelerate launch one process prints the table
+        return
     typer.echo((out / "results.md").read_text())
     typer.echo(f"results: {out / 'results.parquet'}, plots in {out}")
 

@@ -115,3 +115,38 @@ def test_two_processes_split_the_instances_and_match_one_process(sample_catalogu
         different = [key for key in a if not torch.equal(a[key], b[key])]
         assert not different, f"ring/{instance}: {len(different)} tensors differ, e.g. {different[0]}: " \
             f"max |diff| {(a[different[0]] - b[different[0]]).abs().max().item():.3g}"
+
+
+def test_two_processes_share_a_sweep_and_match_one_process(sample_catalogue, tiny_model, tmp_path, one_torch_thread):
+    import json
+
+    import polars as pl
+
+    from catalog_gen.evaluation import EvalConfig
+    from catalog_gen.sweep import run_sweep
+
+    grid = "steps=4,8"
+    command = [
+        str(BIN / "accelerate"), "launch",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+        "-m", "catalog_gen.cli.main", "sweep", "--class", "ring", "--instance", "band", "--name", "two",
+        "--photos", str(sample_catalogue.photos_dir), "--products", str(sample_catalogue.products_csv),
+        "--workdir", str(tmp_path / "two"), "--recipe", "tiny_sweep", "--grid", grid,
+    ]
+    result = subprocess.run(command, env=subprocess_env(tmp_path), capture_output=True, text=True, timeout=600,
+                            cwd=tmp_path)
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr[-4000:]}"
+    two = pl.read_parquet(tmp_path / "two" / "sweeps" / "two" / "results.parquet").sort("axis_steps")
+    assert two["axis_steps"].to_list() == [4, 8]
+    points = sorted((tmp_path / "two" / "sweeps" / "two" / "points").glob("*/result.json"))
+    assert [json.loads(p.read_text())["point"]["steps"] for p in points] != [] and len(points) == 2
+
+    # One process, same grid: the same adapters and so the same scores (each point is seeded on its own).
+    train = build_config(TrainConfig, read_recipe("tiny_sweep", "train"), {})
+    evaluation = build_config(EvalConfig, read_recipe("tiny_sweep", "eval"), {})
+    source = PhotoSource(photos_dir=sample_catalogue.photos_dir, products_csv=sample_catalogue.products_csv)
+    out = run_sweep(source, "ring", "band", tmp_path / "one", "one", {"steps": [4, 8]}, train, evaluation)
+    one = pl.read_parquet(out / "results.parquet").sort("axis_steps")
+    for metric in ("kid_photos", "clip_i", "dino", "clip_t"):
+        assert one[metric].to_list() == pytest.approx(two[metric].to_list(), rel=1e-5, abs=1e-7), metric

@@ -1,0 +1,54 @@
+"""Files that must be whole or absent, and folders that several processes may ask to build at once."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from pathlib import Path
+
+from catalog_gen.storage import build_once
+
+
+def _slow_build(staging: Path, log: Path) -> None:
+    with open(log, "a") as handle:  # O_APPEND: one line per build, whichever process made it
+        handle.write(f"{os.getpid()}\n")
+    time.sleep(0.5)  # long enough that the other process arrives while this one builds
+    (staging / "weights.bin").write_bytes(b"x" * 1000)
+    (staging / "done.json").write_text("{}")
+
+
+def _ask(folder: Path, log: Path, results) -> None:
+    path = build_once(folder, lambda p: (p / "done.json").is_file(), lambda staging: _slow_build(staging, log))
+    results.put((path / "weights.bin").read_bytes() == b"x" * 1000)
+
+
+def test_two_processes_asking_at_once_build_the_folder_once(tmp_path):
+    folder, log = tmp_path / "cache" / "preset-v1", tmp_path / "builds.log"
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    workers = [context.Process(target=_ask, args=(folder, log, results)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+    assert [worker.exitcode for worker in workers] == [0, 0]
+    assert [results.get(timeout=5), results.get(timeout=5)] == [True, True], "a process read a missing folder"
+    assert len(log.read_text().splitlines()) == 1, "built twice"
+    assert not [p for p in folder.parent.iterdir() if p.name.endswith(".partial")]
+
+
+def test_an_interrupted_build_leaves_nothing_that_looks_finished(tmp_path):
+    folder = tmp_path / "preset-v1"
+
+    def broken(staging: Path) -> None:
+        (staging / "weights.bin").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    try:
+        build_once(folder, lambda p: (p / "done.json").is_file(), broken)
+    except KeyboardInterrupt:
+        pass
+    assert not folder.exists() and not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+    built = build_once(folder, lambda p: (p / "done.json").is_file(), lambda s: (s / "done.json").write_text("{}"))
+    assert (built / "done.json").is_file()
