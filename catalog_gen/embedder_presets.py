@@ -186,7 +186,9 @@ def materialise_embedder_preset(name: str, cache_dir: Path | None = None) -> Pat
         preset.build(staging)
         atomic_write_json(staging / _COMPLETE_MARKER, {"preset": name, "format": EMBEDDER_PRESET_FORMAT})
 
-    return build_once(folder, lambda path: (path / _COMPLETE_MARKER).is_file(), build)
+    # The weights are checked too: a build made off rank 0 by an earlier release has the marker and no model.
+    return build_once(folder, lambda path: (path / _COMPLETE_MARKER).is_file() and (path / "config.json").is_file()
+                      and any(path.glob("*.safetensors")), build)
 
 
 def quiet_transformers() -> None:

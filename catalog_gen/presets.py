@@ -65,7 +65,13 @@ def materialise_preset(name: str, cache_dir: Path | None = None) -> Path:
         preset.build(staging)
         atomic_write_json(staging / _COMPLETE_MARKER, {"preset": name, "format": PRESET_FORMAT})
 
-    return build_once(folder, lambda path: (path / _COMPLETE_MARKER).is_file(), build)
+    return build_once(folder, _is_complete_pipeline, build)
+
+
+def _is_complete_pipeline(folder: Path) -> bool:
+    # The weights are checked too: a build made off rank 0 by an earlier release has the marker and no text encoder.
+    return (folder / _COMPLETE_MARKER).is_file() and all(
+        any((folder / component).glob("*.safetensors")) for component in ("unet", "vae", "text_encoder"))
 
 
 def save_transformers_model(model, folder: Path) -> None:

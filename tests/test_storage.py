@@ -52,3 +52,15 @@ def test_an_interrupted_build_leaves_nothing_that_looks_finished(tmp_path):
     assert not folder.exists() and not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
     built = build_once(folder, lambda p: (p / "done.json").is_file(), lambda s: (s / "done.json").write_text("{}"))
     assert (built / "done.json").is_file()
+
+
+def test_a_preset_missing_its_weights_is_built_again(tmp_path):
+    # What transformers 5 left behind when a preset was built off rank 0: the marker, no model.
+    from catalog_gen.embedder_presets import materialise_embedder_preset
+
+    folder = materialise_embedder_preset("tiny-dino", cache_dir=tmp_path)
+    weights = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").unlink()
+    (folder / "config.json").unlink()
+    assert materialise_embedder_preset("tiny-dino", cache_dir=tmp_path) == folder
+    assert (folder / "model.safetensors").read_bytes() == weights
