@@ -48,7 +48,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
 
-from bench.common import pick_device, run_main
+from bench.common import pick_device, run_main, run_worker_process
 from catalog_gen.config import GenerateConfig, TrainConfig, build_config, read_recipe
 from catalog_gen.errors import CatalogError
 from catalog_gen.storage import atomic_write_json
@@ -63,7 +63,6 @@ PROMPT = "photo of a sks band ring in gold, front view, on white marble"
 SCORING_IMAGES = 64
 QUIET_LOAD = 0.5  # 1-minute load average under which the machine counts as quiet
 QUIET_BUSY_CORES = 0.25  # or: cores busy over a 10 s window while this bench sat idle
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------- command line
@@ -211,20 +210,10 @@ def sku_sheet(instances, per_instance: int) -> str:
 
 
 def run_child(kind: str, argv: list[str], job_file: Path, workdir: Path, index: int) -> dict:
-    result_file = workdir / f"result-{kind}-{index}.json"
-    log_file = workdir / f"{kind}-{index}.log"
     print(f"[{kind}] starting a fresh process ...", flush=True)
-    command = [sys.executable, "-m", "bench.generate_bench", *argv, "--worker", kind, "--job", str(job_file),
-               "--result", str(result_file)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    if json.loads(job_file.read_text())["device"] == "cpu":
-        env["ACCELERATE_USE_CPU"] = "1"  # generate() picks its device through accelerate
-    with open(log_file, "w") as log:
-        finished = subprocess.run(command, cwd=REPO_ROOT, env=env, stderr=log)
-    if finished.returncode != 0 or not result_file.is_file():
-        tail = log_file.read_text()[-4000:]
-        raise CatalogError(f"the '{kind}' measurement failed (exit {finished.returncode}):\n{tail}")
-    result = json.loads(result_file.read_text())
+    # generate() picks its device through accelerate
+    cpu = {"ACCELERATE_USE_CPU": "1"} if json.loads(job_file.read_text())["device"] == "cpu" else {}
+    result = run_worker_process("bench.generate_bench", kind, argv, job_file, workdir, str(index), cpu)
     others = _other_benchmarks()
     if others:  # started while this one ran: a quiet start proves nothing then
         result["warning"] = (f"WARNING: [{kind}] train_bench (pids {' '.join(others)}) was running when this "

@@ -31,14 +31,13 @@ import platform
 import resource
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
-from bench.common import pick_device, run_main
+from bench.common import pick_device, run_main, run_worker_process
 from catalog_gen.config import TrainConfig
 from catalog_gen.errors import CatalogError
 from catalog_gen.storage import atomic_write_json
@@ -48,7 +47,6 @@ TARGET_OVERHEAD = 1.15
 TARGET_SPEEDUP = 2.0
 CUDA_GOAL_GB = 8.0  # T4 / 16 GB goal of the issue, in GB (10^9 bytes)
 BENCH_CLASS = "ring"  # the sample catalogue's class whose first instance is trained
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------- command line
@@ -190,19 +188,8 @@ def prepare_job(model, config: TrainConfig, workdir: Path) -> dict:
 
 
 def run_child(kind: str, argv: list[str], job_file: Path, workdir: Path, round_index: int) -> dict:
-    result_file = workdir / f"result-{kind}-{round_index}.json"
-    log_file = workdir / f"{kind}-{round_index}.log"
     print(f"[{kind}] round {round_index + 1}: starting a fresh process ...", flush=True)
-    command = [sys.executable, "-m", "bench.train_bench", *argv, "--worker", kind, "--job", str(job_file),
-               "--result", str(result_file)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    # Progress lines go to stdout (shown live); library warnings to a log shown only on failure.
-    with open(log_file, "w") as log:
-        finished = subprocess.run(command, cwd=REPO_ROOT, env=env, stderr=log)
-    if finished.returncode != 0 or not result_file.is_file():
-        tail = log_file.read_text()[-4000:]
-        raise CatalogError(f"the '{kind}' measurement failed (exit {finished.returncode}):\n{tail}")
-    return json.loads(result_file.read_text())
+    return run_worker_process("bench.train_bench", kind, argv, job_file, workdir, str(round_index))
 
 
 def environment(device: str) -> str:
