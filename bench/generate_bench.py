@@ -513,7 +513,8 @@ def floor_inputs(pipeline, config: GenerateConfig, prompts: list[str], seeds: li
 
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
     latents = torch.stack([
-        torch.randn((pipeline.unet.config.in_channels, config.resolution // 8, config.resolution // 8), generator=g)
+        torch.randn((pipeline.unet.config.in_channels, config.resolution // pipeline.vae_scale_factor,
+                     config.resolution // pipeline.vae_scale_factor), generator=g)
         for g in generators]).to(pipeline.device, dtype=pipeline.unet.dtype)
     text = encode_text(pipeline, prompts, config.negative_prompt or None)
     pipeline.scheduler.set_timesteps(config.steps, device=pipeline.device)

@@ -4,10 +4,13 @@
     2. assign its photos to class / instance sets  (title rules of class_maps/jewelry.toml)
     3. intake every instance and pick rare tokens  -> WORKDIR/datasets/, WORKDIR/tokens.json
     4. train one LoRA per instance of one class    -> WORKDIR/adapters/<class>/<instance>/
-       on the `tiny` preset with pipelines/tiny_demo.toml
+       on the pretrained toy world (`toy`) with pipelines/toy_demo.toml
     5. generate and gate images for the sample skus.csv -> WORKDIR/runs/demo/
-       with pipelines/tiny_nightly.toml (tiny CLIP / DINO presets)
+       with pipelines/toy_nightly.toml (toy CLIP / DINO; base-model images beside the candidates)
     6. write the QA report of that run             -> WORKDIR/runs/demo/report/index.html
+
+The toy world is a small model the project pretrained on its own procedural jewelry drawings, so the
+demo shows real learning on a CPU; it is not Stable Diffusion (catalog_gen/toy/MODEL_CARD.md).
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ from catalog_gen.models import load_tokenizer, resolve_base_model
 from catalog_gen.report import write_report
 from catalog_gen.workflow import PhotoSource, assign_photos, prepare_instances, train_class
 
-DEMO_RECIPE = "tiny_demo"
-DEMO_NIGHTLY = "tiny_nightly"
+DEMO_RECIPE = "toy_demo"
+DEMO_NIGHTLY = "toy_nightly"
 
 
 def run_demo(workdir: Path, class_key: str = "ring", steps: int | None = None) -> Iterator[str]:
@@ -52,7 +55,8 @@ def run_demo(workdir: Path, class_key: str = "ring", steps: int | None = None) -
                    f"{len(item.photos)} photos kept, {len(item.refused)} refused")
             yield from (f"      refused {Path(name).name}: {reason}" for name, reason in item.refused)
 
-    yield f"4. train class '{class_key}' on the tiny preset ({config.steps} steps per instance)"
+    yield (f"4. train class '{class_key}' on the toy world ({config.steps} steps per instance; "
+           "a small pretrained model, not Stable Diffusion)")
     summary = train_class(source, class_key, [], workdir, config, resume=True,
                           progress=progress_bar_factory(config.steps))
     yield from indent(train_summary_lines(summary), "   ")

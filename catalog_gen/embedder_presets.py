@@ -172,6 +172,8 @@ class EmbedderPreset:
     name: str
     description: str
     build: Callable[[Path], None]
+    version: Callable[[], str] | None = None
+    """A tag of what the build copies (the toy world's weight hashes), so new weights get a new folder."""
 
 
 def materialise_embedder_preset(name: str, cache_dir: Path | None = None) -> Path:
@@ -179,7 +181,8 @@ def materialise_embedder_preset(name: str, cache_dir: Path | None = None) -> Pat
     preset = EMBEDDER_PRESETS.get(name)
     if preset is None:
         raise CatalogError(f"unknown embedder preset '{name}'; built-in: {', '.join(EMBEDDER_PRESETS)}")
-    folder = (cache_dir or cache_root()) / "presets" / f"{name}-v{EMBEDDER_PRESET_FORMAT}"
+    tag = f"-{preset.version()}" if preset.version else ""
+    folder = (cache_dir or cache_root()) / "presets" / f"{name}-v{EMBEDDER_PRESET_FORMAT}{tag}"
 
     def build(staging: Path) -> None:
         quiet_transformers()
@@ -199,15 +202,15 @@ def quiet_transformers() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def _preprocessor_config(processor: str, mean, std) -> dict:
+def preprocessor_config(processor: str, mean, std, image_size: int = _IMAGE_SIZE) -> dict:
     # The keys transformers' image processors write, so the folder also loads there (with torchvision).
     return {
         "image_processor_type": processor,
         "do_resize": True,
-        "size": {"shortest_edge": _IMAGE_SIZE},
+        "size": {"shortest_edge": image_size},
         "resample": 3,  # PIL.Image.BICUBIC
         "do_center_crop": True,
-        "crop_size": {"height": _IMAGE_SIZE, "width": _IMAGE_SIZE},
+        "crop_size": {"height": image_size, "width": image_size},
         "do_rescale": True,
         "rescale_factor": 1 / 255,
         "do_normalize": True,
@@ -244,7 +247,7 @@ def _build_tiny_clip(out_dir: Path) -> None:
     # 3. An ordinary HF folder: safetensors, config.json, preprocessor_config.json, tokenizer files.
     save_transformers_model(model, out_dir)
     _write_json(out_dir / "preprocessor_config.json",
-                _preprocessor_config("CLIPImageProcessor", CLIP_MEAN, CLIP_STD))
+                preprocessor_config("CLIPImageProcessor", CLIP_MEAN, CLIP_STD))
     for source in sorted((out_dir / "_tokenizer_build").iterdir()):
         shutil.copyfile(source, out_dir / source.name)
     shutil.rmtree(out_dir / "_tokenizer_build")
@@ -260,10 +263,30 @@ def _build_tiny_dino(out_dir: Path) -> None:
     model = ViTModel(config, add_pooling_layer=False)
     save_transformers_model(model, out_dir)
     _write_json(out_dir / "preprocessor_config.json",
-                _preprocessor_config("ViTImageProcessor", IMAGENET_MEAN, IMAGENET_STD))
+                preprocessor_config("ViTImageProcessor", IMAGENET_MEAN, IMAGENET_STD))
+
+
+def _toy_world(folder: str) -> Callable[[Path], None]:
+    def build(out_dir: Path) -> None:
+        from catalog_gen.toy import shipped
+
+        shipped.copy_checked(folder, out_dir)
+    return build
+
+
+def _toy_world_tag() -> str:
+    from catalog_gen.toy import shipped
+
+    return shipped.weights_digest()
 
 
 EMBEDDER_PRESETS: dict[str, EmbedderPreset] = {
+    "toy-clip": EmbedderPreset("toy-clip", "the toy world's CLIP (64 px), trained contrastively on the toy jewelry "
+                               "world (NOT openai CLIP; catalog_gen/toy/MODEL_CARD.md)", _toy_world("toy-clip"),
+                               _toy_world_tag),
+    "toy-dino": EmbedderPreset("toy-dino", "the toy world's DINO-layout ViT (64 px), self-supervised on the toy "
+                               "world (NOT facebook/dino; catalog_gen/toy/MODEL_CARD.md)", _toy_world("toy-dino"),
+                               _toy_world_tag),
     "tiny-clip": EmbedderPreset("tiny-clip", "tiny random CLIP (32 px, BPE tokenizer) for tests and demos",
                                 _build_tiny_clip),
     "tiny-dino": EmbedderPreset("tiny-dino", "tiny random DINO-style ViT (32 px) for tests and demos",

@@ -29,7 +29,7 @@ PRESET_FORMAT = 1
 _COMPLETE_MARKER = "catalog_gen_preset.json"
 
 # Stable Diffusion's noise schedule (scaled-linear betas); both presets share it.
-_SD_SCHEDULER = dict(
+SD_SCHEDULER = dict(
     num_train_timesteps=1000,
     beta_start=0.00085,
     beta_end=0.012,
@@ -46,6 +46,8 @@ class Preset:
     description: str
     resolution: int
     build: Callable[[Path], None]
+    version: Callable[[], str] | None = None
+    """A tag of what the build copies (the toy world's weight hashes), so new weights get a new folder."""
 
 
 def cache_root() -> Path:
@@ -59,7 +61,8 @@ def materialise_preset(name: str, cache_dir: Path | None = None) -> Path:
     preset = PRESETS.get(name)
     if preset is None:
         raise CatalogError(f"unknown preset '{name}'; built-in presets: {', '.join(PRESETS)}")
-    folder = (cache_dir or cache_root()) / "presets" / f"{name}-v{PRESET_FORMAT}"
+    tag = f"-{preset.version()}" if preset.version else ""
+    folder = (cache_dir or cache_root()) / "presets" / f"{name}-v{PRESET_FORMAT}{tag}"
 
     def build(staging: Path) -> None:
         preset.build(staging)
@@ -89,7 +92,7 @@ def save_transformers_model(model, folder: Path) -> None:
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
 
 
-def _save_pipeline(out_dir: Path, unet, vae, text_encoder, tokenizer_dir: Path, dtype: torch.dtype) -> None:
+def save_pipeline(out_dir: Path, unet, vae, text_encoder, tokenizer_dir: Path, dtype: torch.dtype) -> None:
     from diffusers import DDPMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
@@ -101,7 +104,7 @@ def _save_pipeline(out_dir: Path, unet, vae, text_encoder, tokenizer_dir: Path, 
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=DDPMScheduler(**_SD_SCHEDULER),
+        scheduler=DDPMScheduler(**SD_SCHEDULER),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -157,7 +160,7 @@ def _build(out_dir: Path, spec: dict) -> None:
                         up_block_types=("UpDecoderBlock2D",) * 4, **spec["vae"])
     torch.manual_seed(2)
     unet = UNet2DConditionModel(in_channels=4, out_channels=4, **spec["unet"])
-    _save_pipeline(out_dir, unet, vae, text_encoder, tokenizer_dir, spec["dtype"])
+    save_pipeline(out_dir, unet, vae, text_encoder, tokenizer_dir, spec["dtype"])
     shutil.rmtree(tokenizer_dir, ignore_errors=True)
 
 
@@ -167,7 +170,21 @@ def _special_token_ids(tokenizer) -> dict[str, int]:
                 pad_token_id=tokenizer.pad_token_id)
 
 
+def _copy_toy_world(out_dir: Path) -> None:
+    from catalog_gen.toy import shipped
+
+    shipped.copy_checked("toy-sd", out_dir)
+
+
+def _toy_world_tag() -> str:
+    from catalog_gen.toy import shipped
+
+    return shipped.weights_digest()
+
+
 PRESETS: dict[str, Preset] = {
+    "toy": Preset("toy", "the pretrained toy world: a small SD that draws jewelry, 64 px (NOT Stable Diffusion; "
+                  "catalog_gen/toy/MODEL_CARD.md)", 64, _copy_toy_world, _toy_world_tag),
     "tiny": Preset("tiny", "tiny SD-style model, 64 px, trains on a CPU (demo and tests)", 64,
                    lambda out_dir: _build(out_dir, _TINY)),
     "sd15-shape": Preset(

@@ -56,12 +56,13 @@ def draw(pipeline, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, 
     if len(prompts) != len(seeds):
         raise CatalogError(f"draw: {len(prompts)} prompts but {len(seeds)} seeds")
     images = []
+    latent_side = resolution // pipeline.vae_scale_factor  # SD: 8x; the toy world's VAE: 4x
     for start in range(0, len(prompts), batch_size):
         chunk = slice(start, start + batch_size)
         generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds[chunk]]
         # Latents drawn on the CPU from per-image generators: identical on any device and batch size.
         latents = torch.stack([
-            torch.randn((pipeline.unet.config.in_channels, resolution // 8, resolution // 8), generator=g)
+            torch.randn((pipeline.unet.config.in_channels, latent_side, latent_side), generator=g)
             for g in generators
         ]).to(pipeline.device, dtype=pipeline.unet.dtype)
         result = pipeline(

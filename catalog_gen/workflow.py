@@ -112,6 +112,11 @@ def assign_catalogue_tokens(workdir: Path, class_map: taxonomy.ClassMap, tokeniz
     return assigned
 
 
+def checkpoint_folder(workdir: Path, class_key: str, instance_key: str) -> Path:
+    """WORKDIR/checkpoints/<class>/<instance>/: an instance's resumable checkpoints."""
+    return Path(workdir) / "checkpoints" / class_key / instance_key
+
+
 def prepare_instances(source: PhotoSource, class_key: str, instance_keys: Sequence[str], workdir: Path,
                       resolution: int, tokenizer, min_photos: int | None = None) -> tuple[list[PreparedInstance], list]:
     """Steps 2-4 of training: assign photos, run intake per instance, pick tokens."""
@@ -242,7 +247,7 @@ def train_class(source: PhotoSource, class_key: str, instance_keys: Sequence[str
         job = training.InstanceJob(
             class_key, item.instance_key, item.token,
             class_spec.instance_prompt_for(item.instance_key, item.token), class_spec.class_prompt,
-            item.photos, workdir / "checkpoints" / class_key / item.instance_key, class_images)
+            item.photos, checkpoint_folder(workdir, class_key, item.instance_key), class_images)
         fingerprint = training.training_fingerprint(config, job, base_fingerprint, item.photo_hashes)
         folder = adapter_folder(workdir, class_key, item.instance_key)
         if force:

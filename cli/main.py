@@ -136,6 +136,7 @@ def generate(
     steps: Annotated[Optional[int], typer.Option(help="Inference steps.")] = None,
     n_images: Annotated[Optional[int], typer.Option("--n-images", help="Images kept per SKU (k).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Run seed.")] = None,
+    base_images: Annotated[Optional[int], typer.Option("--base-images", help="Per SKU, also draw this many images with the base model alone (same prompts and seeds as the first candidates) for the report.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Redo the whole run folder.")] = False,
     redo_rejected: Annotated[Optional[Path], typer.Option("--redo-rejected", help="Reviewed earlier run: regenerate only its rejected SKUs, with new seeds.")] = None,
 ) -> None:
@@ -147,7 +148,7 @@ def generate(
     from catalog_gen.report_text import generation_progress, generation_summary_lines
 
     config = build_config(GenerateConfig, read_recipe(recipe, "generate"), dict(
-        base_model=base_model, scheduler=scheduler, steps=steps, n_images=n_images, seed=seed,
+        base_model=base_model, scheduler=scheduler, steps=steps, n_images=n_images, seed=seed, base_images=base_images,
     ), origin=f"recipe {recipe}" if recipe else "options")
     redo = f"-redo-{redo_rejected.name}" if redo_rejected else ""
     folder = run_dir or workdir / "runs" / f"{skus.stem}-{time.strftime('%Y%m%d')}{redo}"
@@ -294,9 +295,10 @@ def review_command(
 def demo(
     workdir: Annotated[Path, typer.Option("--workdir", "-w", help="Where the demo writes everything.")] = Path("catalog-demo"),
     class_key: Annotated[str, typer.Option("--class", help="Class to train in the demo.")] = "ring",
-    steps: Annotated[Optional[int], typer.Option(help="Training steps per instance (recipe: 60).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Training steps per instance (recipe toy_demo: 300).")] = None,
 ) -> None:
-    """Run the main job on the built-in defaults: sample data -> taxonomy -> train -> generate, tiny presets, CPU."""
+    """Run the main job on the built-in defaults: sample data -> taxonomy -> train -> generate -> report, on the
+    pretrained toy world (a small jewelry model, not Stable Diffusion), CPU, a few minutes."""
     from catalog_gen.demo import run_demo
 
     for line in run_demo(workdir, class_key, steps=steps):
