@@ -28,7 +28,7 @@ TEXT_WIDTH = 128
 UNET = dict(
     sample_size=RESOLUTION // 4,
     layers_per_block=1,
-    block_out_channels=(48, 96, 128),
+    block_out_channels=(32, 64, 96),
     # Attention only at the two coarser levels (8 x 8 and 4 x 4): at 16 x 16 it costs most and adds least.
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
