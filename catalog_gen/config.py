@@ -38,7 +38,9 @@ class TrainConfig:
     batch_size: int = 1
     """Instance images per step (class images are added on top with prior preservation)."""
     lora_rank: int = 4
-    lora_alpha: float = 4.0
+    lora_alpha: float | None = None
+    """LoRA scale numerator (the update is scaled by alpha / rank). Unset, it follows lora_rank (scale 1),
+    so changing the rank changes the rank alone; set it to keep one alpha across ranks."""
     lora_dropout: float = 0.0
     train_text_encoder: bool = False
     """Also put LoRA on the text encoder (then text embeddings cannot be cached)."""
@@ -82,8 +84,10 @@ class TrainConfig:
         _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         for name in ("resolution", "steps", "batch_size", "lora_rank", "class_image_steps", "validation_steps"):
             _positive(name, getattr(self, name))
-        for name in ("learning_rate", "text_encoder_lr", "lora_alpha", "prior_loss_weight"):
+        for name in ("learning_rate", "text_encoder_lr", "prior_loss_weight"):
             _positive(name, getattr(self, name))
+        if self.lora_alpha is not None:
+            _positive("lora_alpha", self.lora_alpha)
         for name in ("warmup_steps", "checkpoint_every", "keep_checkpoints", "validation_images", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise CatalogError(f"{name} must be >= 0, got {getattr(self, name)!r}")
@@ -100,6 +104,11 @@ class TrainConfig:
         if self.min_photos is not None and self.min_photos < 1:
             raise CatalogError(f"min_photos must be >= 1, got {self.min_photos}")
 
+    @property
+    def resolved_lora_alpha(self) -> float:
+        """The alpha every LoRA file and adapter.json record: lora_alpha, or lora_rank when it is unset."""
+        return float(self.lora_rank if self.lora_alpha is None else self.lora_alpha)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -111,10 +120,11 @@ def check_field_types(config) -> None:
         default = field.default
         if value is None or default is dataclasses.MISSING:
             continue
-        expected = int if default is None else type(default)
-        if default is None:  # Optional[int] fields
+        optional_float = default is None and str(field.type).startswith("float")
+        expected = (float if optional_float else int) if default is None else type(default)
+        if default is None and not optional_float:  # Optional[int] fields
             ok = isinstance(value, int) and not isinstance(value, bool)
-        elif expected is float:
+        elif expected is float:  # float fields, Optional[float] ones included
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         elif expected is int:
             ok = isinstance(value, int) and not isinstance(value, bool)
@@ -216,6 +226,9 @@ class GenerateConfig:
     """A candidate this close (DINO) to one training photo is a near copy and fails."""
     min_pixel_std: float = 4.0
     """Images whose pixel standard deviation (0-255) is below this are blank / near-uniform."""
+    base_images: int = 0
+    """Per SKU, draw this many images from the base model alone (no adapter) with the same prompts and seeds
+    as its first candidates, for comparison in the report (0: none)."""
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -226,7 +239,7 @@ class GenerateConfig:
         _choice("precision", self.precision, INFERENCE_PRECISION)
         for name in ("resolution", "steps", "batch_size", "n_images", "calibration_ratio"):
             _positive(name, getattr(self, name))
-        for name in ("max_extra", "seed", "guidance", "min_pixel_std"):
+        for name in ("max_extra", "seed", "guidance", "min_pixel_std", "base_images"):
             if getattr(self, name) < 0:
                 raise CatalogError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.resolution % 8:

@@ -4,6 +4,9 @@ RUN_DIR layout:
     run.json                     the resolved settings (a rerun must match them)
     rejects.csv                  sheet rows refused, with line numbers and reasons
     images/<safe sku>/<n>.png    every candidate, generation parameters in PNG text chunks
+    base/<safe sku>/<n>.png      with base_images > 0: the base model alone (no adapter) drawn with
+                                 candidate n's prompt and seed, for the report; not scored, not in
+                                 the manifest, and not redrawn on a rerun
     parts/<safe sku>.parquet     one finished SKU's manifest rows (written last: the SKU's
                                  commit marker, so a crash redoes only unfinished SKUs)
     manifest.parquet / .csv      all candidates: scores, verdicts, paths, timings
@@ -27,6 +30,9 @@ from catalog_gen.adapters import adapter_folder, read_adapter
 from catalog_gen.config import GenerateConfig
 from catalog_gen.errors import CatalogError
 from catalog_gen.storage import atomic_path, atomic_write_json
+
+BASE_DIR = "base"
+"""RUN_DIR/base/<safe sku>/<n>.png: the base model's image for candidate n's prompt and seed."""
 
 
 @dataclass(frozen=True)
@@ -120,7 +126,8 @@ def generate(request: GenerationRequest, config: GenerateConfig, *, progress: Ca
         # 4. The base pipeline and the embedders, loaded once.
         context = _load_context(config, request, run_dir, folder_of, state.device)
         context.seed_offset = redo_round * REDO_SEED_STRIDE
-        # 5. One adapter in at a time; its SKUs' candidates share UNet batches; adapter out.
+        # 5. Per instance: the base model's comparison images (base_images > 0), then its adapter in;
+        #    its SKUs' candidates share UNet batches; adapter out.
         for (class_key, instance_key), group_rows in groups:
             _run_instance(context, class_map.get_class(class_key), instance_key, group_rows, request, summary,
                           progress, stop_after_skus)
@@ -169,7 +176,7 @@ def _claim_run_dir(run_dir: Path, config: GenerateConfig, request: GenerationReq
                 "redo_rejected": str(request.redo_rejected) if request.redo_rejected else None}
     marker = run_dir / "run.json"
     if request.force and run_dir.exists():
-        for name in ("images", "parts"):
+        for name in ("images", BASE_DIR, "parts"):
             shutil.rmtree(run_dir / name, ignore_errors=True)
         for name in ("manifest.parquet", "manifest.csv", "run.json"):
             (run_dir / name).unlink(missing_ok=True)
@@ -288,22 +295,31 @@ class _SkuRun:
 def _run_instance(context: _Context, class_spec, instance_key: str, rows: Sequence[skus.SkuRow],
                   request: GenerationRequest, summary: GenerationSummary, progress, stop_after_skus) -> None:
     key = f"{class_spec.key}/{instance_key}"
+
+    def sku_done() -> None:
+        _sku_done(summary, progress, stop_after_skus)
+
     try:
         instance = _load_instance(context, class_spec, instance_key, request)
     except Exception as error:  # a bad adapter fails its SKUs, never the run
-        for row in rows:
-            _record_error(context, row, f"adapter {key}: {error}", summary)
+        _record_errors(context, rows, f"adapter {key}: {error}", summary)
+        return
+    # The base model's comparison images come first: loading the adapter changes the pipeline's UNet.
+    rows = _draw_base_images(context, instance, rows, summary, sku_done)
+    try:
+        _attach_adapter(context, instance)
+    except Exception as error:
+        _record_errors(context, rows, f"adapter {key}: {error}", summary)
         return
     try:
-        _run_skus(context, instance, rows, summary, lambda: _sku_done(summary, progress, stop_after_skus))
+        _run_skus(context, instance, rows, summary, sku_done)
     finally:
         # Adapter out, peft layers and all: the next instance starts from the pure base model.
         context.pipeline.unload_lora_weights()
 
 
 def _load_instance(context: _Context, class_spec, instance_key: str, request: GenerationRequest) -> _Instance:
-    from catalog_gen.lora_files import DIFFUSERS_WEIGHTS_NAME
-
+    """The instance's adapter record, references and thresholds; its weights are not on the pipeline yet."""
     adapter = read_adapter(adapter_folder(request.workdir, class_spec.key, instance_key))
     key = f"{class_spec.key}/{instance_key}"
     reference_clip = context.references.get(context.clip, key, adapter.photo_paths).numpy()
@@ -311,10 +327,69 @@ def _load_instance(context: _Context, class_spec, instance_key: str, request: Ge
     thresholds = gates.base_thresholds(context.config)
     if context.config.calibrate:
         thresholds = gates.calibrate(thresholds, reference_clip, reference_dino, context.config.calibration_ratio)
-    context.pipeline.load_lora_weights(str(adapter.folder), weight_name=DIFFUSERS_WEIGHTS_NAME,
-                                       adapter_name="sku_adapter")
     template = request.templates.get(class_spec.key, context.config.template)
     return _Instance(class_spec, adapter, template, thresholds, reference_clip, reference_dino)
+
+
+def _attach_adapter(context: _Context, instance: _Instance) -> None:
+    from catalog_gen.lora_files import DIFFUSERS_WEIGHTS_NAME
+
+    context.pipeline.load_lora_weights(str(instance.adapter.folder), weight_name=DIFFUSERS_WEIGHTS_NAME,
+                                       adapter_name="sku_adapter")
+
+
+def base_image_path(run_dir: Path, folder: str, candidate: int) -> Path:
+    """Where the base model's image for one candidate's prompt and seed is kept."""
+    return Path(run_dir) / BASE_DIR / folder / f"{candidate}.png"
+
+
+def _draw_base_images(context: _Context, instance: _Instance, rows: Sequence[skus.SkuRow],
+                      summary: GenerationSummary, sku_done: Callable[[], None]) -> list[skus.SkuRow]:
+    """The base model's images for each SKU's first min(base_images, k) candidates, with the candidates' own
+    prompts and seeds, so image n of base/ and of images/ differ only by the adapter. Images already on disk
+    are kept (a rerun after a crash draws only what is missing). Returns the rows still to generate: a SKU
+    whose base images cannot be drawn or written fails alone, like any other SKU error."""
+    if not context.config.base_images:
+        return list(rows)
+    # 1. The missing images, as the very slots the candidates are drawn from.
+    pending = deque(_missing_base_slots(context, instance, rows))
+    # 2. Drawn and written one batch at a time, so a crash loses at most one batch.
+    failed: dict[str, str] = {}
+    while pending:
+        slots_of: dict[str, list[Slot]] = defaultdict(list)
+        while pending and sum(map(len, slots_of.values())) < context.config.batch_size:
+            slot = pending.popleft()
+            if slot.sku not in failed:
+                slots_of[slot.sku].append(slot)
+        images_of, errors = _shared_or_each(slots_of, lambda parts: _draw_parts(context, parts))
+        for sku, images in images_of.items():
+            try:
+                for slot, image in zip(slots_of[sku], images):
+                    _save_png(base_image_path(context.run_dir, context.folder_of[sku], slot.candidate), image,
+                              _png_text(context, sku, slot.prompt, slot.seed, adapter=None))
+            except Exception as error:  # e.g. a disk that is full: this SKU fails, the night goes on
+                errors[sku] = _message(error)
+        failed.update(errors)
+    # 3. The SKUs that failed are recorded now; the others go on to their fine-tuned candidates.
+    for row in rows:
+        if row.sku in failed:
+            _record_error(context, row, f"base model images: {failed[row.sku]}", summary)
+            sku_done()
+    return [row for row in rows if row.sku not in failed]
+
+
+def _missing_base_slots(context: _Context, instance: _Instance, rows: Sequence[skus.SkuRow]) -> list[Slot]:
+    slots = []
+    for row in rows:
+        try:
+            prompt = _sku_prompt(instance, row)
+        except Exception:  # _start_sku fails this SKU with the same error, where every SKU error is recorded
+            continue
+        run_seed = _run_seed(context, row)
+        slots += [Slot(row.sku, n, skus.candidate_seed(row.sku, n, run_seed), prompt)
+                  for n in range(min(context.config.base_images, _images_wanted(context, row)))
+                  if not base_image_path(context.run_dir, context.folder_of[row.sku], n).is_file()]
+    return slots
 
 
 def _sku_done(summary: GenerationSummary, progress, stop_after_skus) -> None:
@@ -367,15 +442,27 @@ def _run_skus(context: _Context, instance: _Instance, rows: Sequence[skus.SkuRow
 
 
 def _start_sku(context: _Context, instance: _Instance, row: skus.SkuRow) -> _SkuRun:
-    config, class_spec, adapter = context.config, instance.class_spec, instance.adapter
+    prompt = _sku_prompt(instance, row)
+    scoring_prompt = use_prompt_noun(prompt, instance.adapter.token, instance.class_spec.noun)
+    k = _images_wanted(context, row)
+    return _SkuRun(row, prompt, scoring_prompt, context.clip.embed_texts([scoring_prompt]).numpy(),
+                   SkuState(row.sku, prompt, _run_seed(context, row), k, k + context.config.max_extra))
+
+
+def _sku_prompt(instance: _Instance, row: skus.SkuRow) -> str:
+    class_spec, adapter = instance.class_spec, instance.adapter
     variables = {**row.variables, "token": adapter.token, "instance": class_spec.instances[row.instance_key].name,
                  "noun": class_spec.noun, "instance_prompt": adapter.record["instance_prompt"]}
-    prompt = skus.render_prompt(instance.template, variables)
-    scoring_prompt = use_prompt_noun(prompt, adapter.token, class_spec.noun)
-    k = row.n_images or config.n_images
-    run_seed = (row.seed if row.seed is not None else config.seed) + context.seed_offset
-    return _SkuRun(row, prompt, scoring_prompt, context.clip.embed_texts([scoring_prompt]).numpy(),
-                   SkuState(row.sku, prompt, run_seed, k, k + config.max_extra))
+    return skus.render_prompt(instance.template, variables)
+
+
+def _run_seed(context: _Context, row: skus.SkuRow) -> int:
+    return (row.seed if row.seed is not None else context.config.seed) + context.seed_offset
+
+
+def _images_wanted(context: _Context, row: skus.SkuRow) -> int:
+    """k: the sheet's n_images for the row, else the config's."""
+    return row.n_images or context.config.n_images
 
 
 def _draw_and_score(context: _Context, instance: _Instance, runs: Mapping[str, _SkuRun],
@@ -439,7 +526,7 @@ def _score_parts(context: _Context, instance: _Instance, runs: Mapping[str, _Sku
     images = [image for part in images_of.values() for image in part]
     clip_of = _split_like(context.clip.embed_images(images).numpy(), images_of)
     dino_of = _split_like(context.dino.embed_images(images).numpy(), images_of)
-    return {sku: _gate_scores(part, clip_of[sku], dino_of[sku], runs[sku].text_embedding, instance.reference_clip,
+    return {sku: gate_scores(part, clip_of[sku], dino_of[sku], runs[sku].text_embedding, instance.reference_clip,
                               instance.reference_dino)
             for sku, part in images_of.items()}
 
@@ -454,8 +541,10 @@ def _finish_sku(context: _Context, instance: _Instance, run: _SkuRun, summary: G
     for record in records:
         path = Path("images") / folder / f"{record['candidate']}.png"
         scores, verdict = record["scores"], record["verdict"]
-        _save_png(context, context.run_dir / path, record["image"], row, instance.adapter, run.prompt, record["seed"],
-                  scores, verdict)
+        text = {**_png_text(context, row.sku, run.prompt, record["seed"], instance.adapter),
+                "scores": json.dumps({"clip_i": scores.clip_i, "dino": scores.dino, "clip_t": scores.clip_t}),
+                "passed": str(verdict.passed)}
+        _save_png(context.run_dir / path, record["image"], text)
         rows_out.append(_manifest_row(row, run.prompt, run.scoring_prompt, record, path, record["candidate"] in kept,
                                       instance.thresholds))
         summary.failed_by_gate.update(verdict.failed_gates)
@@ -483,10 +572,10 @@ def _score(context: _Context, images, text_embedding, reference_clip, reference_
     """One SKU's images scored on their own (bench/generate_bench.py's per-SKU loop scores with it)."""
     clip = context.clip.embed_images(images).numpy()
     dino = context.dino.embed_images(images).numpy()
-    return _gate_scores(images, clip, dino, text_embedding, reference_clip, reference_dino)
+    return gate_scores(images, clip, dino, text_embedding, reference_clip, reference_dino)
 
 
-def _gate_scores(images, clip: np.ndarray, dino: np.ndarray, text_embedding: np.ndarray, reference_clip: np.ndarray,
+def gate_scores(images, clip: np.ndarray, dino: np.ndarray, text_embedding: np.ndarray, reference_clip: np.ndarray,
                  reference_dino: np.ndarray) -> list[gates.Scores]:
     """The gates' numbers for each image, from its CLIP and DINO embeddings and its prompt's text embedding."""
     from catalog_gen.metrics import pairwise_cosine
@@ -519,21 +608,27 @@ def _manifest_row(row: skus.SkuRow, prompt: str, scoring_prompt: str, record: di
     }
 
 
-def _save_png(context: _Context, path: Path, image, row, adapter, prompt: str, seed: int, scores, verdict) -> None:
+def _png_text(context: _Context, sku: str, prompt: str, seed: int, adapter) -> dict[str, str]:
+    """The generation parameters every PNG of a run carries; adapter None: drawn by the base model alone."""
+    config = context.config
+    lora = f", Lora hash: {adapter.record['weights_sha256'][:16]}" if adapter is not None else ""
+    # A1111-style "parameters" so other tools read it, plus our own keys.
+    return {"parameters": f"{prompt}\nNegative prompt: {config.negative_prompt}\nSteps: {config.steps}, "
+                          f"Sampler: {config.scheduler}, CFG scale: {config.guidance}, Seed: {seed}, "
+                          f"Size: {config.resolution}x{config.resolution}, Model hash: {context.base_fingerprint}{lora}",
+            "sku": sku, "prompt": prompt, "seed": str(seed), "base_model": config.base_model,
+            "base_model_hash": context.base_fingerprint,
+            "adapter_hash": adapter.record["weights_sha256"] if adapter is not None else "none (base model alone)"}
+
+
+def _save_png(path: Path, image, text: Mapping[str, str]) -> None:
+    """The image written atomically, with "parameters" as a plain tEXt chunk (what A1111 and most tools
+    read) and every other key as UTF-8 iTXt."""
     from PIL.PngImagePlugin import PngInfo
 
-    config = context.config
     info = PngInfo()
-    # A1111-style "parameters" so other tools read it, plus our own keys.
-    info.add_text("parameters", f"{prompt}\nNegative prompt: {config.negative_prompt}\nSteps: {config.steps}, "
-                                f"Sampler: {config.scheduler}, CFG scale: {config.guidance}, Seed: {seed}, "
-                                f"Size: {config.resolution}x{config.resolution}, "
-                                f"Model hash: {context.base_fingerprint}, Lora hash: {adapter.record['weights_sha256'][:16]}")
-    for key, value in {"sku": row.sku, "prompt": prompt, "seed": str(seed), "base_model": config.base_model,
-                       "base_model_hash": context.base_fingerprint, "adapter_hash": adapter.record["weights_sha256"],
-                       "scores": json.dumps({"clip_i": scores.clip_i, "dino": scores.dino, "clip_t": scores.clip_t}),
-                       "passed": str(verdict.passed), "generator": "catalog-gen"}.items():
-        info.add_itxt(key, value)
+    for key, value in {**text, "generator": "catalog-gen"}.items():
+        (info.add_text if key == "parameters" else info.add_itxt)(key, value)
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
 
@@ -543,6 +638,11 @@ def _write_part(context: _Context, folder: str, rows: list[dict]) -> None:
 
     with atomic_path(context.run_dir / "parts" / f"{folder}.parquet") as tmp:
         pl.DataFrame(rows).write_parquet(tmp)
+
+
+def _record_errors(context: _Context, rows: Sequence[skus.SkuRow], message: str, summary: GenerationSummary) -> None:
+    for row in rows:
+        _record_error(context, row, message, summary)
 
 
 def _record_error(context: _Context, row: skus.SkuRow, message: str, summary: GenerationSummary) -> None:

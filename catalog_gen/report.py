@@ -1,7 +1,9 @@
 """`catalog report RUN_DIR`: a self-contained HTML review page for a generation run.
 
 RUN_DIR/report/
-    index.html          summary, plots and one card per SKU; inline CSS and JS, no network
+    index.html          summary, plots and one card per SKU (reference photos, the base model's
+                        images when the run drew them, the fine-tuned candidates); inline CSS and
+                        JS, no network
     thumbs/<hash>-<px>.jpg   thumbnails keyed by the source file's content hash (made once)
     references/<hash>.<ext>  the instance's reference photos, copied so the report stands alone
     plots/*.png         score histograms and score-against-threshold plots (matplotlib)
@@ -75,7 +77,8 @@ class ReportResult:
 class _Assets:
     """What the edges produced for the page: thumbnail / full image links, reference photos, plots."""
 
-    thumbs: dict[str, str | None] = field(default_factory=dict)  # manifest path -> thumb href (None: unreadable)
+    thumbs: dict[str, str | None] = field(default_factory=dict)  # image path -> thumb href (None: unreadable)
+    base: dict[str, list[tuple[int, str]]] = field(default_factory=dict)  # sku -> (candidate, base/ image path)
     references: dict[tuple[str, str], list[tuple[str, str, str]] | str] = field(default_factory=dict)
     plots: list[tuple[str, str]] = field(default_factory=list)  # (href, alt text)
     made: int = 0
@@ -133,6 +136,13 @@ def margin(row: Mapping[str, Any]) -> float | None:
     gaps = [number(row.get(key)) - number(row.get(f"threshold_{key}")) for key, _ in METRICS
             if number(row.get(key)) is not None and number(row.get(f"threshold_{key}")) is not None]
     return min(gaps) if gaps else None
+
+
+def base_folder(card: Mapping[str, Any], folder_of: Mapping[str, str]) -> str:
+    """The SKU's folder under base/: the one its candidates' images are in (older runs may have named it
+    otherwise), else the name generate gives it (a SKU that ended in an error has no candidates)."""
+    paths = [row["path"] for row in card["candidates"] if image_path_ok(row.get("path"))]
+    return PurePosixPath(paths[0]).parts[1] if paths else folder_of[card["sku"]]
 
 
 def image_path_ok(path: Any) -> bool:
@@ -265,6 +275,11 @@ def _card_html(n: int, card: Mapping[str, Any], assets: _Assets, counter) -> str
                            f'<img src="{e(thumb)}" alt="{e("reference photo " + name)}" loading="lazy"></a>'
                            for thumb, full, name in refs) or '<p class="muted">no reference photos</p>'
     tiles = "".join(_candidate_html(card, row, assets, counter) for row in card["candidates"])
+    bases = assets.base.get(card["sku"], [])
+    seeds = {row["candidate"]: row.get("seed") for row in card["candidates"]}
+    base_html = ('<section class="strip base-strip"><h3>Base model (same prompt and seed)</h3><div class="bases">'
+                 + "".join(_base_html(card, n, path, seeds.get(n), assets) for n, path in bases)
+                 + "</div></section>") if bases else ""
     errors = "".join(f'<p class="error">{e(reason)}</p>' for reason in card["errors"])
     search = f'{card["sku"]} {card.get("prompt") or ""}'.lower()
     n_cand = len(card["candidates"])
@@ -273,8 +288,23 @@ def _card_html(n: int, card: Mapping[str, Any], assets: _Assets, counter) -> str
 <span class="kept-count">kept {card['kept']} of {n_cand} candidate{'' if n_cand == 1 else 's'}</span></header>
 {f'<p class="prompt"><span class="label">Prompt</span> {e(card["prompt"])}</p>' if card.get("prompt") else ""}{errors}
 <div class="card-body"><aside class="refs"><h3>Reference photos</h3><div class="ref-strip">{ref_html}</div></aside>
-<div class="cands">{tiles}</div></div>
+<div class="gens">{base_html}<section class="strip"><h3>Fine-tuned</h3><div class="cands">{tiles}</div></section></div></div>
 </article>"""
+
+
+def _base_html(card: Mapping[str, Any], n: int, path: str, seed: Any, assets: _Assets) -> str:
+    """The base model's image for candidate n's prompt and seed: for comparison only, so no scores or decision."""
+    thumb = assets.thumbs.get(path)
+    label = f"{card['sku']} base model, prompt and seed of candidate {n}"
+    if thumb:
+        image = (f'<a class="thumb" href="{e(href(path, "../"))}" data-caption="{e(label)}">'
+                 f'<img src="{e(thumb)}" alt="{e(label)}" loading="lazy"></a>')
+    else:
+        image = '<div class="thumb missing">image unreadable</div>'
+    seed_html = f'<div class="seed">seed {e(seed)}</div>' if seed is not None else ""
+    return (f'<figure class="base-image" data-candidate="{n}">{image}<figcaption><div class="line1">'
+            f'<span class="num">#{n}</span><span class="badge base">base model</span></div>{seed_html}'
+            f'</figcaption></figure>')
 
 
 def _candidate_html(card: Mapping[str, Any], row: Mapping[str, Any], assets: _Assets, counter) -> str:
@@ -340,7 +370,8 @@ or in this browser when the page is opened from disk (use Export decisions, then
 def write_report(run_dir: Path, progress: Callable[[int, int], None] | None = None) -> ReportResult:
     """Render RUN_DIR/report/index.html (thumbnails made once and reused); returns what was written.
 
-    `progress(done, total)` is called as each candidate's thumbnail is made or found.
+    `progress(done, total)` is called as each image's thumbnail (candidates, then base model images) is
+    made or found.
     """
     # 1. Check inputs and read the run.
     run_dir = Path(run_dir)
@@ -350,7 +381,10 @@ def write_report(run_dir: Path, progress: Callable[[int, int], None] | None = No
     summary, cards = summarise(rows), sku_cards(rows)
     # 3. Thumbnails, reference photos and plots (files under report/).
     assets = _Assets()
-    _make_thumbnails(run_dir, rows, out, assets, progress)
+    assets.base = _find_base_images(run_dir, cards)
+    candidates = sorted({row["path"] for row in rows if row["candidate"] >= 0 and image_path_ok(row.get("path"))})
+    _make_thumbnails(run_dir, candidates + [path for found in assets.base.values() for _, path in found], out,
+                     assets, progress)
     _collect_references(run_dir, run["workdir"], cards, out, assets)
     _prune_thumbnails(out / "thumbs", assets)
     assets.plots = plot_scores(rows, out / "plots")
@@ -426,15 +460,34 @@ def _thumb_or_none(source: Path, thumbs_dir: Path, assets: _Assets) -> str | Non
     return name
 
 
-def _make_thumbnails(run_dir: Path, rows: Sequence[Mapping[str, Any]], out: Path, assets: _Assets,
+def _make_thumbnails(run_dir: Path, paths: Sequence[str], out: Path, assets: _Assets,
                      progress: Callable[[int, int], None] | None) -> None:
-    paths = sorted({row["path"] for row in rows if row["candidate"] >= 0 and image_path_ok(row.get("path"))})
     for done, path in enumerate(paths, 1):
         source = run_dir / path
         name = _thumb_or_none(source, out / "thumbs", assets) if source.is_file() else None
         assets.thumbs[path] = href(f"thumbs/{name}") if name else None
         if progress is not None:
             progress(done, len(paths))
+
+
+def _find_base_images(run_dir: Path, cards: Sequence[Mapping[str, Any]]) -> dict[str, list[tuple[int, str]]]:
+    """Per SKU, the base model's images generate drew (RUN_DIR/base/<folder>/<n>.png), in candidate order;
+    none for runs made without base_images."""
+    from catalog_gen.generation import BASE_DIR
+    from catalog_gen.skus import sku_folder_names
+
+    if not (run_dir / BASE_DIR).is_dir():
+        return {}
+    folder_of = sku_folder_names([card["sku"] for card in cards])
+    found = {}
+    for card in cards:
+        folder = run_dir / BASE_DIR / base_folder(card, folder_of)
+        # Only <n>.png: an interrupted atomic write leaves a hidden temporary file beside them.
+        images = sorted((int(file.stem), file.name) for file in folder.glob("*.png")
+                        if file.stem.isdigit() and file.stem.isascii() and file.is_file()) if folder.is_dir() else []
+        if images:
+            found[card["sku"]] = [(n, f"{BASE_DIR}/{folder.name}/{name}") for n, name in images]
+    return found
 
 
 def _collect_references(run_dir: Path, workdir: str | None, cards, out: Path, assets: _Assets) -> None:
@@ -630,7 +683,10 @@ letter-spacing:.04em;margin-right:4px}
 .refs{width:150px;flex:none}.ref-strip{display:grid;grid-template-columns:repeat(2,1fr);gap:4px}
 .ref img{width:100%;aspect-ratio:1;object-fit:cover;border-radius:4px;border:1px solid var(--line);display:block}
 .muted{color:var(--muted);font-size:12px}
-.cands{display:grid;grid-template-columns:repeat(auto-fill,minmax(178px,1fr));gap:10px;flex:1}
+.gens{flex:1;min-width:0;display:flex;flex-direction:column;gap:12px}
+.cands,.bases{display:grid;grid-template-columns:repeat(auto-fill,minmax(178px,1fr));gap:10px;flex:1}
+.base-image{margin:0;border:2px dashed var(--line);border-radius:8px;padding:6px;background:#fafbfc}
+.badge.base{background:#eaeef2;color:var(--muted)}
 .cand{margin:0;border:2px solid var(--line);border-radius:8px;padding:6px;background:#fff;scroll-margin:150px 0 20px}
 .cand.is-kept{border-color:#9cc9f5}
 .cand.current{outline:3px solid var(--focus);outline-offset:1px}

@@ -296,7 +296,7 @@ def default_reviewer() -> str:
 # ---------------------------------------------------------------- the local review server
 
 class ReviewServer(ThreadingHTTPServer):
-    """Serves RUN_DIR/report/ and RUN_DIR/images/ and takes decisions on /api/decisions (127.0.0.1 only)."""
+    """Serves RUN_DIR/report/, RUN_DIR/images/ and RUN_DIR/base/ and takes decisions on /api/decisions (127.0.0.1 only)."""
 
     daemon_threads = True
 
@@ -336,7 +336,7 @@ def serve(run_dir: Path, port: int = 0, reviewer: str | None = None, progress=No
 class _Handler(BaseHTTPRequestHandler):
     server: ReviewServer
     server_version = "catalog-gen-review"
-    STATIC_ROOTS = ("report", "images")
+    STATIC_ROOTS = ("report", "images", "base")  # base/: the base model's images (generate's BASE_DIR)
 
     def log_message(self, format, *args):  # the library never prints
         pass

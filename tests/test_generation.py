@@ -269,3 +269,140 @@ def test_export_writes_marketplace_files(finished_run, tmp_path):
             assert "photo of a" in image.getexif()[0x010E]
     listing = pl.read_csv(tmp_path / "out" / "export.csv")
     assert sorted(listing["sku"]) == ["../escape", "RG-BAND-1"]
+
+
+# ---------------------------------------------------------------- the base model's images (base_images)
+
+@pytest.fixture(scope="module")
+def base_run(sheet, workdir, tmp_path_factory):
+    """The sheet again with base_images=2: every SKU also gets its first candidates' base model images."""
+    run_dir = tmp_path_factory.mktemp("run-base")
+    return run_dir, run(sheet, workdir, run_dir, nightly(base_images=2))
+
+
+def _base_files(run_dir: Path) -> dict[str, list[str]]:
+    """Per SKU folder under base/, its file names (hidden ones included: none may be left)."""
+    return {folder.name: sorted(p.name for p in folder.iterdir()) for folder in (run_dir / "base").iterdir()}
+
+
+def test_base_images_share_prompt_and_seed_with_their_candidates(base_run, finished_run, tiny_model):
+    from catalog_gen.models import load_pipeline
+    from catalog_gen.sampling import draw, make_scheduler
+
+    run_dir, summary = base_run
+    assert not summary.errors and summary.skus_done == 3
+    # Drawing the base images first changes no candidate, and they are not in the manifest.
+    assert_same_candidates(run_dir, finished_run[0])
+    manifest = pl.read_parquet(run_dir / "manifest.parquet")
+    assert not any(path.startswith("base") for path in manifest["path"])
+    # Sheet order, as generate plans them: each instance group's first candidates (escape has k=1).
+    firsts = manifest.filter(pl.col("candidate") < 2).sort(["line", "candidate"])
+    folders = {row["sku"]: Path(row["path"]).parent.name for row in firsts.iter_rows(named=True)}
+    assert _base_files(run_dir) == {folders["RG-BAND-1"]: ["0.png", "1.png"], folders["RG-BAND-2"]: ["0.png", "1.png"],
+                                    folders["../escape"]: ["0.png"]}
+    # What the plain base pipeline draws for each candidate's prompt and seed, with the run's settings, in
+    # the run's batches (one per instance: batched and single matmuls may round differently).
+    config = nightly()
+    pipeline = load_pipeline(tiny_model)
+    pipeline.scheduler = make_scheduler(config.scheduler, pipeline.scheduler.config)
+    groups = [group for _, group in firsts.group_by("instance", maintain_order=True)]
+    expected = [image for group in groups for image in draw(
+        pipeline, group["prompt"].to_list(), group["seed"].to_list(), steps=config.steps, resolution=config.resolution,
+        guidance=config.guidance, negative_prompt=config.negative_prompt, batch_size=config.batch_size)]
+    rows = [row for group in groups for row in group.iter_rows(named=True)]
+    for row, wanted in zip(rows, expected, strict=True):
+        with Image.open(run_dir / "base" / folders[row["sku"]] / f"{row['candidate']}.png") as image:
+            assert image.text["seed"] == str(row["seed"]) and image.text["prompt"] == row["prompt"]
+            assert image.text["adapter_hash"].startswith("none") and "Lora hash" not in image.text["parameters"]
+            base = np.asarray(image.convert("RGB"), dtype=np.int16)
+        with Image.open(run_dir / row["path"]) as image:
+            assert image.size == (config.resolution, config.resolution) == base.shape[1::-1]
+            tuned = np.asarray(image.convert("RGB"), dtype=np.int16)
+        wanted = np.asarray(wanted, dtype=np.int16)
+        assert np.abs(base - wanted).max() <= 1, row["sku"]
+        # The adapter changed the image: by far more than any rounding (4 training steps: a small change).
+        assert (base != tuned).sum() > 3 * max(1, (base != wanted).sum()), row["sku"]
+
+
+def test_no_base_images_unless_asked(finished_run):
+    run_dir, _ = finished_run
+    assert not (run_dir / "base").exists()
+
+
+def test_resume_draws_only_the_missing_base_images(base_run, sheet, workdir, tmp_path, monkeypatch):
+    import shutil
+
+    from catalog_gen import generation
+
+    original, _ = base_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(original, run_dir)  # copy2: the files keep their modification times
+    folder = "RG-BAND-2"
+    # A crash after RG-BAND-2's first base image: no part, no candidates, and base image 1 missing.
+    (run_dir / "parts" / f"{folder}.parquet").unlink()
+    shutil.rmtree(run_dir / "images" / folder)
+    (run_dir / "base" / folder / "1.png").unlink()
+    stamps = {p: p.stat().st_mtime_ns for p in (run_dir / "base").rglob("*.png")}
+    drawn: list[list[str]] = []
+    real_draw = generation._draw
+    monkeypatch.setattr(generation, "_draw", lambda context, prompts, seeds: drawn.append(list(prompts))
+                        or real_draw(context, prompts, seeds))
+    summary = run(sheet, workdir, run_dir, nightly(base_images=2))
+    assert summary.skus_done == 1 and summary.skus_already_done == 2
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps, "a base image was redrawn"
+    assert len(drawn[0]) == 1  # the one missing base image, before the adapter's candidates
+    assert _base_files(run_dir) == _base_files(original)
+    again = np.asarray(Image.open(run_dir / "base" / folder / "1.png"), dtype=np.int16)
+    assert np.abs(again - np.asarray(Image.open(original / "base" / folder / "1.png"), dtype=np.int16)).max() <= 1
+    assert_same_candidates(run_dir, original)
+
+
+def test_force_deletes_the_base_images(tmp_path):
+    from catalog_gen.generation import _claim_run_dir
+
+    image = tmp_path / "base" / "SKU-1" / "0.png"
+    image.parent.mkdir(parents=True)
+    image.write_bytes(b"old")
+    request = GenerationRequest(tmp_path / "skus.csv", tmp_path, tmp_path, force=True)
+    _claim_run_dir(tmp_path, nightly(base_images=1), request, 0)
+    assert not (tmp_path / "base").exists() and (tmp_path / "run.json").is_file()
+
+
+def test_report_shows_the_base_strip_only_when_there_are_base_images(base_run, finished_run, tmp_path):
+    import re
+    import shutil
+    from urllib.parse import unquote, urlsplit
+
+    from catalog_gen.report import write_report
+
+    for source, with_base in ((base_run[0], True), (finished_run[0], False)):
+        run_dir = tmp_path / source.name
+        shutil.copytree(source, run_dir)  # the report is written into the run folder
+        index = write_report(run_dir).index
+        html = index.read_text()
+        cards = html.split('<article class="card"')[1:]
+        assert len(cards) == 3 and all('<h3>Fine-tuned</h3><div class="cands">' in card for card in cards)
+        strips = [re.search(r'<section class="strip base-strip">(.*?)</section>', card, re.S) for card in cards]
+        if not with_base:
+            assert strips == [None] * 3 and "Base model" not in html
+            continue
+        assert all(strips)
+        for card, strip in zip(cards, strips):
+            # Reference photos first, then the base model's images, then the fine-tuned candidates.
+            assert card.index("Reference photos") < card.index("Base model (same prompt and seed)") < card.index("Fine-tuned")
+            links = re.findall(r'<a class="thumb" href="([^"]+)"[^>]*><img src="([^"]+)"', strip.group(1))
+            folder = unquote(links[0][0]).split("/")[2]
+            assert [unquote(link) for link, _ in links] == [f"../base/{folder}/{n}.png" for n in range(len(links))]
+            assert len(links) == len(list((run_dir / "base" / folder).iterdir()))
+            for url in (url for pair in links for url in pair):
+                parts = urlsplit(url)
+                assert not parts.scheme and not parts.netloc and not url.startswith("/"), url
+                assert (index.parent / unquote(parts.path)).resolve().is_file(), url
+        assert sorted(len(re.findall('class="base-image"', strip.group(1))) for strip in strips) == [1, 2, 2]
+
+
+def test_base_images_must_not_be_negative():
+    from catalog_gen.errors import CatalogError
+
+    with pytest.raises(CatalogError, match="base_images must be >= 0, got -1"):
+        GenerateConfig(base_images=-1)

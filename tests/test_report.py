@@ -11,6 +11,7 @@ import re
 import threading
 import urllib.error
 import urllib.request
+from html import escape
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -154,6 +155,51 @@ def test_thumbnails_are_made_once_and_reused(run_dir):
     assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "report" / "thumbs").iterdir()} == stamps
     with Image.open(thumbs[0]) as image:
         assert image.format == "JPEG" and max(image.size) <= 320
+
+
+def test_base_model_images_get_their_own_strip(run_dir):
+    """base/<folder>/<n>.png (generate's base_images) shows as a labelled strip before the candidates,
+    with the same thumbnails, quoting and relative links; SKUs without base images have no strip."""
+    folders = {sku: path.split("/")[1] for sku, path in pl.read_parquet(run_dir / "manifest.parquet")
+               .filter(pl.col("candidate") == 0).select("sku", "path").iter_rows()}
+    for offset, (sku, count) in enumerate(((ODD, 2), (XSS, 1))):
+        for n in range(count):
+            _png(run_dir / "base" / folders[sku] / f"{n}.png", seed=900 + 10 * offset + n)
+    (run_dir / "base" / folders[ODD] / ".2.png.x1y2.png").write_bytes(b"half-written")  # an interrupted write
+    first = write_report(run_dir)
+    assert first.thumbs_made == 6 * 3 + 2 + 3
+    index = first.index
+    html = index.read_text()
+    blocks = {sku: next(block for block in html.split('<article class="card"')[1:]
+                        if f"<h2>{escape(sku, quote=True)}</h2>" in block) for sku in SKUS}
+    strips = {sku: re.search(r'<section class="strip base-strip">(.*?)</section>', block, re.S)
+              for sku, block in blocks.items()}
+    assert {sku for sku, strip in strips.items() if strip} == {ODD, XSS}
+    odd = strips[ODD].group(1)
+    assert odd.count('class="base-image"') == 2 and strips[XSS].group(1).count('class="base-image"') == 1
+    assert "<h3>Base model (same prompt and seed)</h3>" in odd
+    assert 'href="../base/odd%20%23%3F%25%26%20name/0.png"' in odd and odd.index("/0.png") < odd.index("/1.png")
+    assert "seed 1000" in odd and "seed 1001" in odd  # candidate n's seed beside base image n
+    assert "Approve" not in odd  # for comparison only: nothing to decide
+    for block in blocks.values():
+        assert "<h3>Fine-tuned</h3>" in block
+        assert block.index("Reference photos") < block.index("Fine-tuned")
+    links = [attrs.get("src") or attrs.get("href") for tag, attrs in _parse(html).tags if tag in ("img", "a")]
+    for link in (link for link in links if link and not link.startswith("data:")):
+        assert (index.parent / unquote(urlsplit(link).path)).resolve().is_file(), link
+    # A second report reuses the base images' thumbnails too (and does not prune them).
+    second = write_report(run_dir)
+    assert second.thumbs_made == 0 and second.thumbs_reused == first.thumbs_made
+    # `catalog review` serves the full-size base images the page links to.
+    server = review.serve(run_dir, 0, reviewer="ann")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.port}/base/{folders[XSS]}/0.png"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            assert response.headers["Content-Type"] == "image/png"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_summary_counts_and_plots(run_dir):
