@@ -1,0 +1,325 @@
+"""Does fine-tuning learn, and do the gates keep what looks like the product? Measured on the toy world.
+
+Every number here comes from the toy world (catalog_gen/toy/MODEL_CARD.md), not from Stable
+Diffusion. bench/toy_proof.py prints the tables; tests/test_toy_learning.py asserts the learning
+check and shows it fails when learning is broken.
+
+    1. base model   zero-shot class accuracy of the toy CLIP on base-model images from class prompts
+    2. embedders    same-instance vs other-instance similarity of the sample photos (ROC AUC);
+                    noise and blank images through the calibrated gates
+    3. learning     DreamBooth-LoRA on a held-out instance: CLIP-I / DINO / KID of the fine-tuned images
+                    against the base model's (same prompts, same seeds) and the real-to-real level
+    4. claims       the seed reports' claims, one measured row each (proof_claims.py)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from catalog_gen import gates, metrics
+from catalog_gen.toy import world
+
+TRAIN_RECIPE = "toy_demo"
+NIGHTLY_RECIPE = "toy_nightly"
+PROMPT = "photo of a {token} {instance} {noun} in {metal}"
+"""Evaluation prompts: the nightly templates' core (view and setting words draw nothing in the toy world)."""
+
+
+@dataclass
+class Toolkit:
+    """Loaded once: the toy pipeline (DPM++) and the two toy embedders."""
+
+    pipeline: Any
+    clip: Any
+    dino: Any
+    steps: int
+    guidance: float
+
+
+def load_toolkit(device: str = "cpu") -> Toolkit:
+    from catalog_gen import embedders
+    from catalog_gen.config import GenerateConfig, build_config, read_recipe
+    from catalog_gen.models import load_pipeline, resolve_base_model
+    from catalog_gen.sampling import make_scheduler
+
+    config = build_config(GenerateConfig, read_recipe(NIGHTLY_RECIPE, "generate"), {}, origin=NIGHTLY_RECIPE)
+    pipeline = load_pipeline(resolve_base_model(config.base_model), device, config.precision)
+    pipeline.scheduler = make_scheduler(config.scheduler, pipeline.scheduler.config)
+    return Toolkit(pipeline, embedders.load_clip(config.clip_model, device=device),
+                   embedders.load_dino(config.dino_model, device=device), config.steps, config.guidance)
+
+
+def draw(toolkit: Toolkit, prompts: Sequence[str], seeds: Sequence[int], lora: Path | None = None) -> list:
+    """Images for (prompt, seed) pairs from the base model, or with a LoRA file loaded for the duration."""
+    from catalog_gen.sampling import draw as draw_images
+
+    def run():
+        return draw_images(toolkit.pipeline, list(prompts), list(seeds), steps=toolkit.steps,
+                           resolution=world.RESOLUTION, guidance=toolkit.guidance, batch_size=16)
+
+    if lora is None:
+        return run()
+    toolkit.pipeline.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="proof")
+    try:
+        return run()
+    finally:
+        toolkit.pipeline.unload_lora_weights()
+
+
+def fresh_photos(class_key: str, instance_key: str, count: int, seed: int = 1) -> list:
+    """New photos of one product style, drawn like the sample catalogue's (256 px, shrunk to 64)."""
+    rng = random.Random(f"proof|{seed}|{class_key}|{instance_key}")
+    return [world.render_sample(class_key, instance_key, world.METALS[n % 3], rng.getrandbits(64), n % 6,
+                                render_size=256).image for n in range(count)]
+
+
+# ---------------------------------------------------------------- 1. the base model
+
+def zero_shot_accuracy(toolkit: Toolkit, images: Sequence, labels: Sequence[str]) -> float:
+    """Share of images whose nearest class prompt (toy CLIP, cosine) is their own class."""
+    classes = sorted(world.CLASS_PHRASES)
+    text = toolkit.clip.embed_texts([world.class_prompt(c) for c in classes]).numpy()
+    picked = (toolkit.clip.embed_images(images).numpy() @ text.T).argmax(axis=1)
+    return float(np.mean([classes[p] == label for p, label in zip(picked, labels)]))
+
+
+def base_model_images(toolkit: Toolkit, per_class: int) -> tuple[list, list[str]]:
+    images, labels = [], []
+    for class_key in sorted(world.CLASS_PHRASES):
+        prompts = [world.class_prompt(class_key, world.METALS[n % 3]) for n in range(per_class)]
+        images += draw(toolkit, prompts, range(per_class))
+        labels += [class_key] * per_class
+    return images, labels
+
+
+# ---------------------------------------------------------------- 2. the embedders and the gates
+
+def roc_auc(positive: Sequence[float], negative: Sequence[float]) -> float:
+    """Probability that a random positive scores above a random negative (ties count half)."""
+    pos, neg = np.asarray(positive)[:, None], np.asarray(negative)[None, :]
+    return float((pos > neg).mean() + 0.5 * (pos == neg).mean())
+
+
+def same_vs_other_auc(embeddings: np.ndarray, groups: Sequence[str]) -> dict[str, float]:
+    """ROC AUC of cosine similarity for same-group pairs against other-group pairs, with both means."""
+    similarity = metrics.pairwise_cosine(embeddings, embeddings)
+    groups = np.asarray(groups)
+    upper = np.triu(np.ones_like(similarity, dtype=bool), k=1)
+    same = (groups[:, None] == groups[None, :]) & upper
+    other = (groups[:, None] != groups[None, :]) & upper
+    return {"auc": roc_auc(similarity[same], similarity[other]), "same": float(similarity[same].mean()),
+            "other": float(similarity[other].mean())}
+
+
+def gate_verdicts(toolkit: Toolkit, images: Sequence, reference: Sequence, prompt: str) -> list[gates.Verdict]:
+    """The nightly gates as `catalog generate` applies them with the toy recipe, calibrated on `reference`."""
+    from catalog_gen.config import GenerateConfig, build_config, read_recipe
+    from catalog_gen.generation import gate_scores
+
+    config = build_config(GenerateConfig, read_recipe(NIGHTLY_RECIPE, "generate"), {}, origin=NIGHTLY_RECIPE)
+    reference_clip = toolkit.clip.embed_images(reference).numpy()
+    reference_dino = toolkit.dino.embed_images(reference).numpy()
+    thresholds = gates.calibrate(gates.base_thresholds(config), reference_clip, reference_dino,
+                                 config.calibration_ratio)
+    scores = gate_scores(images, toolkit.clip.embed_images(images).numpy(), toolkit.dino.embed_images(images).numpy(),
+                         toolkit.clip.embed_texts([prompt]).numpy(), reference_clip, reference_dino)
+    return [gates.decide(s, thresholds) for s in scores]
+
+
+def noise_and_blank_images(count: int, seed: int = 0) -> dict[str, list]:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    size = (world.RESOLUTION, world.RESOLUTION)
+    return {
+        "uniform noise": [Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)) for _ in range(count)],
+        "coloured blobs": [Image.fromarray(np.kron(rng.integers(0, 256, (8, 8, 3)), np.ones((8, 8, 1))).astype(np.uint8))
+                           for _ in range(count)],
+        "blank white": [Image.new("RGB", size, (255, 255, 255))] * count,
+        "blank grey": [Image.new("RGB", size, (128, 128, 128))] * count,
+    }
+
+
+# ---------------------------------------------------------------- 3. learning on a held-out instance
+
+@dataclass(frozen=True)
+class Experiment:
+    """One DreamBooth-LoRA run on one instance, and the images it is judged by."""
+
+    class_key: str = "ring"
+    instance_key: str = "bold"
+    overrides: tuple[tuple[str, Any], ...] = ()
+    """TrainConfig settings over the toy recipe, e.g. (("steps", 200),)."""
+    images: int = 24
+    """Images drawn per set (base, fine-tuned, ...), prompts cycling through the three metals."""
+    reference_photos: int = 32
+    """Fresh photos of the instance (never trained on) for KID and the held-out similarity."""
+
+
+@dataclass(frozen=True)
+class Sets:
+    """The image sets of one experiment, as embeddings."""
+
+    clip: dict[str, np.ndarray]
+    dino: dict[str, np.ndarray]
+
+
+def train(experiment: Experiment, root: Path, name: str):
+    """Train the experiment's adapter in root/<name>/ (kept: a rerun reuses it) and return its AdapterInfo."""
+    from catalog_gen.adapters import adapter_folder, read_adapter
+    from catalog_gen.config import TrainConfig, build_config, read_recipe
+    from catalog_gen.errors import CatalogError
+    from catalog_gen.sample_data import write_sample_catalogue
+    from catalog_gen.workflow import PhotoSource, train_class
+
+    sample = root / "sample"
+    if not (sample / "products.csv").is_file():
+        write_sample_catalogue(sample)
+    source = PhotoSource(photos_dir=sample / "photos", products_csv=sample / "products.csv")
+    config = build_config(TrainConfig, read_recipe(TRAIN_RECIPE, "train"), dict(experiment.overrides),
+                          origin=TRAIN_RECIPE)
+    config = dataclasses.replace(config, validation_images=0)
+    workdir = root / name
+    summary = train_class(source, experiment.class_key, [experiment.instance_key], workdir, config, resume=True,
+                          distributed=False)
+    if summary.failed:
+        raise CatalogError(f"proof run {name}: {summary.failed[0].detail}")
+    return read_adapter(adapter_folder(workdir, experiment.class_key, experiment.instance_key))
+
+
+def prompts_for(experiment: Experiment, token: str | None) -> list[str]:
+    """The evaluation prompts with the instance's token, or with it left out (token=None)."""
+    from catalog_gen.class_map import load_class_map
+
+    spec = load_class_map("jewelry").get_class(experiment.class_key)
+    noun = spec.noun.split()[-1] if experiment.class_key != "studs" else spec.noun
+    name = spec.instances[experiment.instance_key].name
+    base = PROMPT.replace("{token} ", "" if token is None else f"{token} ")
+    return [base.format(instance=name, noun=noun, metal=world.METALS[n % 3]) for n in range(experiment.images)]
+
+
+def class_prompts(experiment: Experiment) -> list[str]:
+    return [world.class_prompt(experiment.class_key, world.METALS[n % 3]) for n in range(experiment.images)]
+
+
+def embed_sets(toolkit: Toolkit, images: dict[str, Sequence]) -> Sets:
+    return Sets({k: toolkit.clip.embed_images(v).numpy() for k, v in images.items()},
+                {k: toolkit.dino.embed_images(v).numpy() for k, v in images.items()})
+
+
+def likeness(sets: Sets, image_set: str, reference: str = "photos") -> dict[str, float]:
+    """CLIP-I and DINO as the gates compute them: mean cosine of each image to every reference photo."""
+    return {"clip_i": metrics.mean_pairwise_cosine(sets.clip[image_set], sets.clip[reference]),
+            "dino": metrics.mean_pairwise_cosine(sets.dino[image_set], sets.dino[reference])}
+
+
+def real_level(sets: Sets, reference: str = "photos") -> dict[str, float]:
+    """The real-to-real level: each reference photo's mean cosine to the others."""
+    return {"clip_i": gates.leave_one_out_similarity(sets.clip[reference]),
+            "dino": gates.leave_one_out_similarity(sets.dino[reference])}
+
+
+def kid(sets: Sets, a: str, b: str) -> float:
+    """KID between two sets on the toy DINO's features (all of the smaller set in each subset)."""
+    x, y = sets.dino[a], sets.dino[b]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # subsets shrink to the smaller set: expected here
+        return metrics.kid(x, y, subsets=50, subset_size=min(len(x), len(y)))[0]
+
+
+def paired_drift(sets: Sets, a: str, b: str) -> float:
+    """1 - mean DINO cosine between image n of set a and image n of set b (same prompt, same seed)."""
+    x, y = sets.dino[a], sets.dino[b]
+    return float(1.0 - np.mean(np.sum(x * y, axis=1)))
+
+
+def learning_sets(toolkit: Toolkit, experiment: Experiment, adapter, lora: Path | None = None,
+                  base: dict | None = None) -> tuple[Sets, dict]:
+    """Base and fine-tuned image sets for the experiment; `base` reuses the base model's images."""
+    seeds = list(range(experiment.images))
+    with_token = prompts_for(experiment, adapter.token)
+    lora = lora or adapter.diffusers_file
+    base = base or {"base": draw(toolkit, with_token, seeds),
+                    "base_class": draw(toolkit, class_prompts(experiment), seeds)}
+    images = {
+        **base,
+        "tuned": draw(toolkit, with_token, seeds, lora),
+        "tuned_no_token": draw(toolkit, prompts_for(experiment, None), seeds, lora),
+        "tuned_class": draw(toolkit, class_prompts(experiment), seeds, lora),
+        "photos": [_open(path) for path in adapter.photo_paths],
+        "fresh": fresh_photos(experiment.class_key, experiment.instance_key, experiment.reference_photos),
+    }
+    return embed_sets(toolkit, images), {"base": base["base"], "base_class": base["base_class"],
+                                         "tuned": images["tuned"]}
+
+
+def learning_row(sets: Sets) -> dict[str, float]:
+    """The learning numbers of one run: likeness to the training photos and to fresh ones, gap closed, KID."""
+    base, tuned, real = likeness(sets, "base"), likeness(sets, "tuned"), real_level(sets)
+    row: dict[str, float] = {}
+    for metric in ("clip_i", "dino"):
+        row[f"{metric}_base"], row[f"{metric}_tuned"], row[f"{metric}_real"] = base[metric], tuned[metric], real[metric]
+        row[f"{metric}_gap_closed"] = (tuned[metric] - base[metric]) / (real[metric] - base[metric])
+        row[f"{metric}_fresh_base"] = likeness(sets, "base", "fresh")[metric]
+        row[f"{metric}_fresh_tuned"] = likeness(sets, "tuned", "fresh")[metric]
+        row[f"{metric}_no_token"] = likeness(sets, "tuned_no_token")[metric]
+    row["kid_photos_base"], row["kid_photos_tuned"] = kid(sets, "fresh", "base"), kid(sets, "fresh", "tuned")
+    row["kid_to_base"] = kid(sets, "base", "tuned")
+    row["class_drift"] = paired_drift(sets, "base_class", "tuned_class")
+    return row
+
+
+@dataclass(frozen=True)
+class LearningMargins:
+    """What the learning check demands of a short run; set from measured runs (tests/test_toy_learning.py)."""
+
+    clip_i: float
+    dino: float
+    token_dino: float
+    """How much closer (DINO) the images with the instance's token are than the same adapter's without it."""
+
+
+def learning_failures(row: dict[str, float], margins: LearningMargins) -> list[str]:
+    """Why a run did not learn its instance (empty: it did). Each line names the number that fell short."""
+    failures = []
+    for metric, label in (("clip_i", "CLIP-I"), ("dino", "DINO")):
+        gain = row[f"{metric}_tuned"] - row[f"{metric}_base"]
+        if not gain >= getattr(margins, metric):
+            failures.append(f"{label} to the photos rose {gain:+.3f} over the base model (needs >= "
+                            f"{getattr(margins, metric):.3f})")
+    token_gain = row["dino_tuned"] - row["dino_no_token"]
+    if not token_gain > margins.token_dino:
+        failures.append(f"DINO with the token is {token_gain:+.3f} over without it (needs > {margins.token_dino:.3f})")
+    return failures
+
+
+def _open(path: Path):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def checkpoint_lora(workdir: Path, adapter, step: int, scratch: Path) -> Path:
+    """The adapter's checkpoint at `step` as a diffusers LoRA file (catalog eval's conversion)."""
+    from catalog_gen.checkpoints import list_checkpoints
+    from catalog_gen.evaluation import checkpoint_as_adapter_file
+    from catalog_gen.workflow import checkpoint_folder
+
+    folder = dict(list_checkpoints(checkpoint_folder(workdir, adapter.record["class"],
+                                                     adapter.record["instance"])))[step]
+    out = scratch / f"step-{step}"
+    out.mkdir(parents=True, exist_ok=True)
+    return checkpoint_as_adapter_file(adapter, folder, out)
+
+
+def scratch_folder() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="catalog-toy-proof-")
