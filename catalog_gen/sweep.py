@@ -94,6 +94,11 @@ def run_sweep(source, class_key: str, instance_key: str, workdir: Path, name: st
 
     state = PartialState(cpu=use_cpu())
     points = grid_points(grid)
+    for point in points:  # every value checked before the first point trains, not when its turn comes
+        try:
+            configs_for(point, train, evaluation)
+        except CatalogError as error:
+            raise CatalogError(f"sweep point {point}: {error}") from error
     class_map = load_class_map(source.class_map)
     class_spec = class_map.get_class(class_key)
     class_map.get_instance(class_key, instance_key)  # a clear error before any work
@@ -120,7 +125,8 @@ def run_sweep(source, class_key: str, instance_key: str, workdir: Path, name: st
             models = load_eval_models(train_config.base_model, eval_config, sweep_dir)
         models.pipeline.scheduler = make_scheduler(eval_config.scheduler, models.pipeline.scheduler.config)
         rows = evaluate_instance(models, eval_config, folder, class_spec, instance_key)
-        atomic_write_json(folder / "result.json", {"point": point, "metrics": rows[-1]})
+        atomic_write_json(folder / "result.json", {"point": point, "lora_alpha": train_config.resolved_lora_alpha,
+                                                   "metrics": rows[-1]})
         done += 1
         if stop_after_points is not None and done >= stop_after_points:
             raise InterruptedError(f"stopped after {done} grid points as asked")  # tests simulate a crash
@@ -177,7 +183,8 @@ def _tabulate(sweep_dir: Path, points: Sequence[dict], select_by: str) -> None:
         if result.is_file():
             record = json.loads(result.read_text())
             rows.append({**{f"axis_{k}": v for k, v in record["point"].items()},
-                         **{m: record["metrics"][m] for m in METRICS}})
+                         # The LoRA scale is alpha / rank: recorded, so a rank axis says what it measured.
+                         "lora_alpha": record.get("lora_alpha"), **{m: record["metrics"][m] for m in METRICS}})
     if not rows:
         return
     frame = pl.DataFrame(rows)
@@ -188,9 +195,10 @@ def _tabulate(sweep_dir: Path, points: Sequence[dict], select_by: str) -> None:
     ordered = frame.sort(select_by, descending=higher)
     lines = [f"# Sweep {sweep_dir.name}", "", f"{len(rows)} of {len(points)} grid points finished; "
              f"sorted by {select_by} ({'higher' if higher else 'lower'} is better).", "",
-             "| " + " | ".join([a[5:] for a in axes] + list(METRICS)) + " |", "|" + "---|" * (len(axes) + len(METRICS))]
+             "| " + " | ".join([a[5:] for a in axes] + ["lora_alpha"] + list(METRICS)) + " |",
+             "|" + "---|" * (len(axes) + 1 + len(METRICS))]
     for row in ordered.iter_rows(named=True):
-        cells = [str(row[a]) for a in axes] + [f"{row[m]:.4g}" for m in METRICS]
+        cells = [str(row[a]) for a in axes] + [str(row["lora_alpha"])] + [f"{row[m]:.4g}" for m in METRICS]
         lines.append("| " + " | ".join(cells) + " |")
     atomic_write_text(sweep_dir / "results.md", "\n".join(lines) + "\n")
     for axis in axes:

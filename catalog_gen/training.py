@@ -238,14 +238,14 @@ def optimizer_step(loss: torch.Tensor, optimizer, scaler, params: list[torch.nn.
 def _add_lora(components: Components, config: TrainConfig, instance_key: str):
     from peft import LoraConfig
 
-    unet_config = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+    unet_config = LoraConfig(r=config.lora_rank, lora_alpha=config.resolved_lora_alpha, lora_dropout=config.lora_dropout,
                              init_lora_weights=True, target_modules=UNET_LORA_TARGETS)
     # LoRA's A matrices start random: seed them so a rerun starts from the same point.
     torch.manual_seed(step_seed(config.seed, instance_key, -1))
     components.unet.add_adapter(unet_config)
     text_config = None
     if config.train_text_encoder:
-        text_config = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        text_config = LoraConfig(r=config.lora_rank, lora_alpha=config.resolved_lora_alpha, lora_dropout=config.lora_dropout,
                                  init_lora_weights=True, target_modules=TEXT_ENCODER_LORA_TARGETS)
         _inject_text_encoder_lora(components.text_encoder, text_config)
     return unet_config, text_config

@@ -81,7 +81,8 @@ def test_sweep_resumes_a_half_finished_grid(sample_catalogue, tmp_path):
     table = pl.read_parquet(out / "results.parquet")
     assert sorted(table["axis_steps"]) == [6, 12] and set(table["axis_num_photos"]) == {3}
     assert (out / "steps-kid_photos.png").is_file()
-    assert "| num_photos | steps | kid_photos |" in (out / "results.md").read_text()
+    assert "| num_photos | steps | lora_alpha | kid_photos |" in (out / "results.md").read_text()
+    assert set(table["lora_alpha"]) == {4.0}  # recorded per point: alpha follows the recipe's rank 4
     for result in (out / "points").glob("*/result.json"):
         record = json.loads(result.read_text())
         adapter = json.loads((result.parent / "adapters" / "ring" / "band" / "adapter.json").read_text())
@@ -89,6 +90,14 @@ def test_sweep_resumes_a_half_finished_grid(sample_catalogue, tmp_path):
 
     with pytest.raises(CatalogError, match="different grid"):
         run_sweep(source(sample_catalogue), "ring", "band", tmp_path, "t", {"steps": [6]}, train, evaluation)
+
+
+def test_a_bad_grid_value_is_refused_before_any_point_trains(sample_catalogue, tmp_path):
+    train, evaluation = recipe_configs()
+    with pytest.raises(CatalogError, match=r"sweep point \{'lora_rank': -1, 'steps': 6\}: lora_rank must be > 0"):
+        run_sweep(source(sample_catalogue), "ring", "band", tmp_path, "bad", {"steps": [6], "lora_rank": [4, -1]},
+                  train, evaluation)
+    assert not (tmp_path / "sweeps" / "bad" / "points").exists()  # the good point did not train first
 
 
 def test_eval_resize_keeps_floating_point_values():

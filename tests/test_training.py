@@ -260,3 +260,27 @@ def test_relative_photo_paths_work(sample_catalogue, tmp_path, monkeypatch):
                           tiny_config(steps=1, checkpoint_every=0, validation_images=0))
     assert summary.outcomes[0].status == "trained"
     assert len(read_adapter(tmp_path / "adapters" / "ring" / "band").record["photos"]) == 4
+
+
+def test_lora_alpha_follows_the_rank_unless_set():
+    assert TrainConfig(lora_rank=16).resolved_lora_alpha == 16.0
+    assert TrainConfig(lora_rank=16, lora_alpha=4.0).resolved_lora_alpha == 4.0
+    assert TrainConfig(lora_rank=16, lora_alpha=4).resolved_lora_alpha == 4.0  # a TOML integer is fine
+    with pytest.raises(CatalogError, match="lora_alpha must be float"):
+        TrainConfig(lora_alpha="8")
+    with pytest.raises(CatalogError, match="lora_alpha must be > 0"):
+        TrainConfig(lora_alpha=0.0)
+
+
+def test_a_rank_8_adapter_without_alpha_has_scale_1_in_both_files(sample_catalogue, tmp_path):
+    """A rank sweep must change the rank alone: with alpha left unset, alpha = rank (scale alpha / rank = 1)."""
+    from safetensors import safe_open
+
+    config = tiny_config(lora_rank=8, steps=1, checkpoint_every=0, validation_images=0)
+    train_class(_source(sample_catalogue), "ring", ["band"], tmp_path, config)
+    info = read_adapter(tmp_path / "adapters" / "ring" / "band")
+    alphas = [tensor for name, tensor in load_file(str(info.kohya_file)).items() if name.endswith(".alpha")]
+    assert alphas and all(float(a) == 8.0 for a in alphas)
+    with safe_open(str(info.diffusers_file), "pt") as handle:
+        metadata = json.dumps(handle.metadata())
+    assert '\\"lora_alpha\\": 8.0' in metadata or '"lora_alpha": 8.0' in metadata
