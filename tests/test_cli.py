@@ -271,7 +271,7 @@ def test_demo_runs_end_to_end_on_a_few_steps(tmp_path, tiny_model, one_torch_thr
         assert info.diffusers_file.is_file() and info.kohya_file.is_file()
         assert info.record["steps"] == 2 and info.record["recipe"]["resolution"] == 64
         assert f"ring/{instance}" in result.stdout
-    assert "(2 steps per instance)" in result.stdout
+    assert "(2 steps per instance; " in result.stdout
     assert f"done: adapters in {adapters}" in result.stdout
     assert (workdir / "tokens.json").is_file() and (workdir / "sample" / "products.csv").is_file()
     manifest = workdir / "runs" / "demo" / "manifest.parquet"
