@@ -282,5 +282,5 @@ def test_a_rank_8_adapter_without_alpha_has_scale_1_in_both_files(sample_catalog
     alphas = [tensor for name, tensor in load_file(str(info.kohya_file)).items() if name.endswith(".alpha")]
     assert alphas and all(float(a) == 8.0 for a in alphas)
     with safe_open(str(info.diffusers_file), "pt") as handle:
-        metadata = json.dumps(handle.metadata())
-    assert '\\"lora_alpha\\": 8.0' in metadata or '"lora_alpha": 8.0' in metadata
+        lora_config = json.loads(handle.metadata()["lora_adapter_metadata"])
+    assert lora_config["unet.lora_alpha"] == 8.0 and lora_config["unet.r"] == 8

@@ -109,6 +109,7 @@ def bank(out: Path, pairs: bool, workers: int) -> dict[str, np.ndarray]:
         with np.load(path) as stored:
             return {key: stored[key] for key in stored.files}
     size = PAIR_BANK_SIZE if pairs else BANK_SIZE
+    out.mkdir(parents=True, exist_ok=True)
     chunk = 1000
     jobs = [(start, min(chunk, size - start), pairs) for start in range(0, size, chunk)]
     started = time.perf_counter()
