@@ -38,8 +38,6 @@ def table(columns: list[str], rows: list[list]) -> str:
 
 
 def part_base(toolkit: proof.Toolkit, results: dict) -> str:
-    from catalog_gen.sample_data import write_sample_catalogue  # noqa: F401  (documented source of the photos)
-
     images, labels = proof.base_model_images(toolkit, per_class=24)
     photos, photo_labels = sample_photos(results["out"])
     rows = [["base-model images, class prompts (24 per class, 3 metals)", len(images),
@@ -119,7 +117,7 @@ def part_learning(toolkit: proof.Toolkit, results: dict, instances=HELD_OUT_RUNS
                      row["dino_fresh_base"], row["dino_fresh_tuned"]])
         rows.append(["", "KID to fresh photos (DINO features)", row["kid_photos_base"], row["kid_photos_tuned"], "",
                      row["kid_photos_base"] / max(row["kid_photos_tuned"], 1e-9), "", ""])
-        grids.append((f"{class_key}/{instance_key}", [proof._open(p) for p in adapter.photo_paths], images))
+        grids.append((f"{class_key}/{instance_key}", [proof.open_rgb(p) for p in adapter.photo_paths], images))
     picture = results["out"] / "toy-learning.png"
     learning_grid(grids, picture)
     return ("### DreamBooth-LoRA on held-out instances, 4 photos (toy_demo recipe; "

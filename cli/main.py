@@ -298,7 +298,7 @@ def demo(
     steps: Annotated[Optional[int], typer.Option(help="Training steps per instance (recipe toy_demo: 300).")] = None,
 ) -> None:
     """Run the main job on the built-in defaults: sample data -> taxonomy -> train -> generate -> report, on the
-    pretrained toy world (a small jewelry model, not Stable Diffusion), CPU, a few minutes."""
+    pretrained toy world (a small jewelry model, not Stable Diffusion), on a CPU."""
     from catalog_gen.demo import run_demo
 
     for line in run_demo(workdir, class_key, steps=steps):

@@ -254,7 +254,7 @@ def learning_sets(toolkit: Toolkit, experiment: Experiment, adapter, lora: Path 
         "tuned": draw(toolkit, with_token, seeds, lora),
         "tuned_no_token": draw(toolkit, prompts_for(experiment, None), seeds, lora),
         "tuned_class": draw(toolkit, class_prompts(experiment), seeds, lora),
-        "photos": [_open(path) for path in adapter.photo_paths],
+        "photos": [open_rgb(path) for path in adapter.photo_paths],
         "fresh": fresh_photos(experiment.class_key, experiment.instance_key, experiment.reference_photos),
     }
     return embed_sets(toolkit, images), {"base": base["base"], "base_class": base["base_class"],
@@ -301,7 +301,7 @@ def learning_failures(row: dict[str, float], margins: LearningMargins) -> list[s
     return failures
 
 
-def _open(path: Path):
+def open_rgb(path: Path):
     from PIL import Image
 
     with Image.open(path) as image:
