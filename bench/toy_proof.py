@@ -9,7 +9,7 @@ Prints Markdown tables (and writes them with a JSON of every number to DIR/) for
                preservation, one measured row each with its sign
 
 Every figure is from the TOY WORLD (catalog_gen/toy/MODEL_CARD.md), not from Stable Diffusion. Trained
-adapters are kept in DIR, so a rerun only redraws and rescores. CPU, 2 cores: about 10 minutes.
+adapters are kept in DIR, so a rerun only redraws and rescores. The full run has not been timed yet.
 """
 
 from __future__ import annotations
