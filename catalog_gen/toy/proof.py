@@ -29,8 +29,6 @@ from catalog_gen.toy import world
 
 TRAIN_RECIPE = "toy_demo"
 NIGHTLY_RECIPE = "toy_nightly"
-PROMPT = "photo of a {token} {instance} {noun} in {metal}"
-"""Evaluation prompts: the nightly templates' core (view and setting words draw nothing in the toy world)."""
 
 
 @dataclass
@@ -196,14 +194,13 @@ def train(experiment: Experiment, root: Path, name: str):
 
 
 def prompts_for(experiment: Experiment, token: str | None) -> list[str]:
-    """The evaluation prompts with the instance's token, or with it left out (token=None)."""
+    """The class map's own instance prompt with a metal, with the instance's token or without it (token=None)."""
     from catalog_gen.class_map import load_class_map
 
     spec = load_class_map("jewelry").get_class(experiment.class_key)
-    noun = spec.noun.split()[-1] if experiment.class_key != "studs" else spec.noun
-    name = spec.instances[experiment.instance_key].name
-    base = PROMPT.replace("{token} ", "" if token is None else f"{token} ")
-    return [base.format(instance=name, noun=noun, metal=world.METALS[n % 3]) for n in range(experiment.images)]
+    template = spec.instance_prompt.replace("{token} ", "" if token is None else "{token} ")
+    base = template.format(token=token, instance=spec.instances[experiment.instance_key].name)
+    return [f"{base} in {world.METALS[n % 3]}" for n in range(experiment.images)]
 
 
 def class_prompts(experiment: Experiment) -> list[str]:
