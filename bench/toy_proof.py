@@ -4,6 +4,7 @@ Prints Markdown tables (and writes them with a JSON of every number to DIR/) for
     base       zero-shot class accuracy of the toy CLIP, base-model images against sample photos
     embedders  same- vs other-instance ROC AUC of DINO and CLIP-I on the sample photos; noise and
                blank images through the calibrated nightly gates
+    thresholds what the toy_nightly recipe's fixed CLIP-T and memorisation thresholds are derived from
     learning   DreamBooth-LoRA (the toy demo recipe) on held-out instances from 4 photos
     claims     the seed reports' claims: steps, rank, number of photos, token at inference, prior
                preservation, one measured row each with its sign
@@ -25,7 +26,7 @@ import numpy as np
 from catalog_gen.errors import CatalogError
 from catalog_gen.toy import proof, world
 
-PARTS = ("base", "embedders", "learning", "claims")
+PARTS = ("base", "embedders", "thresholds", "learning", "claims")
 HELD_OUT_RUNS = (("ring", "bold"), ("hoops", "charlotte"), ("necklace", "pendant"))
 BANNER = "TOY WORLD figures (a small model trained here on procedural drawings; not Stable Diffusion)"
 
@@ -71,9 +72,9 @@ def part_embedders(toolkit: proof.Toolkit, results: dict) -> str:
     photos, labels = sample_photos(results["out"])
     rows = []
     for name, embedder in (("DINO", toolkit.dino), ("CLIP-I", toolkit.clip)):
-        found = proof.same_vs_other_auc(embedder.embed_images(photos).numpy(), labels)
-        classes = [label.split("/")[0] for label in labels]
-        within = proof.same_vs_other_auc(*_same_class_only(embedder.embed_images(photos).numpy(), labels, classes))
+        embeddings = embedder.embed_images(photos).numpy()
+        found = proof.same_vs_other_auc(embeddings, labels)
+        within = proof.same_vs_other_auc(embeddings, labels, within=[label.split("/")[0] for label in labels])
         rows.append([name, len(photos), found["same"], found["other"], found["auc"], within["auc"]])
     results["embedders"] = {row[0]: {"same": row[2], "other": row[3], "auc": row[4], "auc_within_class": row[5]}
                             for row in rows}
@@ -97,10 +98,22 @@ def part_embedders(toolkit: proof.Toolkit, results: dict) -> str:
         ["images", "scored", "passed"], gate_rows)
 
 
-def _same_class_only(embeddings: np.ndarray, labels: list[str], classes: list[str]):
-    # AUC within a class (other rings against this ring) is the harder question: keep pairs of one class.
-    keep = [i for i, c in enumerate(classes) if sum(1 for d in classes if d == c) > 4]
-    return embeddings[keep], [labels[i] for i in keep]
+def part_thresholds(toolkit: proof.Toolkit, results: dict) -> str:
+    from catalog_gen.config import GenerateConfig, build_config, read_recipe
+
+    photos, labels = sample_photos(results["out"])
+    found = proof.threshold_evidence(toolkit, photos, labels)
+    config = build_config(GenerateConfig, read_recipe(proof.NIGHTLY_RECIPE, "generate"), {}, origin=proof.NIGHTLY_RECIPE)
+    results["thresholds"] = found
+    rows = [["CLIP-T", "photos vs own class prompt (median)", found["clip_t_own_median"], config.min_clip_t],
+            ["", "photos vs other classes' prompts (median)", found["clip_t_other_median"], ""],
+            ["", "midpoint", found["clip_t_midpoint"], ""],
+            ["memorisation (DINO)", "two photos of one product (max)", found["dino_same_product_max"],
+             config.memorisation_dino],
+            ["", "two photos of one product (median)", found["dino_same_product_median"], ""],
+            ["", "a photo and its blurred copy (min)", found["dino_blurred_copy_min"], ""]]
+    return (f"### Where the {proof.NIGHTLY_RECIPE} recipe's fixed thresholds come from ({len(photos)} sample photos)\n\n"
+            + table(["gate", "measured", "value", "recipe threshold"], rows))
 
 
 def part_learning(toolkit: proof.Toolkit, results: dict, instances=HELD_OUT_RUNS) -> str:

@@ -6,6 +6,7 @@ import dataclasses
 import random
 import shutil
 
+import numpy as np
 import pytest
 
 from catalog_gen.class_map import load_class_map
@@ -38,8 +39,6 @@ def pretrain_label(key) -> int:
 
 
 def pretrain_np(labels):
-    import numpy as np
-
     return np.array(labels, dtype=np.int16)
 
 
@@ -112,6 +111,48 @@ def test_a_pretraining_stage_resumes_exactly(tmp_path, monkeypatch):
         return torch.load(folder / "vae" / "checkpoint.pt", weights_only=True)["modules"]["vae"]
     straight, again = weights(tmp_path / "straight"), weights(resumed)
     assert all(torch.equal(straight[name], again[name]) for name in straight)
+
+
+def test_a_finished_stage_lengthened_by_a_restart_goes_on_to_the_weights_of_a_straight_run(tmp_path, monkeypatch):
+    """DINO and the UNet were lengthened by a second cosine cycle: a stage done under the shorter plan
+    resumes into exactly the weights a from-scratch run of the longer plan reaches."""
+    import torch
+
+    monkeypatch.setattr(pretrain, "PAIR_BANK_SIZE", 32)
+    monkeypatch.setattr(pretrain, "CHECKPOINT_EVERY", 2)
+    short = dataclasses.replace(pretrain.PLANS["dino"], steps=2, batch=4, warmup=1, restarts=())
+    long = dataclasses.replace(short, steps=4, restarts=(2,))
+    assert [pretrain.learning_rate(short, s) for s in range(2)] == [pretrain.learning_rate(long, s) for s in range(2)]
+    assert pretrain.learning_rate(long, 2) < pretrain.learning_rate(long, 1)  # the restart warms up again
+    data = pretrain.bank(tmp_path / "straight", pairs=True, workers=1)
+    monkeypatch.setitem(pretrain.PLANS, "dino", long)
+    pretrain.train_dino(tmp_path / "straight", data)
+    monkeypatch.setitem(pretrain.PLANS, "dino", short)
+    pretrain.train_dino(tmp_path / "lengthened", data)
+    monkeypatch.setitem(pretrain.PLANS, "dino", long)
+    pretrain.train_dino(tmp_path / "lengthened", data)
+
+    def weights(folder):
+        state = torch.load(folder / "dino" / "checkpoint.pt", weights_only=True)
+        return state["step"], state["modules"]["dino"]
+    (step_a, straight), (step_b, again) = weights(tmp_path / "straight"), weights(tmp_path / "lengthened")
+    assert step_a == step_b == 4
+    assert all(torch.equal(straight[name], again[name]) for name in straight)
+
+
+def test_same_vs_other_auc_within_a_class_keeps_only_pairs_of_that_class():
+    from catalog_gen.toy import proof
+
+    # Two rings close together, two studs close together; the rings differ from each other more than
+    # ring/a does from the studs, so the within-class AUC is the harder (lower) number.
+    embeddings = np.array([[1.0, 0.0], [0.8, 0.6], [0.9, 0.43589], [0.9, 0.43589], [0.6, 0.8]])
+    groups = ["ring/a", "ring/a", "ring/b", "studs/c", "studs/c"]
+    classes = [g.split("/")[0] for g in groups]
+    overall = proof.same_vs_other_auc(embeddings, groups)
+    within = proof.same_vs_other_auc(embeddings, groups, within=classes)
+    assert overall["auc"] != within["auc"]
+    # within the ring class: same pair (0,1) at cos 0.8 against other pairs (0,2) 0.9 and (1,2) ~0.98
+    assert within["auc"] == 0.0 and within["other"] == pytest.approx((0.9 + 0.8 * 0.9 + 0.6 * 0.43589) / 2)
 
 
 @pytest.fixture(scope="module")

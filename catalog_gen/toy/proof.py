@@ -106,11 +106,18 @@ def roc_auc(positive: Sequence[float], negative: Sequence[float]) -> float:
     return float((pos > neg).mean() + 0.5 * (pos == neg).mean())
 
 
-def same_vs_other_auc(embeddings: np.ndarray, groups: Sequence[str]) -> dict[str, float]:
-    """ROC AUC of cosine similarity for same-group pairs against other-group pairs, with both means."""
+def same_vs_other_auc(embeddings: np.ndarray, groups: Sequence[str],
+                      within: Sequence[str] | None = None) -> dict[str, float]:
+    """ROC AUC of cosine similarity for same-group pairs against other-group pairs, with both means.
+
+    `within` (e.g. each photo's class) keeps only pairs that share it: a ring against other rings.
+    """
     similarity = metrics.pairwise_cosine(embeddings, embeddings)
     groups = np.asarray(groups)
     upper = np.triu(np.ones_like(similarity, dtype=bool), k=1)
+    if within is not None:
+        within = np.asarray(within)
+        upper &= within[:, None] == within[None, :]
     same = (groups[:, None] == groups[None, :]) & upper
     other = (groups[:, None] != groups[None, :]) & upper
     return {"auc": roc_auc(similarity[same], similarity[other]), "same": float(similarity[same].mean()),
@@ -130,6 +137,35 @@ def gate_verdicts(toolkit: Toolkit, images: Sequence, reference: Sequence, promp
     scores = gate_scores(images, toolkit.clip.embed_images(images).numpy(), toolkit.dino.embed_images(images).numpy(),
                          toolkit.clip.embed_texts([prompt]).numpy(), reference_clip, reference_dino)
     return [gates.decide(s, thresholds) for s in scores]
+
+
+def threshold_evidence(toolkit: Toolkit, photos: Sequence, labels: Sequence[str]) -> dict[str, float]:
+    """What the toy recipe's two fixed gate thresholds are derived from (pipelines/toy_nightly.toml).
+
+    CLIP-T: the photos' cosine to their own class prompt against other classes' prompts (medians).
+    Memorisation: DINO between two different photos of one product (max, median) against a photo and
+    its lightly blurred copy (min), the near copy the gate exists to catch.
+    """
+    from PIL import ImageFilter
+
+    classes = sorted(world.CLASS_PHRASES)
+    text = toolkit.clip.embed_texts([world.class_prompt(c) for c in classes]).numpy()
+    scores = toolkit.clip.embed_images(photos).numpy() @ text.T
+    own = np.array([classes.index(label.split("/")[0]) for label in labels])
+    mask = np.zeros_like(scores, dtype=bool)
+    mask[np.arange(len(own)), own] = True
+    dino = toolkit.dino.embed_images(photos).numpy()
+    similarity = metrics.pairwise_cosine(dino, dino)
+    groups = np.asarray(labels)
+    same = (groups[:, None] == groups[None, :]) & np.triu(np.ones_like(similarity, dtype=bool), k=1)
+    blurred = toolkit.dino.embed_images([photo.filter(ImageFilter.GaussianBlur(0.5)) for photo in photos]).numpy()
+    evidence = {"clip_t_own_median": float(np.median(scores[mask])),
+                "clip_t_other_median": float(np.median(scores[~mask])),
+                "dino_same_product_max": float(similarity[same].max()),
+                "dino_same_product_median": float(np.median(similarity[same])),
+                "dino_blurred_copy_min": float(np.min(np.sum(dino * blurred, axis=1)))}
+    evidence["clip_t_midpoint"] = (evidence["clip_t_own_median"] + evidence["clip_t_other_median"]) / 2
+    return evidence
 
 
 def noise_and_blank_images(count: int, seed: int = 0) -> dict[str, list]:
