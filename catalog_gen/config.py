@@ -229,6 +229,9 @@ class GenerateConfig:
     base_images: int = 0
     """Per SKU, draw this many images from the base model alone (no adapter) with the same prompts and seeds
     as its first candidates, for comparison in the report (0: none)."""
+    allow_base_mismatch: bool = False
+    """Apply adapters trained on another base model (their base fingerprint differs from this run's). Off:
+    such SKUs are refused before any image is drawn. Each manifest row records the adapter's base."""
 
     def __post_init__(self) -> None:
         check_field_types(self)

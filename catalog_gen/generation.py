@@ -84,6 +84,7 @@ def generate(request: GenerationRequest, config: GenerateConfig, *, progress: Ca
     from accelerate import PartialState
 
     from catalog_gen.class_map import load_class_map
+    from catalog_gen.models import model_fingerprint, resolve_base_model
     from catalog_gen.workflow import use_cpu
 
     state = PartialState(cpu=use_cpu())
@@ -92,16 +93,20 @@ def generate(request: GenerationRequest, config: GenerateConfig, *, progress: Ca
     summary = GenerationSummary(run_dir)
     class_map = load_class_map(request.class_map)
 
-    # 1. Read and check the SKU sheet; refused rows go to rejects.csv, the rest go on.
+    # 1. Read and check the SKU sheet against the class map, the adapters and this run's base model;
+    #    refused rows go to rejects.csv, the rest go on.
+    model = resolve_base_model(config.base_model)
+    base_fingerprint = model_fingerprint(model)
     rows, rejects = skus.read_sku_sheet(Path(request.skus))
     rows, more_rejects = skus.validate_rows(
         rows, class_map,
-        has_adapter=lambda c, i: (adapter_folder(request.workdir, c, i) / "adapter.json").is_file(),
+        adapter_problem=lambda c, i: adapter_problem(request.workdir, c, i, config, base_fingerprint),
         template_for=lambda c: request.templates.get(c, config.template))
     rejects = sorted(rejects + more_rejects, key=lambda r: r.line)
     redo_round = 0
     if request.redo_rejected is not None:
-        rejected, redo_round = rejected_in(Path(request.redo_rejected))
+        rejected = rejected_in(Path(request.redo_rejected))
+        redo_round = next_redo_round(Path(request.redo_rejected), run_dir)
         # Only the rejected SKUs, each drawing as many new images as were rejected.
         rows = [dataclasses.replace(row, n_images=rejected[row.sku]) for row in rows if row.sku in rejected]
     summary.rejected_rows, summary.skus_total = len(rejects), len(rows)
@@ -124,7 +129,7 @@ def generate(request: GenerationRequest, config: GenerateConfig, *, progress: Ca
 
     if groups:
         # 4. The base pipeline and the embedders, loaded once.
-        context = _load_context(config, request, run_dir, folder_of, state.device)
+        context = _load_context(config, request, run_dir, folder_of, state.device, model, base_fingerprint)
         context.seed_offset = redo_round * REDO_SEED_STRIDE
         # 5. Per instance: the base model's comparison images (base_images > 0), then its adapter in;
         #    its SKUs' candidates share UNet batches; adapter out.
@@ -144,17 +149,79 @@ def generate(request: GenerationRequest, config: GenerateConfig, *, progress: Ca
 REDO_SEED_STRIDE = 1_000_003
 
 
-def rejected_in(previous_run: Path) -> tuple[dict[str, int], int]:
-    """Per SKU, how many candidates a reviewer rejected in an earlier run; and the next redo round."""
+def rejected_in(previous_run: Path) -> dict[str, int]:
+    """Per SKU, how many of an earlier run's kept candidates a reviewer rejected.
+
+    A rejection of a candidate the gates had already dropped asks for nothing new: it was never
+    going to be exported, so it does not add an image to the next night's count.
+    """
     import polars as pl
 
     decisions = previous_run / "decisions.parquet"
     if not decisions.is_file():
         raise CatalogError(f"{previous_run} has no decisions.parquet: review it first (catalog review {previous_run})")
-    table = pl.read_parquet(decisions)
-    rejected = dict(Counter(table.filter(pl.col("decision") == "reject")["sku"].to_list()))
-    previous = json.loads((previous_run / "run.json").read_text()) if (previous_run / "run.json").is_file() else {}
-    return rejected, int(previous.get("settings", {}).get("redo_round", 0)) + 1
+    manifest = previous_run / "manifest.parquet"
+    if not manifest.is_file():
+        raise CatalogError(f"{previous_run} has no manifest.parquet: it is not a finished run")
+    kept = pl.read_parquet(manifest).filter(pl.col("kept")).select("sku", "candidate")
+    table = pl.read_parquet(decisions).filter(pl.col("decision") == "reject")
+    table = table.join(kept, on=["sku", "candidate"], how="inner")
+    return dict(Counter(table["sku"].to_list()))
+
+
+def next_redo_round(previous_run: Path, run_dir: Path) -> int:
+    """The redo round for a redo of previous_run into run_dir: one past every round its family has used.
+
+    The family is every run folder beside previous_run or run_dir that descends from the same first run
+    (following each run.json's redo_rejected). Redoing one reviewed run twice, or a run and its redo,
+    thus never draws from seeds an earlier redo drew (and a reviewer may have rejected). A run_dir that
+    already holds a redo keeps its round, so a crashed redo resumes on its own seeds.
+    """
+    def settings(folder: Path) -> dict:
+        try:
+            return json.loads((folder / "run.json").read_text()).get("settings", {})
+        except (OSError, ValueError):
+            return {}
+
+    def root(folder: Path) -> Path:
+        seen: set[Path] = set()
+        folder = folder.resolve()
+        while folder not in seen:
+            seen.add(folder)
+            parent = settings(folder).get("redo_rejected")
+            if not parent:
+                break
+            folder = Path(parent).resolve()
+        return folder
+
+    own = settings(run_dir)
+    if own.get("redo_rejected") and Path(own["redo_rejected"]).resolve() == previous_run.resolve():
+        return int(own.get("redo_round", 1))
+    family_root = root(previous_run)
+    rounds = [int(settings(previous_run).get("redo_round", 0))]
+    for parent in {previous_run.resolve().parent, run_dir.resolve().parent}:
+        for folder in parent.iterdir() if parent.is_dir() else ():
+            if folder.is_dir() and (folder / "run.json").is_file() and root(folder) == family_root:
+                rounds.append(int(settings(folder).get("redo_round", 0)))
+    return max(rounds) + 1
+
+
+def adapter_problem(workdir: Path, class_key: str, instance_key: str, config: GenerateConfig,
+                    base_fingerprint: str) -> str | None:
+    """Why an instance's adapter cannot be used by this run (None: it can): missing, unreadable, or trained
+    on another base model than this run's (unless the recipe allows that)."""
+    folder = adapter_folder(workdir, class_key, instance_key)
+    if not (folder / "adapter.json").is_file():
+        return f"no trained adapter for {class_key}/{instance_key}; run catalog train --class {class_key}"
+    try:
+        trained_on = json.loads((folder / "adapter.json").read_text())["base_model"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"adapter {class_key}/{instance_key}: unreadable adapter.json ({error})"
+    if trained_on.get("fingerprint") != base_fingerprint and not config.allow_base_mismatch:
+        return (f"adapter {class_key}/{instance_key} was trained on base model {trained_on.get('spec')!r} "
+                f"(fingerprint {trained_on.get('fingerprint')}), this run uses {config.base_model!r} (fingerprint "
+                f"{base_fingerprint}); retrain it on this base or pass --allow-base-mismatch")
+    return None
 
 
 def use_prompt_noun(prompt: str, token: str, noun: str) -> str:
@@ -200,11 +267,11 @@ def _finished(run_dir: Path, folder: str) -> bool:
     return not pl.read_parquet(part)["reason"].str.starts_with("error:").any()
 
 
-def _load_context(config: GenerateConfig, request: GenerationRequest, run_dir: Path, folder_of, device) -> _Context:
+def _load_context(config: GenerateConfig, request: GenerationRequest, run_dir: Path, folder_of, device, model,
+                  base_fingerprint: str) -> _Context:
     from catalog_gen import embedders
-    from catalog_gen.models import load_pipeline, model_fingerprint, resolve_base_model
+    from catalog_gen.models import load_pipeline
 
-    model = resolve_base_model(config.base_model)
     pipeline = load_pipeline(model, device, config.precision)
     from catalog_gen.sampling import make_scheduler
 
@@ -212,7 +279,7 @@ def _load_context(config: GenerateConfig, request: GenerationRequest, run_dir: P
     clip = embedders.load_clip(config.clip_model, device=str(device), backend=config.embedder_backend)
     dino = embedders.load_dino(config.dino_model, device=str(device), backend=config.embedder_backend)
     references = embedders.ReferenceEmbeddings(Path(request.workdir) / "embeddings")
-    return _Context(config, run_dir, pipeline, clip, dino, references, model_fingerprint(model), folder_of)
+    return _Context(config, run_dir, pipeline, clip, dino, references, base_fingerprint, folder_of)
 
 
 # Where one SKU stands, and which candidates the next shared batch draws: pure, unit-tested on its own.
@@ -546,7 +613,10 @@ def _finish_sku(context: _Context, instance: _Instance, run: _SkuRun, summary: G
                 "passed": str(verdict.passed)}
         _save_png(context.run_dir / path, record["image"], text)
         rows_out.append(_manifest_row(row, run.prompt, run.scoring_prompt, record, path, record["candidate"] in kept,
-                                      instance.thresholds))
+                                      instance.thresholds)
+                        | {"adapter_base_fingerprint": instance.adapter.record["base_model"].get("fingerprint"),
+                           "base_mismatch": instance.adapter.record["base_model"].get("fingerprint")
+                           != context.base_fingerprint})
         summary.failed_by_gate.update(verdict.failed_gates)
     _write_part(context, folder, rows_out)
     summary.skus_done += 1

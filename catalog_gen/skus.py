@@ -161,11 +161,14 @@ def _key(cell: str) -> str:
 def validate_rows(
     rows: Sequence[SkuRow],
     class_map: ClassMap,
-    has_adapter: Callable[[str, str], bool],
+    adapter_problem: Callable[[str, str], str | None],
     template_for: Callable[[str], str],
     builtin_variables: frozenset[str] = BUILTIN_VARIABLES,
 ) -> tuple[list[SkuRow], list[RejectedRow]]:
-    """Rows whose class, instance, adapter and template variables check out, keys normalised."""
+    """Rows whose class, instance, adapter and template variables check out, keys normalised.
+
+    adapter_problem(class, instance) says why that instance's adapter cannot be used (None: it can).
+    """
     good: list[SkuRow] = []
     rejects: list[RejectedRow] = []
     fields: dict[str, tuple[str, set[str]]] = {}  # class -> (template, its fields); a bad template raises
@@ -180,9 +183,8 @@ def validate_rows(
             if instance_key not in spec.instances:
                 problems.append(f"unknown instance '{row.instance_key}' in class '{class_key}'; "
                                 f"known: {', '.join(spec.instances)}")
-            elif not has_adapter(class_key, instance_key):
-                problems.append(f"no trained adapter for {class_key}/{instance_key}; "
-                                f"run catalog train --class {class_key}")
+            elif (problem := adapter_problem(class_key, instance_key)) is not None:
+                problems.append(problem)
             if class_key not in fields:
                 template = template_for(class_key)
                 fields[class_key] = (template, template_fields(template))

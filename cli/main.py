@@ -139,6 +139,7 @@ def generate(
     base_images: Annotated[Optional[int], typer.Option("--base-images", help="Per SKU, also draw this many images with the base model alone (same prompts and seeds as the first candidates) for the report.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Redo the whole run folder.")] = False,
     redo_rejected: Annotated[Optional[Path], typer.Option("--redo-rejected", help="Reviewed earlier run: regenerate only its rejected SKUs, with new seeds.")] = None,
+    allow_base_mismatch: Annotated[bool, typer.Option("--allow-base-mismatch", help="Apply adapters trained on another base model (recorded per image in the manifest).")] = False,
 ) -> None:
     """Generate gated, on-style images for every SKU of a sheet (resumable: rerun to finish)."""
     import time
@@ -149,6 +150,7 @@ def generate(
 
     config = build_config(GenerateConfig, read_recipe(recipe, "generate"), dict(
         base_model=base_model, scheduler=scheduler, steps=steps, n_images=n_images, seed=seed, base_images=base_images,
+        allow_base_mismatch=True if allow_base_mismatch else None,
     ), origin=f"recipe {recipe}" if recipe else "options")
     redo = f"-redo-{redo_rejected.name}" if redo_rejected else ""
     folder = run_dir or workdir / "runs" / f"{skus.stem}-{time.strftime('%Y%m%d')}{redo}"

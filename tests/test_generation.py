@@ -232,7 +232,9 @@ def test_redo_rejected_regenerates_exactly_the_rejected_skus(finished_run, sheet
     original, _ = finished_run
     reviewed = tmp_path / "reviewed"
     shutil.copytree(original, reviewed)
-    _write_decisions(reviewed, [("RG-BAND-1", 0, "reject"), ("RG-BAND-1", 1, "approve"), ("../escape", 0, "approve")])
+    kept = pl.read_parquet(original / "manifest.parquet").filter(pl.col("kept") & (pl.col("sku") == "RG-BAND-1"))
+    assert kept.height >= 1, "the fixture run keeps at least one RG-BAND-1 candidate"
+    _write_decisions(reviewed, [("RG-BAND-1", int(kept["candidate"][0]), "reject"), ("../escape", 0, "approve")])
     summary = run(sheet, workdir, tmp_path / "redo", redo_rejected=reviewed)
     manifest = pl.read_parquet(tmp_path / "redo" / "manifest.parquet")
     assert set(manifest["sku"]) == {"RG-BAND-1"} and summary.skus_done == 1
@@ -241,6 +243,67 @@ def test_redo_rejected_regenerates_exactly_the_rejected_skus(finished_run, sheet
     old_seeds = set(pl.read_parquet(original / "manifest.parquet").filter(pl.col("sku") == "RG-BAND-1")["seed"])
     assert not old_seeds & set(manifest["seed"])
     assert json.loads((tmp_path / "redo" / "run.json").read_text())["settings"]["redo_round"] == 1
+
+
+def _fake_run(folder: Path, kept: dict[tuple[str, int], bool], redo_of: Path | None = None, round_: int = 0):
+    folder.mkdir(parents=True)
+    pl.DataFrame([{"sku": sku, "candidate": c, "kept": k} for (sku, c), k in kept.items()]).write_parquet(
+        folder / "manifest.parquet")
+    settings = {"redo_round": round_, "redo_rejected": str(redo_of) if redo_of else None}
+    (folder / "run.json").write_text(json.dumps({"settings": settings}))
+    return folder
+
+
+def test_a_rejection_of_a_candidate_the_gates_dropped_asks_for_no_new_image(tmp_path):
+    from catalog_gen.generation import rejected_in
+
+    night = _fake_run(tmp_path / "night", {("A", 0): True, ("A", 1): False, ("B", 0): False, ("B", 1): True})
+    _write_decisions(night, [("A", 0, "reject"), ("A", 1, "reject"), ("B", 0, "reject"), ("B", 1, "approve")])
+    assert rejected_in(night) == {"A": 1}
+
+
+def test_redoing_one_reviewed_run_twice_never_reuses_a_redo_round(tmp_path):
+    from catalog_gen.generation import next_redo_round
+
+    runs = tmp_path / "runs"
+    night = _fake_run(runs / "night", {("A", 0): True})
+    assert next_redo_round(night, runs / "redo-1") == 1
+    first = _fake_run(runs / "redo-1", {("A", 0): True}, redo_of=night, round_=1)
+    assert next_redo_round(night, runs / "redo-1") == 1, "a crashed redo resumes on its own seeds"
+    assert next_redo_round(night, runs / "redo-again") == 2, "a second redo of the same run draws new seeds"
+    _fake_run(runs / "redo-again", {("A", 0): True}, redo_of=night, round_=2)
+    assert next_redo_round(first, runs / "redo-of-redo") == 3
+    unrelated = _fake_run(runs / "other-night", {("A", 0): True}, round_=0)
+    assert next_redo_round(unrelated, runs / "other-redo") == 1
+
+
+def test_an_adapter_trained_on_another_base_is_refused_before_any_image_is_drawn(workdir, tmp_path):
+    import shutil
+
+    from catalog_gen.adapters import adapter_folder
+
+    moved = tmp_path / "work"
+    shutil.copytree(workdir, moved)
+    record_path = adapter_folder(moved, "ring", "signet") / "adapter.json"
+    record = json.loads(record_path.read_text())
+    record["base_model"]["fingerprint"] = "0123456789abcdef"
+    record_path.write_text(json.dumps(record))
+    sheet = tmp_path / "skus.csv"
+    sheet.write_text("sku,class,instance,view,setting,metal\nS-1,ring,signet,front view,on wood,gold\n"
+                     "B-1,ring,band,front view,on wood,gold\n")
+    summary = run(sheet, moved, tmp_path / "refused")
+    rejects = pl.read_csv(tmp_path / "refused" / "rejects.csv")
+    assert rejects["sku"].to_list() == ["S-1"]
+    assert "0123456789abcdef" in rejects["reason"][0] and "--allow-base-mismatch" in rejects["reason"][0]
+    assert not (tmp_path / "refused" / "images" / "S-1").exists()
+    manifest = pl.read_parquet(tmp_path / "refused" / "manifest.parquet")
+    assert set(manifest["sku"]) == {"B-1"} and not manifest["base_mismatch"].any() and summary.skus_done == 1
+
+    run(sheet, moved, tmp_path / "allowed", nightly(allow_base_mismatch=True))
+    manifest = pl.read_parquet(tmp_path / "allowed" / "manifest.parquet")
+    signet = manifest.filter(pl.col("sku") == "S-1")
+    assert signet.height >= 1 and signet["base_mismatch"].all()
+    assert set(signet["adapter_base_fingerprint"]) == {"0123456789abcdef"}
 
 
 def test_redo_needs_a_reviewed_run(finished_run, sheet, workdir, tmp_path):

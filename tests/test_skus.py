@@ -46,7 +46,9 @@ def _reasons(rejects: list[RejectedRow]) -> dict[int, str]:
 
 def _validate(rows, jewelry, template=TEMPLATE):
     no_adapter = {("ring", "signet")}
-    return validate_rows(rows, jewelry, lambda c, i: (c, i) not in no_adapter, lambda c: template)
+    return validate_rows(rows, jewelry,
+                         lambda c, i: f"no trained adapter for {c}/{i}; run catalog train --class {c}" if (c, i) in no_adapter else None,
+                         lambda c: template)
 
 
 # ---------------------------------------------------------------- reading
