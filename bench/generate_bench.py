@@ -678,7 +678,8 @@ def measure_loop(job: dict) -> dict:
 def loop_candidates(pipeline, models, config: GenerateConfig, row, prompt: str, text, reference_clip, reference_dino,
                     thresholds, clock: Counter) -> list:
     """generate()'s k + M rule, written plainly: draw k; while fewer than k pass, draw more, up to k + M."""
-    from catalog_gen import gates, skus
+    from catalog_gen import gates
+    from catalog_gen import seeds as seed_of
     from catalog_gen.generation import _score
     from catalog_gen.sampling import draw
 
@@ -689,7 +690,7 @@ def loop_candidates(pipeline, models, config: GenerateConfig, row, prompt: str, 
         if passed >= k:
             break
         wanted = min(k - passed if len(found) >= k else k, budget - len(found))
-        seeds = [skus.candidate_seed(row.sku, i, row.seed if row.seed is not None else config.seed)
+        seeds = [seed_of.candidate(row.sku, i, seed_of.sku_run_seed(config.seed, row.seed, 0))
                  for i in range(len(found), len(found) + wanted)]
         t0 = time.perf_counter()
         images = draw(pipeline, [prompt] * wanted, seeds, steps=config.steps, resolution=config.resolution,

@@ -37,8 +37,9 @@ import torch
 
 from catalog_gen import bpe
 from catalog_gen.errors import CatalogError
+from catalog_gen.seeds import isolated_rng
 # The base-model rules, shared: which files are pickles, the per-file hash memo, what a hub id looks like.
-from catalog_gen.models import _PICKLE_SUFFIXES, _cached_file_hash, _looks_like_hub_id
+from catalog_gen.models import PICKLE_SUFFIXES, cached_file_hash, looks_like_hub_id, quiet_model_loading
 from catalog_gen.presets import cache_root, save_transformers_model
 from catalog_gen.storage import atomic_write_json, build_once, sha256_file
 
@@ -68,7 +69,7 @@ def resolve_embedder_folder(spec: str) -> Path:
         folder = materialise_embedder_preset(spec)
     elif Path(spec).expanduser().exists():
         folder = Path(spec).expanduser().resolve()
-    elif _looks_like_hub_id(spec):
+    elif looks_like_hub_id(spec):
         folder = _find_in_hf_cache(spec)
     else:
         raise CatalogError(f"embedder '{spec}' not found: it is not a preset ({', '.join(EMBEDDER_PRESETS)}), "
@@ -76,7 +77,7 @@ def resolve_embedder_folder(spec: str) -> Path:
     if not (folder / "config.json").is_file():
         raise CatalogError(f"embedder '{spec}' ({folder}) has no config.json: not a Hugging Face model folder")
     if not list(folder.glob("*.safetensors")):
-        pickles = sorted(f.name for f in folder.iterdir() if f.name.endswith(_PICKLE_SUFFIXES))
+        pickles = sorted(f.name for f in folder.iterdir() if f.name.endswith(PICKLE_SUFFIXES))
         if pickles:
             raise CatalogError(
                 f"embedder '{spec}' holds only pickle weights ({', '.join(pickles)}); pickle files can run code "
@@ -106,7 +107,7 @@ def embedder_fingerprint(folder: Path) -> str:
     digest = hashlib.sha256()
     for weights in sorted(folder.glob("*.safetensors")):
         # Memoised beside the file by size and mtime: hashing a real CLIP costs a second per load otherwise.
-        digest.update(f"{weights.name}:{_cached_file_hash(weights)}\n".encode())
+        digest.update(f"{weights.name}:{cached_file_hash(weights)}\n".encode())
     for name in ("config.json", "preprocessor_config.json"):
         if (folder / name).is_file():
             digest.update(f"{name}:{sha256_file(folder / name)}\n".encode())
@@ -185,21 +186,13 @@ def materialise_embedder_preset(name: str, cache_dir: Path | None = None) -> Pat
     folder = (cache_dir or cache_root()) / "presets" / f"{name}-v{EMBEDDER_PRESET_FORMAT}{tag}"
 
     def build(staging: Path) -> None:
-        quiet_transformers()
-        preset.build(staging)
+        with quiet_model_loading():
+            preset.build(staging)
         atomic_write_json(staging / _COMPLETE_MARKER, {"preset": name, "format": EMBEDDER_PRESET_FORMAT})
 
     # The weights are checked too: a build made off rank 0 by an earlier release has the marker and no model.
     return build_once(folder, lambda path: (path / _COMPLETE_MARKER).is_file() and (path / "config.json").is_file()
                       and any(path.glob("*.safetensors")), build)
-
-
-def quiet_transformers() -> None:
-    """Loading and saving bars from transformers would bury the caller's own progress output."""
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
 
 
 def preprocessor_config(processor: str, mean, std, image_size: int = _IMAGE_SIZE) -> dict:
@@ -242,8 +235,8 @@ def _build_tiny_clip(out_dir: Path) -> None:
     )
     vision_config = dict(image_size=_IMAGE_SIZE, patch_size=_PATCH_SIZE, hidden_act="quick_gelu", **_TOWER)
     # 2. Random weights from a fixed seed.
-    torch.manual_seed(0)
-    model = CLIPModel(CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=32))
+    with isolated_rng(0):
+        model = CLIPModel(CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=32))
     # 3. An ordinary HF folder: safetensors, config.json, preprocessor_config.json, tokenizer files.
     save_transformers_model(model, out_dir)
     _write_json(out_dir / "preprocessor_config.json",
@@ -258,9 +251,9 @@ def _build_tiny_dino(out_dir: Path) -> None:
 
     config = ViTConfig(image_size=_IMAGE_SIZE, patch_size=_PATCH_SIZE, hidden_act="gelu", qkv_bias=True,
                        layer_norm_eps=1e-6, **_TOWER)
-    torch.manual_seed(1)
     # No pooler: facebook/dino-vits16's pooler is randomly initialised and never used.
-    model = ViTModel(config, add_pooling_layer=False)
+    with isolated_rng(1):
+        model = ViTModel(config, add_pooling_layer=False)
     save_transformers_model(model, out_dir)
     _write_json(out_dir / "preprocessor_config.json",
                 preprocessor_config("ViTImageProcessor", IMAGENET_MEAN, IMAGENET_STD))

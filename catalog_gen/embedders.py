@@ -21,8 +21,9 @@ import torch
 from PIL import Image, ImageOps
 
 from catalog_gen.embedder_presets import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, embedder_fingerprint,
-                                          export_onnx, onnx_runtime, quiet_transformers, resolve_embedder_folder)
+                                          export_onnx, onnx_runtime, resolve_embedder_folder)
 from catalog_gen.errors import CatalogError
+from catalog_gen.models import quiet_model_loading
 from catalog_gen.storage import atomic_path, sha256_file
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
@@ -168,9 +169,9 @@ def load_clip(spec: str = DEFAULT_CLIP, device: str = "cpu", backend: str = "tor
     from transformers import CLIPModel, CLIPTokenizer
 
     folder, fingerprint = _checked_inputs(spec, backend, "clip")
-    quiet_transformers()
-    model = CLIPModel.from_pretrained(folder, use_safetensors=True, local_files_only=True).float().eval()
-    tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+    with quiet_model_loading():
+        model = CLIPModel.from_pretrained(folder, use_safetensors=True, local_files_only=True).float().eval()
+        tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
     max_length = min(tokenizer.model_max_length, model.config.text_config.max_position_embeddings)
 
     def tokenize(texts: Sequence[str]) -> torch.Tensor:
@@ -191,9 +192,9 @@ def load_dino(spec: str = DEFAULT_DINO, device: str = "cpu", backend: str = "tor
     from transformers import ViTModel
 
     folder, fingerprint = _checked_inputs(spec, backend, "vit")
-    quiet_transformers()
-    model = ViTModel.from_pretrained(folder, add_pooling_layer=False, use_safetensors=True,
-                                     local_files_only=True).float().eval()
+    with quiet_model_loading():
+        model = ViTModel.from_pretrained(folder, add_pooling_layer=False, use_safetensors=True,
+                                         local_files_only=True).float().eval()
     transform = ImageTransform.from_folder(folder, model.config.image_size, IMAGENET_MEAN, IMAGENET_STD)
     runners = _runners({"image": _Part(model, _dino_cls)}, {"image": torch.zeros(2, 3, *transform.crop)},
                        fingerprint, device, backend)

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from catalog_gen import metrics
+from catalog_gen import metrics, seeds
 from catalog_gen.adapters import AdapterInfo, adapter_folder, read_adapter
 from catalog_gen.checkpoints import list_checkpoints
 from catalog_gen.config import INFERENCE_PRECISION, _choice, _positive, check_field_types
@@ -124,12 +124,12 @@ def eval_prompts(config: EvalConfig, adapter: AdapterInfo, noun: str, instance_n
 
     variables = {"token": adapter.token, "instance": instance_name, "noun": noun,
                  "instance_prompt": adapter.record["instance_prompt"]}
-    prompts, seeds = [], []
+    prompts, image_seeds = [], []
     for template in config.prompts:
         for n in range(config.images_per_prompt):
             prompts.append(render_prompt(template, variables))
-            seeds.append(config.seed * 1_000 + n)
-    return prompts, seeds
+            image_seeds.append(seeds.evaluation_image(config.seed, n))
+    return prompts, image_seeds
 
 
 def checkpoint_as_adapter_file(adapter: AdapterInfo, checkpoint: Path, out_dir: Path) -> Path:
@@ -189,7 +189,7 @@ def evaluate_instance(models: EvalModels, config: EvalConfig, workdir: Path, cla
         raise CatalogError(f"{class_spec.key}/{instance_key}: no saved checkpoints to evaluate")
     key = f"{class_spec.key}/{instance_key}"
     resolution = resolution or adapter.record["recipe"]["resolution"]
-    prompts, seeds = eval_prompts(config, adapter, class_spec.noun, class_spec.instances[instance_key].name)
+    prompts, image_seeds = eval_prompts(config, adapter, class_spec.noun, class_spec.instances[instance_key].name)
     photos = adapter.photo_paths
     reference_clip = models.references.get(models.clip, key, photos).numpy()
     reference_dino = models.references.get(models.dino, key, photos).numpy()
@@ -197,7 +197,7 @@ def evaluate_instance(models: EvalModels, config: EvalConfig, workdir: Path, cla
     text = models.clip.embed_texts([use_prompt_noun(p, adapter.token, class_spec.noun) for p in prompts]).numpy()
 
     def render():
-        return draw(models.pipeline, prompts, seeds, steps=config.steps, resolution=resolution,
+        return draw(models.pipeline, prompts, image_seeds, steps=config.steps, resolution=resolution,
                     guidance=config.guidance, batch_size=config.batch_size)
 
     base_images = render()  # the base model, same prompts and seeds
@@ -260,12 +260,12 @@ def _cell(value) -> str:
 def plot_metric(rows: Sequence[dict], metric: str, x: str, path: Path, group: str = "instance",
                 xlabel: str | None = None) -> Path:
     """A line per group of `metric` against `x`, written atomically as PNG."""
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: matplotlib's process-wide backend is left alone
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(5, 3.2), dpi=100)
+    figure = Figure(figsize=(5, 3.2), dpi=100)
+    FigureCanvasAgg(figure)
+    axis = figure.subplots()
     for name in sorted({str(r[group]) for r in rows}):
         points = sorted((r[x], r[metric]) for r in rows if str(r[group]) == name)
         axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
@@ -276,7 +276,6 @@ def plot_metric(rows: Sequence[dict], metric: str, x: str, path: Path, group: st
     figure.tight_layout()
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png")
-    plt.close(figure)
     return path
 
 

@@ -25,7 +25,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from catalog_gen import gates, skus
+from catalog_gen import gates, seeds, skus
 from catalog_gen.adapters import adapter_folder, read_adapter
 from catalog_gen.config import GenerateConfig
 from catalog_gen.errors import CatalogError
@@ -75,11 +75,11 @@ class _Context:
     references: object
     base_fingerprint: str
     folder_of: dict[str, str]
-    seed_offset: int = 0
+    redo_round: int = 0
 
 
-def generate(request: GenerationRequest, config: GenerateConfig, *, progress: Callable | None = None,
-             stop_after_skus: int | None = None) -> GenerationSummary:
+def generate(request: GenerationRequest, config: GenerateConfig, *,
+             progress: Callable | None = None) -> GenerationSummary:
     """Run (or finish) a nightly generation; safe to rerun after a crash."""
     from accelerate import PartialState
 
@@ -130,12 +130,12 @@ def generate(request: GenerationRequest, config: GenerateConfig, *, progress: Ca
     if groups:
         # 4. The base pipeline and the embedders, loaded once.
         context = _load_context(config, request, run_dir, folder_of, state.device, model, base_fingerprint)
-        context.seed_offset = redo_round * REDO_SEED_STRIDE
+        context.redo_round = redo_round
         # 5. Per instance: the base model's comparison images (base_images > 0), then its adapter in;
         #    its SKUs' candidates share UNet batches; adapter out.
         for (class_key, instance_key), group_rows in groups:
             _run_instance(context, class_map.get_class(class_key), instance_key, group_rows, request, summary,
-                          progress, stop_after_skus)
+                          progress)
     state.wait_for_everyone()
 
     # 6. One manifest for the whole run, merged by the main process.
@@ -143,10 +143,6 @@ def generate(request: GenerationRequest, config: GenerateConfig, *, progress: Ca
         _merge_manifest(run_dir, [folder_of[row.sku] for row in rows])
     summary.seconds = time.perf_counter() - started
     return summary
-
-
-# Seeds of a redo round n are those of run seed + n * stride: new images, still reproducible.
-REDO_SEED_STRIDE = 1_000_003
 
 
 def rejected_in(previous_run: Path) -> dict[str, int]:
@@ -325,7 +321,7 @@ def plan_batch(states: Sequence[SkuState], batch_size: int) -> list[Slot]:
     slots: list[Slot] = []
     for state in states:
         count = min(candidates_wanted(state), batch_size - len(slots))
-        slots += [Slot(state.sku, index, skus.candidate_seed(state.sku, index, state.run_seed), state.prompt)
+        slots += [Slot(state.sku, index, seeds.candidate(state.sku, index, state.run_seed), state.prompt)
                   for index in range(state.drawn, state.drawn + count)]
     return slots
 
@@ -360,11 +356,12 @@ class _SkuRun:
 
 
 def _run_instance(context: _Context, class_spec, instance_key: str, rows: Sequence[skus.SkuRow],
-                  request: GenerationRequest, summary: GenerationSummary, progress, stop_after_skus) -> None:
+                  request: GenerationRequest, summary: GenerationSummary, progress) -> None:
     key = f"{class_spec.key}/{instance_key}"
 
     def sku_done() -> None:
-        _sku_done(summary, progress, stop_after_skus)
+        if progress is not None:
+            progress(summary)
 
     try:
         instance = _load_instance(context, class_spec, instance_key, request)
@@ -453,17 +450,10 @@ def _missing_base_slots(context: _Context, instance: _Instance, rows: Sequence[s
         except Exception:  # _start_sku fails this SKU with the same error, where every SKU error is recorded
             continue
         run_seed = _run_seed(context, row)
-        slots += [Slot(row.sku, n, skus.candidate_seed(row.sku, n, run_seed), prompt)
+        slots += [Slot(row.sku, n, seeds.candidate(row.sku, n, run_seed), prompt)
                   for n in range(min(context.config.base_images, _images_wanted(context, row)))
                   if not base_image_path(context.run_dir, context.folder_of[row.sku], n).is_file()]
     return slots
-
-
-def _sku_done(summary: GenerationSummary, progress, stop_after_skus) -> None:
-    if progress is not None:
-        progress(summary)
-    if stop_after_skus is not None and summary.skus_done >= stop_after_skus:
-        raise InterruptedError(f"stopped after {summary.skus_done} SKUs as asked")  # tests simulate a crash
 
 
 def _run_skus(context: _Context, instance: _Instance, rows: Sequence[skus.SkuRow], summary: GenerationSummary,
@@ -524,7 +514,7 @@ def _sku_prompt(instance: _Instance, row: skus.SkuRow) -> str:
 
 
 def _run_seed(context: _Context, row: skus.SkuRow) -> int:
-    return (row.seed if row.seed is not None else context.config.seed) + context.seed_offset
+    return seeds.sku_run_seed(context.config.seed, row.seed, context.redo_round)
 
 
 def _images_wanted(context: _Context, row: skus.SkuRow) -> int:
@@ -629,11 +619,11 @@ def _message(error: Exception) -> str:
     return str(error) or type(error).__name__
 
 
-def _draw(context: _Context, prompts, seeds):
+def _draw(context: _Context, prompts, image_seeds):
     from catalog_gen.sampling import draw
 
     config = context.config
-    return draw(context.pipeline, prompts, seeds, steps=config.steps, resolution=config.resolution,
+    return draw(context.pipeline, prompts, image_seeds, steps=config.steps, resolution=config.resolution,
                 guidance=config.guidance, negative_prompt=config.negative_prompt or None,
                 batch_size=config.batch_size)
 

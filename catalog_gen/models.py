@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from catalog_gen.errors import CatalogError
-from catalog_gen.presets import PRESETS, materialise_preset
-from catalog_gen.storage import sha256_file
+from catalog_gen.presets import PRESETS, cache_root, materialise_preset
+from catalog_gen.storage import atomic_write_json, sha256_file
 
-_PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 # Components whose weights the training and generation stages load.
 _WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder")
 
@@ -37,7 +39,7 @@ def resolve_base_model(spec: str, cache_dir: Path | None = None) -> BaseModel:
         model = BaseModel(spec, materialise_preset(spec, cache_dir), "preset")
     elif Path(spec).expanduser().exists():
         model = BaseModel(spec, Path(spec).expanduser().resolve(), "local")
-    elif _looks_like_hub_id(spec):
+    elif looks_like_hub_id(spec):
         model = BaseModel(spec, _find_in_hf_cache(spec), "hf-cache")
     else:
         raise CatalogError(
@@ -48,7 +50,7 @@ def resolve_base_model(spec: str, cache_dir: Path | None = None) -> BaseModel:
     return model
 
 
-def _looks_like_hub_id(spec: str) -> bool:
+def looks_like_hub_id(spec: str) -> bool:
     parts = spec.split("/")
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
 
@@ -86,7 +88,7 @@ def check_model_folder(path: Path, spec: str) -> None:
         files = [f.name for f in folder.iterdir() if f.is_file()]
         if any(name.endswith(".safetensors") for name in files):
             continue
-        pickles = [name for name in files if name.endswith(_PICKLE_SUFFIXES)]
+        pickles = [name for name in files if name.endswith(PICKLE_SUFFIXES)]
         if pickles:
             raise CatalogError(
                 f"base model '{spec}': {component}/ holds only pickle weights ({', '.join(sorted(pickles))}); "
@@ -96,15 +98,24 @@ def check_model_folder(path: Path, spec: str) -> None:
         raise CatalogError(f"base model '{spec}': {component}/ has no weights file (*.safetensors)")
 
 
-def quiet_model_loading() -> None:
-    """Loading bars from diffusers/transformers would bury our own progress output."""
+@contextmanager
+def quiet_model_loading() -> Iterator[None]:
+    """Loading bars and notices from diffusers/transformers would bury our own progress output: silenced
+    while loading only, then the caller's settings are put back (the library changes no process-wide state)."""
     import diffusers
     import transformers
 
-    diffusers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
+    libraries = (diffusers.utils.logging, transformers.utils.logging)
+    saved = [(library.get_verbosity(), library.is_progress_bar_enabled()) for library in libraries]
+    for library in libraries:
+        library.disable_progress_bar()
+        library.set_verbosity_error()
+    try:
+        yield
+    finally:
+        for library, (verbosity, bars) in zip(libraries, saved):
+            library.set_verbosity(verbosity)
+            (library.enable_progress_bar if bars else library.disable_progress_bar)()
 
 
 def inference_dtype(precision: str, device):
@@ -132,15 +143,15 @@ def load_pipeline(model: BaseModel, device="cpu", precision: str = "auto"):
     """
     from diffusers import StableDiffusionPipeline
 
-    quiet_model_loading()
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        model.path,
-        **_dtype_argument(inference_dtype(precision, device)),
-        use_safetensors=True,
-        local_files_only=True,
-        safety_checker=None,
-        requires_safety_checker=False,
-    )
+    with quiet_model_loading():
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            model.path,
+            **_dtype_argument(inference_dtype(precision, device)),
+            use_safetensors=True,
+            local_files_only=True,
+            safety_checker=None,
+            requires_safety_checker=False,
+        )
     pipeline.set_progress_bar_config(disable=True)
     pipeline = pipeline.to(device)
     for module in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
@@ -192,23 +203,35 @@ def model_fingerprint(model: BaseModel) -> str:
     digest = hashlib.sha256()
     for component in _WEIGHTED_COMPONENTS:
         for weights in sorted((model.path / component).glob("*.safetensors")):
-            digest.update(f"{component}/{weights.name}:{_cached_file_hash(weights)}".encode())
+            digest.update(f"{component}/{weights.name}:{cached_file_hash(weights)}".encode())
     return digest.hexdigest()[:16]
 
 
-def _cached_file_hash(path: Path) -> str:
-    stat = path.stat()
-    key = f"{stat.st_size}:{stat.st_mtime_ns}"
-    memo = path.with_name(f".{path.name}.sha256.json")
+def cached_file_hash(path: Path) -> str:
+    """sha256 of a weights file, hashed once per (size, mtime).
+
+    A Hugging Face cache file is a link to a blob already named by its sha256: that name is the answer.
+    Other hashes are remembered in catalog-gen's own cache (cache_root()/file-hashes/), never beside the
+    model, so a user's model folders and hub cache are only ever read.
+    """
+    import hashlib
+
+    target = path.resolve()
+    if target.parent.name == "blobs" and len(target.name) == 64 and all(c in "0123456789abcdef" for c in target.name):
+        return target.name
+    stat = target.stat()
+    key = f"{target}:{stat.st_size}:{stat.st_mtime_ns}"
+    memo = cache_root() / "file-hashes" / f"{hashlib.sha256(str(target).encode()).hexdigest()[:32]}.json"
     try:
         cached = json.loads(memo.read_text())
         if cached.get("key") == key:
             return cached["sha256"]
     except (OSError, ValueError):
         pass
-    value = sha256_file(path)
+    value = sha256_file(target)
     try:
-        memo.write_text(json.dumps({"key": key, "sha256": value}))
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(memo, {"key": key, "sha256": value})
     except OSError:
-        pass  # a read-only model folder (shared HF cache) just means we hash again next time
+        pass  # an unwritable cache only means hashing again next time
     return value

@@ -22,6 +22,7 @@ import torch
 
 from catalog_gen import bpe
 from catalog_gen.errors import CatalogError
+from catalog_gen.seeds import isolated_rng
 from catalog_gen.storage import atomic_write_json, build_once
 
 # Bump when a preset's architecture or recipe changes, so old cache folders are not reused.
@@ -153,13 +154,14 @@ def _build(out_dir: Path, spec: dict) -> None:
     text_settings = dict(vocab_size=len(tokenizer), max_position_embeddings=77, hidden_act="quick_gelu",
                          **_special_token_ids(tokenizer))
     text_settings.update(spec["text_encoder"])
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_settings))
-    torch.manual_seed(1)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, **spec["vae"])
-    torch.manual_seed(2)
-    unet = UNet2DConditionModel(in_channels=4, out_channels=4, **spec["unet"])
+    with isolated_rng(0):
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_settings))
+    with isolated_rng(1):
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            **spec["vae"])
+    with isolated_rng(2):
+        unet = UNet2DConditionModel(in_channels=4, out_channels=4, **spec["unet"])
     save_pipeline(out_dir, unet, vae, text_encoder, tokenizer_dir, spec["dtype"])
     shutil.rmtree(tokenizer_dir, ignore_errors=True)
 

@@ -232,17 +232,7 @@ def render_prompt(template: str, variables: Mapping[str, str]) -> str:
     return "".join(literal + (str(variables[name]) if name is not None else "") for literal, name in pieces)
 
 
-# ---------------------------------------------------------------- seeds and folder names
-
-def candidate_seed(sku: str, index: int, run_seed: int) -> int:
-    """A 63-bit seed for one candidate image: the same whatever the order, batch size or process count."""
-    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
-        raise CatalogError(f"candidate index for sku '{sku}' must be a non-negative integer, got {index!r}")
-    if not isinstance(run_seed, int) or isinstance(run_seed, bool):
-        raise CatalogError(f"run seed must be an integer, got {run_seed!r}")
-    digest = hashlib.sha256(json.dumps([run_seed, sku, index]).encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
-
+# ---------------------------------------------------------------- folder names
 
 def _sanitise(sku: str) -> str:
     # Accents folded first ("été" -> "ete") so names stay readable; everything else unsafe -> "_".

@@ -84,7 +84,7 @@ def configs_for(point: Mapping[str, Any], train: TrainConfig, evaluation: EvalCo
 
 
 def run_sweep(source, class_key: str, instance_key: str, workdir: Path, name: str, grid: Mapping[str, Sequence[Any]],
-              train: TrainConfig, evaluation: EvalConfig, *, progress=None, stop_after_points: int | None = None) -> Path:
+              train: TrainConfig, evaluation: EvalConfig, *, progress=None) -> Path:
     """Run every unfinished grid point (shared between processes under accelerate), then tabulate."""
     from accelerate import PartialState
 
@@ -110,7 +110,6 @@ def run_sweep(source, class_key: str, instance_key: str, workdir: Path, name: st
 
     # 2. This process's unfinished points: train, evaluate the final checkpoint, record.
     models = None
-    done = 0
     for point in points[state.process_index::state.num_processes]:
         folder = sweep_dir / "points" / point_id(point)
         if (folder / "result.json").is_file():
@@ -127,9 +126,6 @@ def run_sweep(source, class_key: str, instance_key: str, workdir: Path, name: st
         rows = evaluate_instance(models, eval_config, folder, class_spec, instance_key)
         atomic_write_json(folder / "result.json", {"point": point, "lora_alpha": train_config.resolved_lora_alpha,
                                                    "metrics": rows[-1]})
-        done += 1
-        if stop_after_points is not None and done >= stop_after_points:
-            raise InterruptedError(f"stopped after {done} grid points as asked")  # tests simulate a crash
     state.wait_for_everyone()
 
     # 3. One table and a plot per axis, from every finished point.

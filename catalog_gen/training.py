@@ -29,6 +29,7 @@ from catalog_gen.checkpoints import (
     TrainingState, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint,
 )
 from catalog_gen.config import TrainConfig
+from catalog_gen import seeds
 from catalog_gen.errors import CatalogError
 from catalog_gen.models import BaseModel
 
@@ -101,14 +102,14 @@ def load_components(model: BaseModel, config: TrainConfig, device: torch.device)
 
     from catalog_gen.models import own_aligned_memory, quiet_model_loading
 
-    quiet_model_loading()
     dtype = weight_dtype_for(config, device)
     common = dict(use_safetensors=True, local_files_only=True)
-    tokenizer = CLIPTokenizer.from_pretrained(model.path / "tokenizer", local_files_only=True)
-    text_encoder = CLIPTextModel.from_pretrained(model.path, subfolder="text_encoder", **common)
-    vae = AutoencoderKL.from_pretrained(model.path, subfolder="vae", **common)
-    unet = UNet2DConditionModel.from_pretrained(model.path, subfolder="unet", **common)
-    noise_scheduler = DDPMScheduler.from_pretrained(model.path, subfolder="scheduler", local_files_only=True)
+    with quiet_model_loading():
+        tokenizer = CLIPTokenizer.from_pretrained(model.path / "tokenizer", local_files_only=True)
+        text_encoder = CLIPTextModel.from_pretrained(model.path, subfolder="text_encoder", **common)
+        vae = AutoencoderKL.from_pretrained(model.path, subfolder="vae", **common)
+        unet = UNet2DConditionModel.from_pretrained(model.path, subfolder="unet", **common)
+        noise_scheduler = DDPMScheduler.from_pretrained(model.path, subfolder="scheduler", local_files_only=True)
     for module in (text_encoder, vae, unet):
         module.requires_grad_(False)
         module.to(device, dtype=dtype)
@@ -128,12 +129,6 @@ def load_components(model: BaseModel, config: TrainConfig, device: torch.device)
     return Components(model, tokenizer, text_encoder, vae, unet, noise_scheduler, device, dtype)
 
 
-def step_seed(seed: int, instance_key: str, step: int) -> int:
-    """A 63-bit seed for one step of one instance, independent of anything that ran before."""
-    digest = hashlib.sha256(f"{seed}|{instance_key}|{step}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 def learning_rate_at(step: int, config: TrainConfig, base_lr: float) -> float:
     """Pure schedule: linear warm-up, then constant, cosine or linear decay to zero."""
     if config.warmup_steps and step < config.warmup_steps:
@@ -151,7 +146,7 @@ def photo_positions(step: int, batch_size: int, count: int, seed: int) -> list[i
     chosen = []
     for position in range(step * batch_size, (step + 1) * batch_size):
         epoch, offset = divmod(position, count)
-        order = torch.randperm(count, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(seeds.epoch_order(seed, epoch)))
         chosen.append(int(order[offset]))
     return chosen
 
@@ -240,14 +235,16 @@ def _add_lora(components: Components, config: TrainConfig, instance_key: str):
 
     unet_config = LoraConfig(r=config.lora_rank, lora_alpha=config.resolved_lora_alpha, lora_dropout=config.lora_dropout,
                              init_lora_weights=True, target_modules=UNET_LORA_TARGETS)
-    # LoRA's A matrices start random: seed them so a rerun starts from the same point.
-    torch.manual_seed(step_seed(config.seed, instance_key, -1))
-    components.unet.add_adapter(unet_config)
     text_config = None
-    if config.train_text_encoder:
-        text_config = LoraConfig(r=config.lora_rank, lora_alpha=config.resolved_lora_alpha, lora_dropout=config.lora_dropout,
-                                 init_lora_weights=True, target_modules=TEXT_ENCODER_LORA_TARGETS)
-        _inject_text_encoder_lora(components.text_encoder, text_config)
+    # LoRA's A matrices start random (peft draws them from torch's global generator): seeded, so a rerun
+    # starts from the same point, and isolated, so the caller's generator is left as it was.
+    with seeds.isolated_rng(seeds.lora_init(config.seed, instance_key), cuda=components.device.type == "cuda"):
+        components.unet.add_adapter(unet_config)
+        if config.train_text_encoder:
+            text_config = LoraConfig(r=config.lora_rank, lora_alpha=config.resolved_lora_alpha,
+                                     lora_dropout=config.lora_dropout, init_lora_weights=True,
+                                     target_modules=TEXT_ENCODER_LORA_TARGETS)
+            _inject_text_encoder_lora(components.text_encoder, text_config)
     return unet_config, text_config
 
 
@@ -307,9 +304,19 @@ def _make_optimizer(config: TrainConfig, unet_params, text_params) -> torch.opti
 
 
 def fit(components: Components, config: TrainConfig, job: InstanceJob, fingerprint: str, *, resume: bool,
-        progress: Callable | None = None, on_checkpoint: Callable[[int], None] | None = None,
-        stop_after_step: int | None = None) -> FitResult:
-    """Train one LoRA on one instance. The base model must carry no adapter on entry."""
+        progress: Callable | None = None, on_checkpoint: Callable[[int], None] | None = None) -> FitResult:
+    """Train one LoRA on one instance. The base model must carry no adapter on entry.
+
+    Dropout draws from torch's global generator; the whole fit runs in seeds.isolated_rng, so the
+    caller's generator state is the same after it as before.
+    """
+    with seeds.isolated_rng(cuda=components.device.type == "cuda"):
+        return _fit(components, config, job, fingerprint, resume=resume, progress=progress,
+                    on_checkpoint=on_checkpoint)
+
+
+def _fit(components: Components, config: TrainConfig, job: InstanceJob, fingerprint: str, *, resume: bool,
+         progress: Callable | None, on_checkpoint: Callable[[int], None] | None) -> FitResult:
     device = components.device
     # 1. Encode every photo and prompt once: the encoders are frozen, so this is exact.
     #    (cache_latents=false re-encodes the drawn photos every step instead: same numbers, more time.)
@@ -362,13 +369,14 @@ def fit(components: Components, config: TrainConfig, job: InstanceJob, fingerpri
     session_started = started
     checkpoints_written: list[int] = []
     for step in range(state.step, config.steps):
-        generator = torch.Generator().manual_seed(step_seed(config.seed, job.key, step))
-        torch.manual_seed(step_seed(config.seed, job.key, step) ^ 1)  # LoRA dropout, if any
-        picks = photo_positions(step, config.batch_size, len(job.photos), step_seed(config.seed, job.key, -2) % (1 << 31))
+        generator = torch.Generator().manual_seed(seeds.training_step(config.seed, job.key, step))
+        torch.manual_seed(seeds.dropout(config.seed, job.key, step))  # LoRA dropout, inside isolated_rng
+        picks = photo_positions(step, config.batch_size, len(job.photos), seeds.photo_order(config.seed, job.key))
         latents = latents_for("photos", photos, picks, generator)
         text_index = [0] * len(picks)
         if job.class_images:
-            class_picks = photo_positions(step, config.batch_size, len(job.class_images), config.seed + 7)
+            class_picks = photo_positions(step, config.batch_size, len(job.class_images),
+                                          seeds.class_image_order(config.seed))
             latents = torch.cat([latents, latents_for("class", class_photos, class_picks, generator)])
             text_index += [1] * len(class_picks)
         noise = torch.randn(latents.shape, generator=generator).to(device)
@@ -406,8 +414,6 @@ def fit(components: Components, config: TrainConfig, job: InstanceJob, fingerpri
             if on_checkpoint is not None:
                 on_checkpoint(state.step)
             prune_checkpoints(job.checkpoint_dir, config.keep_checkpoints)
-        if stop_after_step is not None and state.step >= stop_after_step:
-            raise InterruptedError(f"stopped after step {state.step} as asked")  # used by tests to simulate a crash
 
     ran = state.step - start_step
     from catalog_gen.lora_files import peft_layers

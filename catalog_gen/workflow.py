@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from catalog_gen import intake, taxonomy, tokens
+from catalog_gen import intake, seeds, taxonomy, tokens
 from catalog_gen.adapters import adapter_folder, finished_adapter, library_versions, write_adapter
 from catalog_gen.checkpoints import list_checkpoints
 from catalog_gen.config import TrainConfig
@@ -167,9 +167,9 @@ def ensure_class_images(components, class_key: str, class_prompt: str, config: T
     missing = [path for path in wanted if not path.is_file()]
     if missing:
         pipeline = pipeline_from_components(components)
-        seeds = [config.seed * 100_003 + int(path.stem) for path in missing]
+        image_seeds = [seeds.class_image(config.seed, int(path.stem)) for path in missing]
         for start in range(0, len(missing), 4):
-            images = draw(pipeline, [class_prompt] * len(missing[start:start + 4]), seeds[start:start + 4],
+            images = draw(pipeline, [class_prompt] * len(missing[start:start + 4]), image_seeds[start:start + 4],
                           steps=config.class_image_steps, resolution=config.resolution)
             for path, image in zip(missing[start:start + 4], images):
                 with atomic_path(path) as tmp:
@@ -184,7 +184,7 @@ def save_validation_images(components, job, config: TrainConfig, step: int) -> N
         return
     pipeline = pipeline_from_components(components)
     images = draw(pipeline, [job.instance_prompt] * config.validation_images,
-                  [config.seed + index for index in range(config.validation_images)],
+                  [seeds.validation_image(config.seed, index) for index in range(config.validation_images)],
                   steps=config.validation_steps, resolution=config.resolution)
     components.unet.train()
     folder = job.checkpoint_dir / f"step-{step:06d}" / "validation"
@@ -195,7 +195,7 @@ def save_validation_images(components, job, config: TrainConfig, step: int) -> N
 
 def train_class(source: PhotoSource, class_key: str, instance_keys: Sequence[str], workdir: Path,
                 config: TrainConfig, *, resume: bool = False, force: bool = False,
-                progress: Callable | None = None, stop_after_step: int | None = None,
+                progress: Callable | None = None,
                 distributed: bool = True) -> TrainSummary:
     """Train one adapter per instance of a class. Finished adapters are kept, failures reported.
 
@@ -257,7 +257,7 @@ def train_class(source: PhotoSource, class_key: str, instance_keys: Sequence[str
             continue
         try:
             outcome = _train_one(components, config, job, item, model, base_fingerprint, fingerprint, folder,
-                                 resume=resume, progress=progress, stop_after_step=stop_after_step)
+                                 resume=resume, progress=progress)
         except CatalogError as error:
             outcome = TrainOutcome(job.key, "failed", str(error))
         finally:
@@ -296,7 +296,7 @@ def use_cpu() -> bool:
 
 
 def _train_one(components, config, job, item, model: BaseModel, base_fingerprint, fingerprint, folder, *,
-               resume, progress, stop_after_step) -> TrainOutcome:
+               resume, progress) -> TrainOutcome:
     from catalog_gen import training
 
     started = time.perf_counter()
@@ -305,8 +305,7 @@ def _train_one(components, config, job, item, model: BaseModel, base_fingerprint
     try:
         result = training.fit(
             components, config, job, fingerprint, resume=resume, progress=report,
-            on_checkpoint=lambda step: save_validation_images(components, job, config, step),
-            stop_after_step=stop_after_step)
+            on_checkpoint=lambda step: save_validation_images(components, job, config, step))
     finally:
         if report is not None and hasattr(report, "close"):
             report.close()

@@ -48,3 +48,30 @@ def tokenizer(tokenizer_dir):
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer.from_pretrained(tokenizer_dir)
+
+
+# ---------------------------------------------------------------- fault injection
+# A crash at a chosen point, raised from the callbacks the library already offers (progress reports),
+# so the library carries no test-only parameters.
+
+class Crash(InterruptedError):
+    """What the fault-injection helpers raise, as a kill -9 would stop the run at that point."""
+
+
+def crash_in_training_step(step: int):
+    """A train_class `progress` factory that kills the run in `step` (1-based): the step is computed but
+    neither reported nor checkpointed, so what survives is the checkpoints before it."""
+    def reporter_for(job):
+        def report(done: int, loss: float, rate: float) -> None:
+            if done >= step:
+                raise Crash(f"{job.key}: killed in step {done}")
+        return report
+    return reporter_for
+
+
+def crash_after_skus(count: int):
+    """A generate `progress` callback that stops the run once `count` SKUs are finished."""
+    def report(summary) -> None:
+        if summary.skus_done >= count:
+            raise Crash(f"stopped after {summary.skus_done} SKUs")
+    return report

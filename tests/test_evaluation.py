@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from dataclasses import replace
 
 import polars as pl
@@ -66,12 +67,22 @@ def test_grid_parsing_and_points():
         grid_points({"steps": []})
 
 
-def test_sweep_resumes_a_half_finished_grid(sample_catalogue, tmp_path):
+def test_sweep_resumes_a_half_finished_grid(sample_catalogue, tmp_path, monkeypatch):
     train, evaluation = recipe_configs()
     grid = {"steps": [6, 12], "num_photos": [3]}
+    import catalog_gen.sweep
+
+    real_write = catalog_gen.sweep.atomic_write_json
+
+    def write_then_crash(path, payload):  # a kill right after the first point finished
+        real_write(path, payload)
+        if Path(path).name == "result.json":
+            raise InterruptedError("stopped after one grid point")
+
+    monkeypatch.setattr(catalog_gen.sweep, "atomic_write_json", write_then_crash)
     with pytest.raises(InterruptedError):
-        run_sweep(source(sample_catalogue), "ring", "band", tmp_path, "t", grid, train, evaluation,
-                  stop_after_points=1)
+        run_sweep(source(sample_catalogue), "ring", "band", tmp_path, "t", grid, train, evaluation)
+    monkeypatch.undo()
     finished = sorted((tmp_path / "sweeps" / "t" / "points").glob("*/result.json"))
     assert len(finished) == 1
     stamp = finished[0].stat().st_mtime_ns

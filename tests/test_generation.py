@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from conftest import crash_after_skus
 import torch
 from PIL import Image
 
@@ -130,7 +131,7 @@ def test_finished_run_rerun_does_nothing(finished_run, sheet, workdir):
 def test_resume_after_a_crash_equals_an_uninterrupted_run(finished_run, sheet, workdir, tmp_path):
     reference, _ = finished_run
     with pytest.raises(InterruptedError):
-        run(sheet, workdir, tmp_path, stop_after_skus=1)
+        run(sheet, workdir, tmp_path, progress=crash_after_skus(1))
     assert len(list((tmp_path / "parts").glob("*.parquet"))) == 1
     summary = run(sheet, workdir, tmp_path)
     assert summary.skus_done == 2 and summary.skus_already_done == 1

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from conftest import crash_after_skus
 
-from catalog_gen import generation, skus
+from catalog_gen import generation, seeds
 from catalog_gen.generation import SkuState, candidates_wanted, plan_batch
 # workdir: the module fixture with the two trained ring adapters.
 from test_generation import assert_same_candidates, nightly, run, workdir  # noqa: F401
@@ -58,7 +59,7 @@ def test_a_batch_takes_skus_in_order_and_never_exceeds_batch_size():
     slots = plan_batch(states, batch_size=4)
     assert [(s.sku, s.candidate) for s in slots] == [("A", 0), ("A", 1), ("A", 2), ("B", 2)]
     assert [s.prompt for s in slots] == ["pa"] * 3 + ["pb"]
-    assert all(s.seed == skus.candidate_seed(s.sku, s.candidate, 7) for s in slots)
+    assert all(s.seed == seeds.candidate(s.sku, s.candidate, 7) for s in slots)
     assert [(s.sku, s.candidate) for s in plan_batch(states, batch_size=2)] == [("A", 0), ("A", 1)]
     assert plan_batch(states[2:], batch_size=4) == []
 
@@ -168,7 +169,7 @@ def test_a_crash_mid_group_keeps_finished_skus_whole_and_the_rerun_matches(batch
                                                                            tmp_path):
     reference, *_ = batched
     with pytest.raises(InterruptedError):
-        run(sheet, workdir, tmp_path, nightly(batch_size=4), stop_after_skus=2)
+        run(sheet, workdir, tmp_path, nightly(batch_size=4), progress=crash_after_skus(2))
     # Parts are written per finished SKU, inside the first group (band, 5 SKUs), each complete with its PNGs.
     parts = sorted((tmp_path / "parts").glob("*.parquet"))
     assert len(parts) == 2

@@ -104,3 +104,33 @@ def test_single_file_checkpoint_is_refused(tmp_path):
 def test_unknown_preset_lists_presets(tmp_path):
     with pytest.raises(CatalogError, match="tiny, sd15-shape"):
         materialise_preset("huge", cache_dir=tmp_path)
+
+
+def test_fingerprinting_writes_nothing_into_the_model_folder_or_the_hub_cache(tiny_model, tmp_path):
+    """Hashes are remembered in catalog-gen's own cache; a hub blob's name already is its sha256."""
+    import hashlib
+    import os
+
+    from catalog_gen.models import BaseModel
+
+    local = tmp_path / "local"
+    shutil.copytree(tiny_model.path, local)
+    before = sorted(p.relative_to(local) for p in local.rglob("*"))
+    first = model_fingerprint(BaseModel("local", local, "local"))
+    assert model_fingerprint(BaseModel("local", local, "local")) == first  # from the memo now
+    assert sorted(p.relative_to(local) for p in local.rglob("*")) == before
+
+    # The same weights laid out as a Hugging Face cache: snapshot files link to blobs named by sha256.
+    repo = tmp_path / "hub" / "models--someone--tiny"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    for path in sorted(local.rglob("*")):
+        if path.is_file():
+            blob = repo / "blobs" / hashlib.sha256(path.read_bytes()).hexdigest()
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, blob)
+            link = snapshot / path.relative_to(local)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(os.path.relpath(blob, link.parent), link)
+    cached = sorted(p.relative_to(repo) for p in repo.rglob("*"))
+    assert model_fingerprint(BaseModel("someone/tiny", snapshot, "hf-cache")) == first
+    assert sorted(p.relative_to(repo) for p in repo.rglob("*")) == cached

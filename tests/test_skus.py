@@ -11,11 +11,11 @@ import pytest
 
 from catalog_gen.class_map import load_class_map
 from catalog_gen.errors import CatalogError
+from catalog_gen.seeds import candidate as candidate_seed
 from catalog_gen.skus import (
     MAX_IMAGES_PER_SKU,
     RejectedRow,
     SkuRow,
-    candidate_seed,
     escape_csv_cell,
     read_sku_sheet,
     render_prompt,

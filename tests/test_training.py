@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import crash_in_training_step
 import torch
 from safetensors.torch import load_file
 
@@ -109,7 +110,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(trained, sample_cat
     workdir, _ = trained
     source = _source(sample_catalogue)
     with pytest.raises(InterruptedError):
-        train_class(source, "ring", ["band"], tmp_path, tiny_config(), stop_after_step=3)
+        train_class(source, "ring", ["band"], tmp_path, tiny_config(), progress=crash_in_training_step(4))
     assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints" / "ring" / "band")] == [2]
     assert not (tmp_path / "adapters" / "ring" / "band").exists()
 
@@ -131,7 +132,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(trained, sample_cat
 def test_changed_settings_refuse_to_resume_foreign_checkpoints(sample_catalogue, tmp_path):
     source = _source(sample_catalogue)
     with pytest.raises(InterruptedError):
-        train_class(source, "ring", ["band"], tmp_path, tiny_config(), stop_after_step=2)
+        train_class(source, "ring", ["band"], tmp_path, tiny_config(), progress=crash_in_training_step(3))
     summary = train_class(source, "ring", ["band"], tmp_path, tiny_config(learning_rate=5e-3), resume=True)
     assert summary.outcomes[0].status == "failed"
     assert "different training settings" in summary.outcomes[0].detail
@@ -244,7 +245,7 @@ def test_eight_bit_adam_trains_and_resumes_exactly(sample_catalogue, tmp_path):
     source = _source(sample_catalogue)
     train_class(source, "ring", ["slim"], tmp_path / "straight", config)
     with pytest.raises(InterruptedError):
-        train_class(source, "ring", ["slim"], tmp_path / "resumed", config, stop_after_step=3)
+        train_class(source, "ring", ["slim"], tmp_path / "resumed", config, progress=crash_in_training_step(4))
     train_class(source, "ring", ["slim"], tmp_path / "resumed", config, resume=True)
     a = load_file(str(read_adapter(tmp_path / "straight" / "adapters" / "ring" / "slim").diffusers_file))
     b = load_file(str(read_adapter(tmp_path / "resumed" / "adapters" / "ring" / "slim").diffusers_file))
@@ -284,3 +285,13 @@ def test_a_rank_8_adapter_without_alpha_has_scale_1_in_both_files(sample_catalog
     with safe_open(str(info.diffusers_file), "pt") as handle:
         lora_config = json.loads(handle.metadata()["lora_adapter_metadata"])
     assert lora_config["unet.lora_alpha"] == 8.0 and lora_config["unet.r"] == 8
+
+
+def test_training_leaves_the_process_global_generator_as_it_found_it(sample_catalogue, tmp_path):
+    """LoRA init and dropout draw from torch's global generator inside seeds.isolated_rng only."""
+    torch.manual_seed(1234)
+    state = torch.random.get_rng_state()
+    config = tiny_config(steps=2, checkpoint_every=0, validation_images=0, lora_dropout=0.1)
+    summary = train_class(_source(sample_catalogue), "ring", ["band"], tmp_path, config)
+    assert summary.outcomes[0].status == "trained"
+    assert torch.equal(torch.random.get_rng_state(), state)

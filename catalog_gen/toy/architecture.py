@@ -6,19 +6,11 @@ sizes were chosen so that all four pretrain on 2 CPU cores within the budget of 
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
+from catalog_gen.seeds import isolated_rng as _seeded  # initialise from a fixed seed, generator left as found
 from catalog_gen.toy.world import RESOLUTION
 
-
-@contextlib.contextmanager
-def _seeded(seed: int):
-    """Initialise from a fixed seed without leaving the process's global generator changed."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
 
 LATENT_CHANNELS = 4
 VAE_LEVELS = (32, 64, 64)
