@@ -612,7 +612,8 @@ def measure_loop(job: dict) -> dict:
     import torch
 
     from catalog_gen import embedders, gates, skus
-    from catalog_gen.adapters import adapter_folder, read_adapter
+    from catalog_gen.adapters import read_adapter
+    from catalog_gen.layout import adapter_folder
     from catalog_gen.class_map import load_class_map
     from catalog_gen.generation import use_prompt_noun
     from catalog_gen.lora_files import DIFFUSERS_WEIGHTS_NAME

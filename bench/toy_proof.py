@@ -21,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 from catalog_gen.errors import CatalogError
 from catalog_gen.toy import proof, world

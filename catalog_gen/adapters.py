@@ -18,11 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from catalog_gen.errors import CatalogError
+from catalog_gen.layout import ADAPTER_JSON, workdir_of_adapter
 from catalog_gen.lora_files import DIFFUSERS_WEIGHTS_NAME, save_diffusers_lora, save_kohya_lora
 from catalog_gen.storage import atomic_directory, atomic_write_json, sha256_file
-
-ADAPTER_JSON = "adapter.json"
-
 
 @dataclass(frozen=True)
 class AdapterInfo:
@@ -44,12 +42,8 @@ class AdapterInfo:
     @property
     def photo_paths(self) -> list[Path]:
         """The normalised training photos (recorded relative to the workdir that holds the adapter)."""
-        workdir = self.folder.parents[2]  # WORKDIR/adapters/<class>/<instance>
+        workdir = workdir_of_adapter(self.folder)
         return [workdir / entry["file"] for entry in self.record["photos"]]
-
-
-def adapter_folder(workdir: Path, class_key: str, instance_key: str) -> Path:
-    return Path(workdir) / "adapters" / class_key / instance_key
 
 
 def kohya_file_name(class_key: str, instance_key: str) -> str:

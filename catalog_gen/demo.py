@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
+from catalog_gen import layout
 from catalog_gen.config import GenerateConfig, TrainConfig, build_config, read_recipe
 from catalog_gen.generation import GenerationRequest, generate
 from catalog_gen.report_text import (
@@ -38,7 +39,7 @@ def run_demo(workdir: Path, class_key: str = "ring", steps: int | None = None) -
     config = build_config(TrainConfig, read_recipe(DEMO_RECIPE, "train"), {"steps": steps}, origin=DEMO_RECIPE)
 
     yield "1. sample catalogue"
-    catalogue = write_sample_catalogue(workdir / "sample")
+    catalogue = write_sample_catalogue(layout.sample_folder(workdir))
     yield f"   wrote {catalogue.products_csv} and {catalogue.skus_csv}"
     yield from (f"   odd file {name}: {what}" for name, what in catalogue.odd_files.items())
 
@@ -63,12 +64,13 @@ def run_demo(workdir: Path, class_key: str = "ring", steps: int | None = None) -
 
     yield "5. nightly generation with quality gates (sample skus.csv; rows without an adapter are rejected)"
     generate_config = build_config(GenerateConfig, read_recipe(DEMO_NIGHTLY, "generate"), {}, origin=DEMO_NIGHTLY)
-    request = GenerationRequest(catalogue.skus_csv, workdir, workdir / "runs" / "demo",
+    request = GenerationRequest(catalogue.skus_csv, workdir, layout.demo_run_folder(workdir),
                                 templates=read_recipe(DEMO_NIGHTLY, "templates"))
     yield from indent(generation_summary_lines(generate(request, generate_config)), "   ")
 
     yield "6. QA report"
     report = write_report(request.run_dir)
     yield f"   {report.skus} SKUs, {report.candidates} candidates -> {report.index}"
-    yield f"done: adapters in {workdir / 'adapters' / class_key}, images in {request.run_dir / 'images'}"
+    yield (f"done: adapters in {layout.class_adapters_folder(workdir, class_key)}, "
+           f"images in {request.run_dir / layout.IMAGES_DIR}")
     yield f"review: open {report.index} in a browser, or run `catalog review {request.run_dir}` to approve / reject"

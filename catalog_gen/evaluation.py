@@ -23,7 +23,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from catalog_gen import metrics, seeds
-from catalog_gen.adapters import AdapterInfo, adapter_folder, read_adapter
+from catalog_gen import layout
+from catalog_gen.adapters import AdapterInfo, read_adapter
+from catalog_gen.layout import adapter_folder
 from catalog_gen.checkpoints import list_checkpoints
 from catalog_gen.config import INFERENCE_PRECISION, _choice, _positive, check_field_types
 from catalog_gen.errors import CatalogError
@@ -115,7 +117,7 @@ def load_eval_models(base_model: str, config: EvalConfig, workdir: Path, device=
     # (The Inception's own transform resizes the same way, to 299 px.)
     extractor = {"dino": dino, "clip": clip}.get(config.extractor, inception)
     # Reference embeddings made this way are cached apart from the gates' ones.
-    references = embedders.ReferenceEmbeddings(Path(workdir) / "embeddings" / "float-resize")
+    references = embedders.ReferenceEmbeddings(layout.embeddings_folder(workdir, "float-resize"))
     return EvalModels(pipeline, clip, dino, references, extractor)
 
 
@@ -181,7 +183,7 @@ def evaluate_instance(models: EvalModels, config: EvalConfig, workdir: Path, cla
     from catalog_gen.generation import use_prompt_noun
     from catalog_gen.sampling import draw
 
-    from catalog_gen.workflow import checkpoint_folder
+    from catalog_gen.layout import checkpoint_folder
 
     adapter = read_adapter(adapter_folder(workdir, class_spec.key, instance_key))
     checkpoints = list_checkpoints(checkpoint_folder(workdir, class_spec.key, instance_key))
@@ -288,16 +290,16 @@ def run_eval(workdir: Path, class_key: str, instance_keys: Sequence[str], config
 
     class_spec = load_class_map(class_map).get_class(class_key)
     instances = list(instance_keys) or [k for k in class_spec.instances
-                                        if (adapter_folder(workdir, class_key, k) / "adapter.json").is_file()]
+                                        if (adapter_folder(workdir, class_key, k) / layout.ADAPTER_JSON).is_file()]
     if not instances:
         raise CatalogError(f"class '{class_key}': no trained adapters in {workdir}; run catalog train first")
     base_model = read_adapter(adapter_folder(workdir, class_key, instances[0])).record["base_model"]["spec"]
     models = load_eval_models(base_model, config, workdir)
     rows = [row for key in instances for row in evaluate_instance(models, config, workdir, class_spec, key)]
-    out = Path(workdir) / "eval" / class_key
-    with atomic_path(out / "eval.parquet") as tmp:
+    out = layout.eval_folder(workdir, class_key)
+    with atomic_path(out / layout.EVAL_TABLE) as tmp:
         pl.DataFrame(rows).write_parquet(tmp)
     for metric in METRICS:
         plot_metric(rows, metric, "step", out / f"{metric}.png")
-    atomic_write_text(out / "summary.md", summary_markdown(rows, config, f"Evaluation of class {class_key}"))
+    atomic_write_text(out / layout.EVAL_SUMMARY, summary_markdown(rows, config, f"Evaluation of class {class_key}"))
     return out

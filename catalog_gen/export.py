@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 from xml.sax.saxutils import escape
 
+from catalog_gen import layout
 from catalog_gen.errors import CatalogError
 from catalog_gen.storage import atomic_path
 
@@ -38,11 +39,11 @@ def approved_candidates(run_dir: Path):
     """Manifest rows of the candidates a reviewer approved (latest decision per candidate)."""
     import polars as pl
 
-    decisions_file = Path(run_dir) / "decisions.parquet"
+    decisions_file = Path(run_dir) / layout.DECISIONS_PARQUET
     if not decisions_file.is_file():
-        raise CatalogError(f"{run_dir} has no decisions.parquet: review the run first (catalog review {run_dir})")
+        raise CatalogError(f"{run_dir} has no {decisions_file.name}: review the run first (catalog review {run_dir})")
     decisions = pl.read_parquet(decisions_file).filter(pl.col("decision") == "approve").select("sku", "candidate")
-    manifest = pl.read_parquet(Path(run_dir) / "manifest.parquet")
+    manifest = pl.read_parquet(Path(run_dir) / layout.MANIFEST_PARQUET)
     return manifest.join(decisions, on=["sku", "candidate"], how="inner").sort("sku", "candidate")
 
 
@@ -98,7 +99,7 @@ def export_approved(run_dir: Path, dest: Path, profile_name: str = "marketplace"
         target = Path(dest) / f"{folders[row['sku']]}_{row['candidate']}{suffix}"
         written.append(export_image(Path(run_dir) / row["path"], target, profile, row["prompt"], row["seed"], row["sku"]))
         names.append(target.name)
-    write_csv_escaped(rows.with_columns(_export_file_column(names)), Path(dest) / "export.csv")
+    write_csv_escaped(rows.with_columns(_export_file_column(names)), Path(dest) / layout.EXPORT_CSV)
     return written
 
 

@@ -1,15 +1,11 @@
 """The nightly batch generator: a SKU sheet in, gated on-style product images out.
 
-RUN_DIR layout:
-    run.json                     the resolved settings (a rerun must match them)
-    rejects.csv                  sheet rows refused, with line numbers and reasons
-    images/<safe sku>/<n>.png    every candidate, generation parameters in PNG text chunks
-    base/<safe sku>/<n>.png      with base_images > 0: the base model alone (no adapter) drawn with
-                                 candidate n's prompt and seed, for the report; not scored, not in
-                                 the manifest, and not redrawn on a rerun
-    parts/<safe sku>.parquet     one finished SKU's manifest rows (written last: the SKU's
-                                 commit marker, so a crash redoes only unfinished SKUs)
-    manifest.parquet / .csv      all candidates: scores, verdicts, paths, timings
+What it writes into the run folder (names: layout.py): the resolved settings (a rerun must match
+them); the sheet rows refused, with line numbers and reasons; every candidate's image with its
+generation parameters in PNG text chunks; with base_images > 0, the base model alone (no adapter)
+drawn with candidate n's prompt and seed, for the report (not scored, not in the manifest, not
+redrawn on a rerun); per finished SKU its manifest rows, written last as the SKU's commit marker so a
+crash redoes only unfinished SKUs; and at the end the merged manifest of every candidate.
 """
 
 from __future__ import annotations
@@ -25,13 +21,13 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from catalog_gen import gates, seeds, skus
-from catalog_gen.adapters import adapter_folder, read_adapter
+from catalog_gen import gates, layout, seeds, skus
+from catalog_gen.adapters import read_adapter
+from catalog_gen.layout import adapter_folder
 from catalog_gen.config import GenerateConfig
 from catalog_gen.errors import CatalogError
 from catalog_gen.storage import atomic_path, atomic_write_json
 
-BASE_DIR = "base"
 """RUN_DIR/base/<safe sku>/<n>.png: the base model's image for candidate n's prompt and seed."""
 
 
@@ -115,7 +111,7 @@ def generate(request: GenerationRequest, config: GenerateConfig, *,
     with state.main_process_first():
         if state.is_main_process:
             _claim_run_dir(run_dir, config, request, redo_round)
-            skus.write_rejects(rejects, run_dir / "rejects.csv")
+            skus.write_rejects(rejects, run_dir / layout.REJECTS_CSV)
     folder_of = skus.sku_folder_names([row.sku for row in rows])
 
     # 3. Plan: SKUs grouped by instance, finished ones left alone.
@@ -139,7 +135,7 @@ def generate(request: GenerationRequest, config: GenerateConfig, *,
     state.wait_for_everyone()
 
     # 6. One manifest for the whole run, merged by the main process.
-    if state.is_main_process and (summary.skus_done or not (run_dir / "manifest.parquet").exists()):
+    if state.is_main_process and (summary.skus_done or not (run_dir / layout.MANIFEST_PARQUET).exists()):
         _merge_manifest(run_dir, [folder_of[row.sku] for row in rows])
     summary.seconds = time.perf_counter() - started
     return summary
@@ -153,12 +149,12 @@ def rejected_in(previous_run: Path) -> dict[str, int]:
     """
     import polars as pl
 
-    decisions = previous_run / "decisions.parquet"
+    decisions = previous_run / layout.DECISIONS_PARQUET
     if not decisions.is_file():
-        raise CatalogError(f"{previous_run} has no decisions.parquet: review it first (catalog review {previous_run})")
-    manifest = previous_run / "manifest.parquet"
+        raise CatalogError(f"{previous_run} has no {decisions.name}: review it first (catalog review {previous_run})")
+    manifest = previous_run / layout.MANIFEST_PARQUET
     if not manifest.is_file():
-        raise CatalogError(f"{previous_run} has no manifest.parquet: it is not a finished run")
+        raise CatalogError(f"{previous_run} has no {manifest.name}: it is not a finished run")
     kept = pl.read_parquet(manifest).filter(pl.col("kept")).select("sku", "candidate")
     table = pl.read_parquet(decisions).filter(pl.col("decision") == "reject")
     table = table.join(kept, on=["sku", "candidate"], how="inner")
@@ -169,13 +165,13 @@ def next_redo_round(previous_run: Path, run_dir: Path) -> int:
     """The redo round for a redo of previous_run into run_dir: one past every round its family has used.
 
     The family is every run folder beside previous_run or run_dir that descends from the same first run
-    (following each run.json's redo_rejected). Redoing one reviewed run twice, or a run and its redo,
+    (following each run's recorded redo_rejected). Redoing one reviewed run twice, or a run and its redo,
     thus never draws from seeds an earlier redo drew (and a reviewer may have rejected). A run_dir that
     already holds a redo keeps its round, so a crashed redo resumes on its own seeds.
     """
     def settings(folder: Path) -> dict:
         try:
-            return json.loads((folder / "run.json").read_text()).get("settings", {})
+            return json.loads((folder / layout.RUN_JSON).read_text()).get("settings", {})
         except (OSError, ValueError):
             return {}
 
@@ -197,7 +193,7 @@ def next_redo_round(previous_run: Path, run_dir: Path) -> int:
     rounds = [int(settings(previous_run).get("redo_round", 0))]
     for parent in {previous_run.resolve().parent, run_dir.resolve().parent}:
         for folder in parent.iterdir() if parent.is_dir() else ():
-            if folder.is_dir() and (folder / "run.json").is_file() and root(folder) == family_root:
+            if folder.is_dir() and (folder / layout.RUN_JSON).is_file() and root(folder) == family_root:
                 rounds.append(int(settings(folder).get("redo_round", 0)))
     return max(rounds) + 1
 
@@ -207,12 +203,12 @@ def adapter_problem(workdir: Path, class_key: str, instance_key: str, config: Ge
     """Why an instance's adapter cannot be used by this run (None: it can): missing, unreadable, or trained
     on another base model than this run's (unless the recipe allows that)."""
     folder = adapter_folder(workdir, class_key, instance_key)
-    if not (folder / "adapter.json").is_file():
+    if not (folder / layout.ADAPTER_JSON).is_file():
         return f"no trained adapter for {class_key}/{instance_key}; run catalog train --class {class_key}"
     try:
-        trained_on = json.loads((folder / "adapter.json").read_text())["base_model"]
+        trained_on = json.loads((folder / layout.ADAPTER_JSON).read_text())["base_model"]
     except (OSError, ValueError, KeyError, TypeError) as error:
-        return f"adapter {class_key}/{instance_key}: unreadable adapter.json ({error})"
+        return f"adapter {class_key}/{instance_key}: unreadable {layout.ADAPTER_JSON} ({error})"
     if trained_on.get("fingerprint") != base_fingerprint and not config.allow_base_mismatch:
         return (f"adapter {class_key}/{instance_key} was trained on base model {trained_on.get('spec')!r} "
                 f"(fingerprint {trained_on.get('fingerprint')}), this run uses {config.base_model!r} (fingerprint "
@@ -237,11 +233,11 @@ def _claim_run_dir(run_dir: Path, config: GenerateConfig, request: GenerationReq
     settings = {"generate": config.to_dict(), "templates": dict(request.templates),
                 "class_map": str(request.class_map), "redo_round": redo_round,
                 "redo_rejected": str(request.redo_rejected) if request.redo_rejected else None}
-    marker = run_dir / "run.json"
+    marker = run_dir / layout.RUN_JSON
     if request.force and run_dir.exists():
-        for name in ("images", BASE_DIR, "parts"):
+        for name in (layout.IMAGES_DIR, layout.BASE_DIR, layout.PARTS_DIR):
             shutil.rmtree(run_dir / name, ignore_errors=True)
-        for name in ("manifest.parquet", "manifest.csv", "run.json"):
+        for name in (layout.MANIFEST_PARQUET, layout.MANIFEST_CSV, layout.RUN_JSON):
             (run_dir / name).unlink(missing_ok=True)
     if marker.is_file():
         recorded = json.loads(marker.read_text())
@@ -256,7 +252,7 @@ def _claim_run_dir(run_dir: Path, config: GenerateConfig, request: GenerationReq
 def _finished(run_dir: Path, folder: str) -> bool:
     import polars as pl
 
-    part = run_dir / "parts" / f"{folder}.parquet"
+    part = layout.part_file(run_dir, folder)
     if not part.is_file():
         return False
     # A SKU that ended in an error is tried again on the next run.
@@ -274,7 +270,7 @@ def _load_context(config: GenerateConfig, request: GenerationRequest, run_dir: P
     pipeline.scheduler = make_scheduler(config.scheduler, pipeline.scheduler.config)
     clip = embedders.load_clip(config.clip_model, device=str(device), backend=config.embedder_backend)
     dino = embedders.load_dino(config.dino_model, device=str(device), backend=config.embedder_backend)
-    references = embedders.ReferenceEmbeddings(Path(request.workdir) / "embeddings")
+    references = embedders.ReferenceEmbeddings(layout.embeddings_folder(request.workdir))
     return _Context(config, run_dir, pipeline, clip, dino, references, base_fingerprint, folder_of)
 
 
@@ -402,11 +398,6 @@ def _attach_adapter(context: _Context, instance: _Instance) -> None:
                                        adapter_name="sku_adapter")
 
 
-def base_image_path(run_dir: Path, folder: str, candidate: int) -> Path:
-    """Where the base model's image for one candidate's prompt and seed is kept."""
-    return Path(run_dir) / BASE_DIR / folder / f"{candidate}.png"
-
-
 def _draw_base_images(context: _Context, instance: _Instance, rows: Sequence[skus.SkuRow],
                       summary: GenerationSummary, sku_done: Callable[[], None]) -> list[skus.SkuRow]:
     """The base model's images for each SKU's first min(base_images, k) candidates, with the candidates' own
@@ -429,7 +420,7 @@ def _draw_base_images(context: _Context, instance: _Instance, rows: Sequence[sku
         for sku, images in images_of.items():
             try:
                 for slot, image in zip(slots_of[sku], images):
-                    _save_png(base_image_path(context.run_dir, context.folder_of[sku], slot.candidate), image,
+                    _save_png(layout.base_image(context.run_dir, context.folder_of[sku], slot.candidate), image,
                               _png_text(context, sku, slot.prompt, slot.seed, adapter=None))
             except Exception as error:  # e.g. a disk that is full: this SKU fails, the night goes on
                 errors[sku] = _message(error)
@@ -452,7 +443,7 @@ def _missing_base_slots(context: _Context, instance: _Instance, rows: Sequence[s
         run_seed = _run_seed(context, row)
         slots += [Slot(row.sku, n, seeds.candidate(row.sku, n, run_seed), prompt)
                   for n in range(min(context.config.base_images, _images_wanted(context, row)))
-                  if not base_image_path(context.run_dir, context.folder_of[row.sku], n).is_file()]
+                  if not layout.base_image(context.run_dir, context.folder_of[row.sku], n).is_file()]
     return slots
 
 
@@ -596,7 +587,7 @@ def _finish_sku(context: _Context, instance: _Instance, run: _SkuRun, summary: G
     folder = context.folder_of[row.sku]
     rows_out = []
     for record in records:
-        path = Path("images") / folder / f"{record['candidate']}.png"
+        path = layout.candidate_image(folder, record["candidate"])
         scores, verdict = record["scores"], record["verdict"]
         text = {**_png_text(context, row.sku, run.prompt, record["seed"], instance.adapter),
                 "scores": json.dumps({"clip_i": scores.clip_i, "dino": scores.dino, "clip_t": scores.clip_t}),
@@ -696,7 +687,7 @@ def _save_png(path: Path, image, text: Mapping[str, str]) -> None:
 def _write_part(context: _Context, folder: str, rows: list[dict]) -> None:
     import polars as pl
 
-    with atomic_path(context.run_dir / "parts" / f"{folder}.parquet") as tmp:
+    with atomic_path(layout.part_file(context.run_dir, folder)) as tmp:
         pl.DataFrame(rows).write_parquet(tmp)
 
 
@@ -716,11 +707,11 @@ def _record_error(context: _Context, row: skus.SkuRow, message: str, summary: Ge
 def _merge_manifest(run_dir: Path, folders: Sequence[str]) -> None:
     import polars as pl
 
-    parts = [run_dir / "parts" / f"{folder}.parquet" for folder in folders]
+    parts = [layout.part_file(run_dir, folder) for folder in folders]
     frames = [pl.read_parquet(part) for part in parts if part.is_file()]
     if not frames:
         return
     manifest = pl.concat(frames, how="diagonal_relaxed").sort(["sku", "candidate"])
-    with atomic_path(run_dir / "manifest.parquet") as tmp:
+    with atomic_path(run_dir / layout.MANIFEST_PARQUET) as tmp:
         manifest.write_parquet(tmp)
-    skus.write_csv_escaped(manifest, run_dir / "manifest.csv")
+    skus.write_csv_escaped(manifest, run_dir / layout.MANIFEST_CSV)

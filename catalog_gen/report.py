@@ -1,7 +1,7 @@
 """`catalog report RUN_DIR`: a self-contained HTML review page for a generation run.
 
-RUN_DIR/report/
-    index.html          summary, plots and one card per SKU (reference photos, the base model's
+The report folder (layout.report_folder) holds:
+    the page            summary, plots and one card per SKU (reference photos, the base model's
                         images when the run drew them, the fine-tuned candidates); inline CSS and
                         JS, no network
     thumbs/<hash>-<px>.jpg   thumbnails keyed by the source file's content hash (made once)
@@ -27,10 +27,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable, Mapping, Sequence
 from urllib.parse import quote
 
+from catalog_gen import layout
 from catalog_gen.errors import CatalogError
 from catalog_gen.storage import atomic_path, atomic_write_bytes, atomic_write_text, sha256_file
 
-REPORT_DIR = "report"
 THUMB_PX = 320
 METRICS = (("clip_i", "CLIP-I"), ("dino", "DINO"), ("clip_t", "CLIP-T"))
 SORTS = (("sku", "SKU (A-Z)"), ("margin:asc", "Margin to threshold, low to high"),
@@ -150,7 +150,7 @@ def image_path_ok(path: Any) -> bool:
     if not isinstance(path, str) or not path:
         return False
     parts = PurePosixPath(path).parts
-    return len(parts) >= 2 and parts[0] == "images" and ".." not in parts and "\\" not in path
+    return len(parts) >= 2 and parts[0] == layout.IMAGES_DIR and ".." not in parts and "\\" not in path
 
 
 # ---------------------------------------------------------------- pure: HTML
@@ -368,7 +368,7 @@ or in this browser when the page is opened from disk (use Export decisions, then
 # ---------------------------------------------------------------- edges: read the run, images, plots, write
 
 def write_report(run_dir: Path, progress: Callable[[int, int], None] | None = None) -> ReportResult:
-    """Render RUN_DIR/report/index.html (thumbnails made once and reused); returns what was written.
+    """Render the run's report page (thumbnails made once and reused); returns what was written.
 
     `progress(done, total)` is called as each image's thumbnail (candidates, then base model images) is
     made or found.
@@ -376,10 +376,10 @@ def write_report(run_dir: Path, progress: Callable[[int, int], None] | None = No
     # 1. Check inputs and read the run.
     run_dir = Path(run_dir)
     rows, run = _read_run(run_dir)
-    out = run_dir / REPORT_DIR
+    out = layout.report_folder(run_dir)
     # 2. The report's data (pure).
     summary, cards = summarise(rows), sku_cards(rows)
-    # 3. Thumbnails, reference photos and plots (files under report/).
+    # 3. Thumbnails, reference photos and plots (files in the report folder).
     assets = _Assets()
     assets.base = _find_base_images(run_dir, cards)
     candidates = sorted({row["path"] for row in rows if row["candidate"] >= 0 and image_path_ok(row.get("path"))})
@@ -389,18 +389,18 @@ def write_report(run_dir: Path, progress: Callable[[int, int], None] | None = No
     _prune_thumbnails(out / "thumbs", assets)
     assets.plots = plot_scores(rows, out / "plots")
     # 4. The page, written atomically.
-    index = atomic_write_text(out / "index.html", render_html(run, summary, cards, assets, secrets.token_hex(16)))
+    index = atomic_write_text(layout.report_index(run_dir), render_html(run, summary, cards, assets, secrets.token_hex(16)))
     return ReportResult(index, summary["skus"], summary["candidates"], assets.made, assets.reused)
 
 
 def _read_run(run_dir: Path) -> tuple[list[dict], dict]:
     import polars as pl
 
-    manifest = run_dir / "manifest.parquet"
+    manifest = run_dir / layout.MANIFEST_PARQUET
     if not run_dir.is_dir():
         raise CatalogError(f"run folder {run_dir} does not exist")
     if not manifest.is_file():
-        raise CatalogError(f"{run_dir} has no manifest.parquet: is it a finished run folder (catalog generate)?")
+        raise CatalogError(f"{run_dir} has no {manifest.name}: is it a finished run folder (catalog generate)?")
     try:
         frame = pl.read_parquet(manifest)
     except Exception as error:
@@ -409,11 +409,12 @@ def _read_run(run_dir: Path) -> tuple[list[dict], dict]:
     if missing:
         raise CatalogError(f"{manifest}: missing column(s) {', '.join(sorted(missing))}")
     info: dict = {}
-    if (run_dir / "run.json").is_file():
+    settings_file = run_dir / layout.RUN_JSON
+    if settings_file.is_file():
         try:
-            info = json.loads((run_dir / "run.json").read_text())
+            info = json.loads(settings_file.read_text())
         except ValueError as error:
-            raise CatalogError(f"{run_dir / 'run.json'}: not valid JSON ({error})") from error
+            raise CatalogError(f"{settings_file}: not valid JSON ({error})") from error
     resolved = run_dir.resolve()
     created = info.get("created")
     run = {"name": resolved.name, "dir": str(resolved), "workdir": info.get("workdir"),
@@ -471,27 +472,27 @@ def _make_thumbnails(run_dir: Path, paths: Sequence[str], out: Path, assets: _As
 
 
 def _find_base_images(run_dir: Path, cards: Sequence[Mapping[str, Any]]) -> dict[str, list[tuple[int, str]]]:
-    """Per SKU, the base model's images generate drew (RUN_DIR/base/<folder>/<n>.png), in candidate order;
-    none for runs made without base_images."""
-    from catalog_gen.generation import BASE_DIR
+    """Per SKU, the base model's images generate drew (layout.base_image), in candidate order; none for
+    runs made without base_images."""
     from catalog_gen.skus import sku_folder_names
 
-    if not (run_dir / BASE_DIR).is_dir():
+    if not (run_dir / layout.BASE_DIR).is_dir():
         return {}
     folder_of = sku_folder_names([card["sku"] for card in cards])
     found = {}
     for card in cards:
-        folder = run_dir / BASE_DIR / base_folder(card, folder_of)
+        folder = layout.base_images_folder(run_dir, base_folder(card, folder_of))
         # Only <n>.png: an interrupted atomic write leaves a hidden temporary file beside them.
         images = sorted((int(file.stem), file.name) for file in folder.glob("*.png")
                         if file.stem.isdigit() and file.stem.isascii() and file.is_file()) if folder.is_dir() else []
         if images:
-            found[card["sku"]] = [(n, f"{BASE_DIR}/{folder.name}/{name}") for n, name in images]
+            found[card["sku"]] = [(n, f"{layout.BASE_DIR}/{folder.name}/{name}") for n, name in images]
     return found
 
 
 def _collect_references(run_dir: Path, workdir: str | None, cards, out: Path, assets: _Assets) -> None:
-    from catalog_gen.adapters import adapter_folder, read_adapter
+    from catalog_gen.adapters import read_adapter
+    from catalog_gen.layout import adapter_folder
 
     for key in sorted({(card["class"], card["instance"]) for card in cards}):
         folder = _find_workdir(run_dir, workdir)
@@ -518,11 +519,12 @@ def _collect_references(run_dir: Path, workdir: str | None, cards, out: Path, as
 
 
 def _find_workdir(run_dir: Path, workdir: str | None) -> Path | None:
-    """run.json's workdir (relative to where generate ran), else the WORKDIR of a WORKDIR/runs/<name> folder."""
+    """The run's recorded workdir (relative to where generate ran), else the workdir of a run folder in
+    its default place."""
     choices = [Path(workdir)] if workdir else []
-    if run_dir.resolve().parent.name == "runs":
-        choices.append(run_dir.resolve().parent.parent)
-    return next((c for c in choices if (c / "adapters").is_dir()), None)
+    if (default := layout.workdir_of_run(run_dir)) is not None:
+        choices.append(default)
+    return next((c for c in choices if layout.is_workdir(c)), None)
 
 
 def _prune_thumbnails(thumbs_dir: Path, assets: _Assets) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from catalog_gen import taxonomy
+from catalog_gen import layout, taxonomy
 
 
 def taxonomy_lines(result: taxonomy.Taxonomy) -> list[str]:
@@ -59,13 +59,13 @@ def progress_bar_factory(total_steps: int | None):
 def generation_summary_lines(summary) -> list[str]:
     lines = [f"run folder: {summary.run_dir}",
              f"SKUs: {summary.skus_done} generated, {summary.skus_already_done} already done, "
-             f"{len(summary.errors)} with errors, {summary.rejected_rows} sheet rows rejected (rejects.csv)",
+             f"{len(summary.errors)} with errors, {summary.rejected_rows} sheet rows rejected ({layout.REJECTS_CSV})",
              f"candidates: {summary.candidates}, passed the gates: {summary.passed}, kept: {summary.kept} "
              f"({summary.seconds:.1f}s)"]
     if summary.failed_by_gate:
         lines.append("failed gates: " + ", ".join(f"{gate} {count}" for gate, count in sorted(summary.failed_by_gate.items())))
     lines.extend(f"error {sku}: {message}" for sku, message in summary.errors)
-    lines.append(f"manifest: {summary.run_dir / 'manifest.parquet'} and manifest.csv")
+    lines.append(f"manifest: {summary.run_dir / layout.MANIFEST_PARQUET} and {layout.MANIFEST_CSV}")
     return lines
 
 

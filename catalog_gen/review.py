@@ -25,12 +25,11 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 from urllib.parse import unquote, urlsplit
 
+from catalog_gen import layout
 from catalog_gen.errors import CatalogError
+from catalog_gen.layout import DECISIONS_CSV, DECISIONS_LOCK, DECISIONS_PARQUET
 from catalog_gen.storage import atomic_path, exclusive_lock, is_inside
 
-DECISIONS_PARQUET = "decisions.parquet"
-DECISIONS_CSV = "decisions.csv"
-LOCK_FILE = ".decisions.lock"
 COLUMNS = ("sku", "candidate", "decision", "reason_code", "note", "reviewer", "decided_at")
 DECISIONS = ("approve", "reject")
 UNDO = "undo"
@@ -198,7 +197,7 @@ def export_payload(rows: Sequence[Mapping[str, Any]], run: str) -> dict:
 
 def decisions_lock(run_dir: Path):
     """An exclusive lock over the decisions of one run, across threads, processes and servers."""
-    return exclusive_lock(Path(run_dir) / LOCK_FILE)
+    return exclusive_lock(Path(run_dir) / DECISIONS_LOCK)
 
 
 def load_decisions(run_dir: Path):
@@ -218,11 +217,11 @@ def read_manifest_keys(run_dir: Path) -> dict[str, set[int]]:
     import polars as pl
 
     run_dir = Path(run_dir)
-    manifest = run_dir / "manifest.parquet"
+    manifest = run_dir / layout.MANIFEST_PARQUET
     if not run_dir.is_dir():
         raise CatalogError(f"run folder {run_dir} does not exist")
     if not manifest.is_file():
-        raise CatalogError(f"{run_dir} has no manifest.parquet: is it a finished run folder (catalog generate)?")
+        raise CatalogError(f"{run_dir} has no {manifest.name}: is it a finished run folder (catalog generate)?")
     return known_candidates(pl.read_parquet(manifest, columns=["sku", "candidate", "path"]).iter_rows(named=True))
 
 
@@ -296,7 +295,7 @@ def default_reviewer() -> str:
 # ---------------------------------------------------------------- the local review server
 
 class ReviewServer(ThreadingHTTPServer):
-    """Serves RUN_DIR/report/, RUN_DIR/images/ and RUN_DIR/base/ and takes decisions on /api/decisions (127.0.0.1 only)."""
+    """Serves the run folder's layout.SERVED_ROOTS and takes decisions on /api/decisions (127.0.0.1 only)."""
 
     daemon_threads = True
 
@@ -311,7 +310,7 @@ class ReviewServer(ThreadingHTTPServer):
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/report/index.html"
+        return f"http://127.0.0.1:{self.port}{layout.report_url_path()}"
 
 
 def serve(run_dir: Path, port: int = 0, reviewer: str | None = None, progress=None) -> ReviewServer:
@@ -336,7 +335,7 @@ def serve(run_dir: Path, port: int = 0, reviewer: str | None = None, progress=No
 class _Handler(BaseHTTPRequestHandler):
     server: ReviewServer
     server_version = "catalog-gen-review"
-    STATIC_ROOTS = ("report", "images", "base")  # base/: the base model's images (generate's BASE_DIR)
+    STATIC_ROOTS = layout.SERVED_ROOTS
 
     def log_message(self, format, *args):  # the library never prints
         pass
@@ -345,9 +344,9 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._host_ok():
             return
         path = urlsplit(self.path).path
-        if path in ("/", "/report", "/report/"):
+        if path in ("/", f"/{layout.REPORT_DIR}", f"/{layout.REPORT_DIR}/"):
             self.send_response(302)
-            self.send_header("Location", "/report/index.html")
+            self.send_header("Location", layout.report_url_path())
             self.send_header("Content-Length", "0")
             self.end_headers()
         elif path == "/api/decisions":

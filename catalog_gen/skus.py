@@ -9,7 +9,6 @@ for all of them. Everything here is pure except the reader and the two CSV write
 from __future__ import annotations
 
 import hashlib
-import json
 import numbers
 import re
 import string

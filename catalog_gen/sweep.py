@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from catalog_gen import layout
 from catalog_gen.config import TrainConfig
 from catalog_gen.errors import CatalogError
 from catalog_gen.evaluation import METRICS, EvalConfig, evaluate_instance, load_eval_models, plot_metric
@@ -102,7 +103,7 @@ def run_sweep(source, class_key: str, instance_key: str, workdir: Path, name: st
     class_map = load_class_map(source.class_map)
     class_spec = class_map.get_class(class_key)
     class_map.get_instance(class_key, instance_key)  # a clear error before any work
-    sweep_dir = Path(workdir) / "sweeps" / name
+    sweep_dir = layout.sweep_folder(workdir, name)
     # 1. The sweep folder belongs to one grid and one set of base settings.
     if state.is_main_process:
         _claim(sweep_dir, grid, train, evaluation, class_key, instance_key)
@@ -111,8 +112,8 @@ def run_sweep(source, class_key: str, instance_key: str, workdir: Path, name: st
     # 2. This process's unfinished points: train, evaluate the final checkpoint, record.
     models = None
     for point in points[state.process_index::state.num_processes]:
-        folder = sweep_dir / "points" / point_id(point)
-        if (folder / "result.json").is_file():
+        folder = layout.sweep_point_folder(sweep_dir, point_id(point))
+        if (folder / layout.SWEEP_POINT_RESULT).is_file():
             continue
         train_config, eval_config = configs_for(point, train, evaluation)
         summary = train_class(source, class_key, [instance_key], folder, train_config, resume=True,
@@ -124,7 +125,7 @@ def run_sweep(source, class_key: str, instance_key: str, workdir: Path, name: st
             models = load_eval_models(train_config.base_model, eval_config, sweep_dir)
         models.pipeline.scheduler = make_scheduler(eval_config.scheduler, models.pipeline.scheduler.config)
         rows = evaluate_instance(models, eval_config, folder, class_spec, instance_key)
-        atomic_write_json(folder / "result.json", {"point": point, "lora_alpha": train_config.resolved_lora_alpha,
+        atomic_write_json(folder / layout.SWEEP_POINT_RESULT, {"point": point, "lora_alpha": train_config.resolved_lora_alpha,
                                                    "metrics": rows[-1]})
     state.wait_for_everyone()
 
@@ -138,7 +139,7 @@ def run_sweep(source, class_key: str, instance_key: str, workdir: Path, name: st
 def _claim(sweep_dir: Path, grid, train: TrainConfig, evaluation: EvalConfig, class_key: str, instance_key: str) -> None:
     settings = json.loads(json.dumps({"grid": grid, "train": train.to_dict(), "eval": evaluation.to_dict(),
                                       "class": class_key, "instance": instance_key}, default=str))
-    marker = sweep_dir / "sweep.json"
+    marker = sweep_dir / layout.SWEEP_JSON
     if marker.is_file():
         defaults = json.loads(json.dumps({"train": TrainConfig().to_dict(), "eval": EvalConfig().to_dict()},
                                          default=str))
@@ -175,7 +176,7 @@ def _tabulate(sweep_dir: Path, points: Sequence[dict], select_by: str) -> None:
 
     rows = []
     for point in points:
-        result = sweep_dir / "points" / point_id(point) / "result.json"
+        result = layout.sweep_point_folder(sweep_dir, point_id(point)) / layout.SWEEP_POINT_RESULT
         if result.is_file():
             record = json.loads(result.read_text())
             rows.append({**{f"axis_{k}": v for k, v in record["point"].items()},
@@ -184,7 +185,7 @@ def _tabulate(sweep_dir: Path, points: Sequence[dict], select_by: str) -> None:
     if not rows:
         return
     frame = pl.DataFrame(rows)
-    with atomic_path(sweep_dir / "results.parquet") as tmp:
+    with atomic_path(sweep_dir / layout.SWEEP_TABLE) as tmp:
         frame.write_parquet(tmp)
     axes = [c for c in frame.columns if c.startswith("axis_")]
     higher = METRICS[select_by]
@@ -196,7 +197,7 @@ def _tabulate(sweep_dir: Path, points: Sequence[dict], select_by: str) -> None:
     for row in ordered.iter_rows(named=True):
         cells = [str(row[a]) for a in axes] + [str(row["lora_alpha"])] + [f"{row[m]:.4g}" for m in METRICS]
         lines.append("| " + " | ".join(cells) + " |")
-    atomic_write_text(sweep_dir / "results.md", "\n".join(lines) + "\n")
+    atomic_write_text(sweep_dir / layout.SWEEP_SUMMARY, "\n".join(lines) + "\n")
     for axis in axes:
         others = [a for a in axes if a != axis]
         plot_rows = [{**r, "group": ", ".join(f"{o[5:]}={r[o]}" for o in others) or "all"}

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from catalog_gen import intake, seeds, taxonomy, tokens
-from catalog_gen.adapters import adapter_folder, finished_adapter, library_versions, write_adapter
-from catalog_gen.checkpoints import list_checkpoints
+from catalog_gen.adapters import finished_adapter, library_versions, write_adapter
+from catalog_gen.layout import adapter_folder, checkpoint_folder, class_images_folder, workdir_of_adapter
+from catalog_gen.checkpoints import checkpoint_name, list_checkpoints
 from catalog_gen.config import TrainConfig
 from catalog_gen.errors import CatalogError
 from catalog_gen.models import BaseModel, load_tokenizer, model_fingerprint, resolve_base_model
@@ -112,11 +113,6 @@ def assign_catalogue_tokens(workdir: Path, class_map: taxonomy.ClassMap, tokeniz
     return assigned
 
 
-def checkpoint_folder(workdir: Path, class_key: str, instance_key: str) -> Path:
-    """WORKDIR/checkpoints/<class>/<instance>/: an instance's resumable checkpoints."""
-    return Path(workdir) / "checkpoints" / class_key / instance_key
-
-
 def prepare_instances(source: PhotoSource, class_key: str, instance_keys: Sequence[str], workdir: Path,
                       resolution: int, tokenizer, min_photos: int | None = None) -> tuple[list[PreparedInstance], list]:
     """Steps 2-4 of training: assign photos, run intake per instance, pick tokens."""
@@ -162,7 +158,7 @@ def ensure_class_images(components, class_key: str, class_prompt: str, config: T
     """
     from catalog_gen.sampling import draw, pipeline_from_components
 
-    folder = Path(workdir) / "class_images" / class_key / f"{base_fingerprint}-{config.resolution}px"
+    folder = class_images_folder(workdir, class_key, base_fingerprint, config.resolution)
     wanted = [folder / f"{index:04d}.png" for index in range(config.num_class_images)]
     missing = [path for path in wanted if not path.is_file()]
     if missing:
@@ -187,7 +183,7 @@ def save_validation_images(components, job, config: TrainConfig, step: int) -> N
                   [seeds.validation_image(config.seed, index) for index in range(config.validation_images)],
                   steps=config.validation_steps, resolution=config.resolution)
     components.unet.train()
-    folder = job.checkpoint_dir / f"step-{step:06d}" / "validation"
+    folder = job.checkpoint_dir / checkpoint_name(step) / "validation"
     for index, image in enumerate(images):
         with atomic_path(folder / f"{index:02d}.png") as tmp:
             image.save(tmp, format="PNG")
@@ -300,7 +296,7 @@ def _train_one(components, config, job, item, model: BaseModel, base_fingerprint
     from catalog_gen import training
 
     started = time.perf_counter()
-    workdir = folder.parents[2]  # WORKDIR/adapters/<class>/<instance>
+    workdir = workdir_of_adapter(folder)
     report = progress(job) if progress is not None else None
     try:
         result = training.fit(

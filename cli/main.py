@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from catalog_gen import layout
 from catalog_gen.errors import CatalogError
 
 app = typer.Typer(help="catalog-gen: product photos in, on-style catalogue images out.", no_args_is_help=True,
@@ -152,8 +153,7 @@ def generate(
         base_model=base_model, scheduler=scheduler, steps=steps, n_images=n_images, seed=seed, base_images=base_images,
         allow_base_mismatch=True if allow_base_mismatch else None,
     ), origin=f"recipe {recipe}" if recipe else "options")
-    redo = f"-redo-{redo_rejected.name}" if redo_rejected else ""
-    folder = run_dir or workdir / "runs" / f"{skus.stem}-{time.strftime('%Y%m%d')}{redo}"
+    folder = run_dir or layout.default_run_folder(workdir, skus, time.strftime("%Y%m%d"), redo_rejected)
     request = GenerationRequest(skus, workdir, folder, class_map, read_recipe(recipe, "templates"), force,
                                 redo_rejected)
     summary = run_generation(request, config, progress=generation_progress())
@@ -198,8 +198,8 @@ def eval_command(
     config = build_config(EvalConfig, read_recipe(recipe, "eval"), overrides,
                           origin=f"recipe {recipe}" if recipe else "options")
     out = run_eval(workdir, class_key, instance or [], config, class_map)
-    typer.echo((out / "summary.md").read_text())
-    typer.echo(f"results: {out / 'eval.parquet'}, plots and summary.md in {out}")
+    typer.echo((out / layout.EVAL_SUMMARY).read_text())
+    typer.echo(f"results: {out / layout.EVAL_TABLE}, plots and {layout.EVAL_SUMMARY} in {out}")
 
 
 @app.command("sweep")
@@ -232,8 +232,8 @@ def sweep_command(
 
     if not PartialState().is_main_process:  # under accelerate launch one process prints the table
         return
-    typer.echo((out / "results.md").read_text())
-    typer.echo(f"results: {out / 'results.parquet'}, plots in {out}")
+    typer.echo((out / layout.SWEEP_SUMMARY).read_text())
+    typer.echo(f"results: {out / layout.SWEEP_TABLE}, plots in {out}")
 
 
 def _thumbnail_bar():
@@ -279,7 +279,7 @@ def review_command(
 
     if import_file is not None:
         result = review.import_decisions(run_dir, import_file, reviewer)
-        typer.echo(f"imported {result.applied} decision(s) into {run_dir / review.DECISIONS_PARQUET}"
+        typer.echo(f"imported {result.applied} decision(s) into {run_dir / layout.DECISIONS_PARQUET}"
                    + (f"; {result.skipped_older} older than decisions already there were skipped" if result.skipped_older else ""))
         return
     server = review.serve(run_dir, port, reviewer, progress=_thumbnail_bar())

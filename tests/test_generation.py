@@ -281,7 +281,7 @@ def test_redoing_one_reviewed_run_twice_never_reuses_a_redo_round(tmp_path):
 def test_an_adapter_trained_on_another_base_is_refused_before_any_image_is_drawn(workdir, tmp_path):
     import shutil
 
-    from catalog_gen.adapters import adapter_folder
+    from catalog_gen.layout import adapter_folder
 
     moved = tmp_path / "work"
     shutil.copytree(workdir, moved)

@@ -208,7 +208,8 @@ class Sets:
 
 def train(experiment: Experiment, root: Path, name: str):
     """Train the experiment's adapter in root/<name>/ (kept: a rerun reuses it) and return its AdapterInfo."""
-    from catalog_gen.adapters import adapter_folder, read_adapter
+    from catalog_gen.adapters import read_adapter
+    from catalog_gen.layout import adapter_folder
     from catalog_gen.config import TrainConfig, build_config, read_recipe
     from catalog_gen.errors import CatalogError
     from catalog_gen.sample_data import write_sample_catalogue
@@ -345,7 +346,7 @@ def checkpoint_lora(workdir: Path, adapter, step: int, scratch: Path) -> Path:
     """The adapter's checkpoint at `step` as a diffusers LoRA file (catalog eval's conversion)."""
     from catalog_gen.checkpoints import list_checkpoints
     from catalog_gen.evaluation import checkpoint_as_adapter_file
-    from catalog_gen.workflow import checkpoint_folder
+    from catalog_gen.layout import checkpoint_folder
 
     folder = dict(list_checkpoints(checkpoint_folder(workdir, adapter.record["class"],
                                                      adapter.record["instance"])))[step]
