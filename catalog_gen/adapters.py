@@ -63,16 +63,19 @@ def library_versions() -> dict[str, str]:
     return found
 
 
-def write_adapter(folder: Path, fit_result, record: dict[str, Any], class_key: str, instance_key: str,
-                  alpha: float) -> AdapterInfo:
-    """Write both LoRA files and adapter.json as one atomic folder."""
+def write_adapter(folder: Path, fit_result, record: dict[str, Any], class_key: str, instance_key: str) -> AdapterInfo:
+    """Write both LoRA files and adapter.json as one atomic folder, all three from the fit's LoRA configs
+    (rank and alpha have one source: the config the LoRA was trained with)."""
     kohya_name = kohya_file_name(class_key, instance_key)
+    unet_config, text_config = fit_result.unet_lora_config, fit_result.text_encoder_lora_config
+    alpha = float(unet_config["lora_alpha"])
+    text_alpha = float(text_config["lora_alpha"]) if text_config else None
     with atomic_directory(folder) as staging:
         diffusers_file = save_diffusers_lora(staging, fit_result.unet_layers, fit_result.text_encoder_layers,
                                              fit_result.unet_lora_config, fit_result.text_encoder_lora_config)
-        save_kohya_lora(staging / kohya_name, diffusers_file, alpha, alpha, metadata={
+        save_kohya_lora(staging / kohya_name, diffusers_file, alpha, text_alpha, metadata={
             "ss_network_module": "networks.lora",
-            "ss_network_dim": record["recipe"]["lora_rank"],
+            "ss_network_dim": unet_config["r"],
             "ss_network_alpha": alpha,
             "ss_output_name": f"{class_key}_{instance_key}",
             "ss_tag_frequency": json.dumps({record["instance_prompt"]: 1}),
@@ -80,6 +83,7 @@ def write_adapter(folder: Path, fit_result, record: dict[str, Any], class_key: s
         })
         full = {
             **record,
+            "lora": {"unet": unet_config, "text_encoder": text_config},
             "files": {"diffusers": DIFFUSERS_WEIGHTS_NAME, "kohya": kohya_name},
             "weights_sha256": sha256_file(diffusers_file),
             "kohya_sha256": sha256_file(staging / kohya_name),

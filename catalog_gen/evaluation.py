@@ -134,18 +134,32 @@ def eval_prompts(config: EvalConfig, adapter: AdapterInfo, noun: str, instance_n
     return prompts, image_seeds
 
 
-def checkpoint_as_adapter_file(adapter: AdapterInfo, checkpoint: Path, out_dir: Path) -> Path:
+def checkpoint_as_adapter_file(checkpoint: Path, out_dir: Path, adapter: AdapterInfo | None = None) -> Path:
     """A checkpoint's LoRA as a diffusers-format file that plain `load_lora_weights` reads.
 
-    Checkpoints hold raw parameter names (with peft's adapter name, ".default."); the
-    finished adapter file's metadata carries the LoRA config (rank, alpha), so it is reused.
+    Checkpoints hold raw parameter names (with peft's adapter name, ".default.") and, beside them, the
+    LoRA configs they were trained with, so a crashed run's checkpoints convert on their own, through the
+    same writer as finished adapters. Checkpoints from before the configs were stored borrow the finished
+    adapter file's metadata (`adapter`).
     """
+    import json
+
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from catalog_gen.lora_files import DIFFUSERS_WEIGHTS_NAME
+    from catalog_gen.lora_files import DIFFUSERS_WEIGHTS_NAME, save_diffusers_lora
 
     tensors = load_file(str(checkpoint / "lora.safetensors"))
+    configs = json.loads((checkpoint / "state.json").read_text()).get("lora_configs")
+    if configs:
+        def layers(prefix: str) -> dict:
+            return {name[len(prefix):].replace(".default.", "."): t for name, t in tensors.items()
+                    if name.startswith(prefix)}
+        return save_diffusers_lora(Path(out_dir), layers("unet."), layers("text_encoder.") or None,
+                                   configs["unet"], configs.get("text_encoder"))
+    if adapter is None:
+        raise CatalogError(f"checkpoint {checkpoint} records no LoRA config (made by an older release); "
+                           "convert it with its finished adapter")
     with safe_open(str(adapter.diffusers_file), "pt") as handle:
         metadata = handle.metadata()
     path = Path(out_dir) / DIFFUSERS_WEIGHTS_NAME
@@ -207,7 +221,7 @@ def evaluate_instance(models: EvalModels, config: EvalConfig, workdir: Path, cla
     rows = []
     for step, folder in checkpoints:
         with tempfile.TemporaryDirectory() as scratch:
-            weights = checkpoint_as_adapter_file(adapter, folder, Path(scratch))
+            weights = checkpoint_as_adapter_file(folder, Path(scratch), adapter)
             models.pipeline.load_lora_weights(scratch, weight_name=weights.name, adapter_name="eval_checkpoint")
         try:
             images = render()

@@ -230,6 +230,19 @@ def optimizer_step(loss: torch.Tensor, optimizer, scaler, params: list[torch.nn.
         optimizer.step()
 
 
+def lora_config_record(lora_config) -> dict:
+    """A peft LoraConfig as plain JSON (sets as sorted lists): stored in checkpoints and adapter files."""
+    def plain(value):
+        if isinstance(value, (set, frozenset)):
+            return sorted(value)
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value if isinstance(value, (str, int, float, bool)) or value is None else str(value)
+    return plain(lora_config.to_dict())
+
+
 def _add_lora(components: Components, config: TrainConfig, instance_key: str):
     from peft import LoraConfig
 
@@ -341,6 +354,11 @@ def _fit(components: Components, config: TrainConfig, job: InstanceJob, fingerpr
 
     # 2. A fresh LoRA on the frozen base model.
     unet_lora_config, text_lora_config = _add_lora(components, config, job.instance_key)
+    # What a checkpoint needs to stand on its own (evaluated or converted without the finished adapter):
+    # the resolved recipe and the LoRA configs, the same objects the adapter files are written from.
+    lora_configs = {"unet": lora_config_record(unet_lora_config),
+                    "text_encoder": lora_config_record(text_lora_config) if text_lora_config else None}
+    checkpoint_record = {"recipe": config.to_dict(), "lora_configs": lora_configs}
     unet_params = _trainable(components.unet, "unet.")
     text_params = _trainable(components.text_encoder, "text_encoder.") if config.train_text_encoder else {}
     trainable = {**unet_params, **text_params}
@@ -409,7 +427,7 @@ def _fit(components: Components, config: TrainConfig, job: InstanceJob, fingerpr
             state.seconds += time.perf_counter() - started
             started = time.perf_counter()
             state.grad_scale = float(scaler.get_scale()) if scaler is not None else None
-            save_checkpoint(job.checkpoint_dir, trainable, optimizer, state, fingerprint)
+            save_checkpoint(job.checkpoint_dir, trainable, optimizer, state, fingerprint, extra=checkpoint_record)
             checkpoints_written.append(state.step)
             if on_checkpoint is not None:
                 on_checkpoint(state.step)
@@ -421,8 +439,8 @@ def _fit(components: Components, config: TrainConfig, job: InstanceJob, fingerpr
     return FitResult(
         unet_layers=peft_layers(components.unet),
         text_encoder_layers=peft_layers(components.text_encoder) if config.train_text_encoder else None,
-        unet_lora_config=unet_lora_config.to_dict(),
-        text_encoder_lora_config=text_lora_config.to_dict() if text_lora_config else None,
+        unet_lora_config=lora_configs["unet"],
+        text_encoder_lora_config=lora_configs["text_encoder"],
         state=state,
         resumed_from=resumed_from,
         steps_per_second=ran / max(time.perf_counter() - session_started, 1e-9) if ran else 0.0,

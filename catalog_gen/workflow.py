@@ -329,6 +329,6 @@ def _train_one(components, config, job, item, model: BaseModel, base_fingerprint
         "versions": library_versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    write_adapter(folder, result, record, job.class_key, job.instance_key, config.resolved_lora_alpha)
+    write_adapter(folder, result, record, job.class_key, job.instance_key)
     return TrainOutcome(job.key, "trained", adapter_dir=folder, steps=result.state.step,
                         seconds=time.perf_counter() - started)

@@ -295,3 +295,32 @@ def test_training_leaves_the_process_global_generator_as_it_found_it(sample_cata
     summary = train_class(_source(sample_catalogue), "ring", ["band"], tmp_path, config)
     assert summary.outcomes[0].status == "trained"
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_a_crashed_runs_checkpoint_converts_on_its_own_with_its_trained_alpha(sample_catalogue, tmp_path, trained):
+    """Checkpoints carry the resolved recipe and LoRA configs: no adapter.json is needed to use them, and
+    rank and alpha in every file come from the one config the LoRA was trained with."""
+    from safetensors import safe_open
+
+    from catalog_gen.evaluation import checkpoint_as_adapter_file
+
+    config = tiny_config(lora_rank=8, lora_alpha=2.0)
+    with pytest.raises(InterruptedError):
+        train_class(_source(sample_catalogue), "ring", ["band"], tmp_path, config, progress=crash_in_training_step(3))
+    assert not (tmp_path / "adapters" / "ring" / "band").exists()
+    (step, folder), = list_checkpoints(tmp_path / "checkpoints" / "ring" / "band")
+    state = json.loads((folder / "state.json").read_text())
+    assert state["recipe"]["lora_rank"] == 8 and state["lora_configs"]["unet"]["lora_alpha"] == 2.0
+    converted = checkpoint_as_adapter_file(folder, tmp_path / "converted")
+    with safe_open(str(converted), "pt") as handle:
+        metadata = json.loads(handle.metadata()["lora_adapter_metadata"])
+    assert metadata["unet.lora_alpha"] == 2.0 and metadata["unet.r"] == 8
+
+    # A finished run: its last checkpoint converts to exactly the adapter's own diffusers file.
+    workdir, _ = trained
+    adapter = read_adapter(workdir / "adapters" / "ring" / "band")
+    last = list_checkpoints(workdir / "checkpoints" / "ring" / "band")[-1][1]
+    again = load_file(str(checkpoint_as_adapter_file(last, tmp_path / "again")))
+    shipped = load_file(str(adapter.diffusers_file))
+    assert again.keys() == shipped.keys() and all(torch.equal(again[k], shipped[k]) for k in again)
+    assert adapter.record["lora"]["unet"]["lora_alpha"] == float(adapter.record["recipe"]["lora_rank"])  # follows rank

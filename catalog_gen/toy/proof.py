@@ -352,7 +352,7 @@ def checkpoint_lora(workdir: Path, adapter, step: int, scratch: Path) -> Path:
                                                      adapter.record["instance"])))[step]
     out = scratch / f"step-{step}"
     out.mkdir(parents=True, exist_ok=True)
-    return checkpoint_as_adapter_file(adapter, folder, out)
+    return checkpoint_as_adapter_file(folder, out, adapter)
 
 
 def scratch_folder() -> tempfile.TemporaryDirectory:
