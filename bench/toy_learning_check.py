@@ -1,0 +1,145 @@
+"""The CI learning check's numbers: `python -m bench.toy_learning_check`.
+
+Runs the setting of tests/test_toy_learning.py (DreamBooth-LoRA on the held-out ring/bold, 4 photos,
+the toy_demo recipe, 12 images per set, one thread) once as it is and once with each of three breakages,
+and prints each run's gains and what the test's margins say of it. The test's MARGINS are set from
+these numbers. TOY WORLD figures (catalog_gen/toy/MODEL_CARD.md), not Stable Diffusion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+from catalog_gen.toy import proof
+
+STEPS = 300
+# The test's margins, set from this script's runs (the numbers are in BENCHMARKS.md, "The CI learning
+# check"): well below what the working run reaches, above what each broken run reaches. The token check
+# asks only for the sign: the token's effect is small in the toy world.
+MARGINS = proof.LearningMargins(clip_i=0.03, dino=0.025, token_dino=0.0)
+EXPERIMENT = proof.Experiment(overrides=(("steps", STEPS), ("checkpoint_every", STEPS)), images=12,
+                              reference_photos=8)
+
+
+# ---------------------------------------------------------------- three ways to break learning
+
+def no_gradient(monkeypatch) -> None:
+    """The LoRA's gradients are zeroed before every step: it never moves."""
+    from catalog_gen import training
+
+    real = training.optimizer_step
+
+    def step_without_gradient(loss, optimizer, scaler, params, max_grad_norm):
+        def zeroed():
+            for param in params:
+                param.grad = None if param.grad is None else param.grad.zero_()
+        original_step = optimizer.step
+        optimizer.step = lambda *a, **k: (zeroed(), original_step(*a, **k))[1]
+        try:
+            real(loss, optimizer, scaler, params, max_grad_norm)
+        finally:
+            optimizer.step = original_step
+    monkeypatch.setattr(training, "optimizer_step", step_without_gradient)
+
+
+def token_dropped(monkeypatch) -> None:
+    """Training prompts lose the instance's token (the generator still uses it)."""
+    from catalog_gen.class_map import ClassSpec
+
+    real = ClassSpec.instance_prompt_for
+    monkeypatch.setattr(ClassSpec, "instance_prompt_for",
+                        lambda self, instance, token: real(self, instance, token).replace(f"{token} ", ""))
+
+
+def wrong_target(monkeypatch) -> None:
+    """The loss compares the epsilon-predicting UNet with the v-prediction target."""
+    from catalog_gen import training
+
+    real = training.load_components
+
+    def with_v_target(*args, **kwargs):
+        components = real(*args, **kwargs)
+        components.noise_scheduler.register_to_config(prediction_type="v_prediction")
+        return components
+    monkeypatch.setattr(training, "load_components", with_v_target)
+
+
+BREAKAGES: dict[str, Callable] = {"no-gradient": no_gradient, "token-dropped": token_dropped,
+                                  "wrong-noise-target": wrong_target}
+
+
+# ---------------------------------------------------------------- one measured run
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """One intra-op thread, as the margins are measured: CPU sums round differently with the thread count."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def base_images(toolkit: proof.Toolkit, root: Path) -> dict:
+    """The base model's images for the experiment's prompts and seeds, drawn once for every run."""
+    adapter = proof.train(proof.Experiment(overrides=(("steps", 1), ("checkpoint_every", 1))), root, "token-only")
+    seeds = list(range(EXPERIMENT.images))
+    return {"base": proof.draw(toolkit, proof.prompts_for(EXPERIMENT, adapter.token), seeds),
+            "base_class": proof.draw(toolkit, proof.class_prompts(EXPERIMENT), seeds)}
+
+
+def measure(toolkit: proof.Toolkit, base: dict, root: Path) -> dict[str, float]:
+    adapter = proof.train(EXPERIMENT, root, "run")
+    sets, _ = proof.learning_sets(toolkit, EXPERIMENT, adapter, base=base)
+    return proof.learning_row(sets)
+
+
+def gains(row: dict[str, float]) -> dict[str, float]:
+    return {"clip_i": row["clip_i_tuned"] - row["clip_i_base"], "dino": row["dino_tuned"] - row["dino_base"],
+            "token_dino": row["dino_tuned"] - row["dino_no_token"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import pytest
+
+    parser = argparse.ArgumentParser(prog="python -m bench.toy_learning_check", description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", default=",".join(["working", *BREAKAGES]),
+                        help="comma-separated subset of working," + ",".join(BREAKAGES))
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    runs = args.runs.split(",")
+    unknown = sorted(set(runs) - {"working", *BREAKAGES})
+    if unknown:
+        print(f"error: unknown run(s) {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    print("TOY WORLD figures (not Stable Diffusion). The CI learning check, ring/bold, 4 photos, "
+          f"{STEPS} steps, {EXPERIMENT.images} images per set, one thread.\n")
+    print("| run | CLIP-I gain | DINO gain | token (DINO) | check |\n|---|---|---|---|---|")
+    with one_thread(), tempfile.TemporaryDirectory(prefix="catalog-learning-check-") as scratch:
+        toolkit = proof.load_toolkit()
+        base = base_images(toolkit, Path(scratch) / "base")
+        for name in runs:
+            with pytest.MonkeyPatch.context() as monkeypatch:
+                if name != "working":
+                    BREAKAGES[name](monkeypatch)
+                row = measure(toolkit, base, Path(scratch) / name)
+            found, failures = gains(row), proof.learning_failures(row, MARGINS)
+            verdict = "passes" if not failures else "fails: " + "; ".join(failures)
+            print(f"| {name} | {found['clip_i']:+.3f} | {found['dino']:+.3f} | {found['token_dino']:+.3f} | {verdict} |",
+                  flush=True)
+    print(f"\n_Measured by `python -m bench.toy_learning_check` in {time.perf_counter() - started:.0f} s; margins "
+          f"CLIP-I >= {MARGINS.clip_i}, DINO >= {MARGINS.dino}, token > {MARGINS.token_dino}._")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
