@@ -26,7 +26,7 @@ from catalog_gen.report_text import (
 )
 from catalog_gen.sample_data import write_sample_catalogue
 from catalog_gen.models import load_tokenizer, resolve_base_model
-from catalog_gen.report import write_report
+from catalog_gen.review.report import write_report
 from catalog_gen.workflow import PhotoSource, assign_photos, prepare_instances, train_class
 
 DEMO_RECIPE = "toy_demo"

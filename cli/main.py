@@ -171,7 +171,7 @@ def export(
     profile: Annotated[str, typer.Option(help="marketplace (2048 px JPEG) | web (1200 px JPEG) | lossless (2048 px PNG)")] = "marketplace",
 ) -> None:
     """Export approved images: square on white, sRGB, generation metadata and an AI-generated marker."""
-    from catalog_gen.export import export_approved
+    from catalog_gen.review.export import export_approved
 
     written = export_approved(run_dir, approved, profile)
     typer.echo(f"exported {len(written)} approved image(s) to {approved} (list: {approved / 'export.csv'})")
@@ -259,7 +259,7 @@ def report_command(
     run_dir: Annotated[Path, typer.Argument(help="A run folder (catalog generate).")],
 ) -> None:
     """Write RUN_DIR/report/index.html: summary, score plots and every candidate per SKU (opens from disk)."""
-    from catalog_gen.report import write_report
+    from catalog_gen.review.report import write_report
 
     result = write_report(run_dir, progress=_thumbnail_bar())
     typer.echo(f"report: {result.index} ({result.skus} SKUs, {result.candidates} candidates; "
@@ -274,15 +274,16 @@ def review_command(
     reviewer: Annotated[Optional[str], typer.Option(help="Name recorded with each decision (default: your user name).")] = None,
     import_file: Annotated[Optional[Path], typer.Option("--import", help="Apply decisions exported from the report page instead of serving.")] = None,
 ) -> None:
-    """Review a run in the browser: approve / reject each candidate; decisions go to RUN_DIR/decisions.parquet."""
-    from catalog_gen import review
+    """Review a run in the browser: approve / reject each candidate; decisions are saved in the run folder."""
+    from catalog_gen.review import decisions
+    from catalog_gen.review.server import serve
 
     if import_file is not None:
-        result = review.import_decisions(run_dir, import_file, reviewer)
+        result = decisions.import_decisions(run_dir, import_file, reviewer)
         typer.echo(f"imported {result.applied} decision(s) into {run_dir / layout.DECISIONS_PARQUET}"
                    + (f"; {result.skipped_older} older than decisions already there were skipped" if result.skipped_older else ""))
         return
-    server = review.serve(run_dir, port, reviewer, progress=_thumbnail_bar())
+    server = serve(run_dir, port, reviewer, progress=_thumbnail_bar())
     typer.echo(f"reviewing {run_dir}: open {server.url}  (Ctrl-C to stop; decisions are saved as you make them)")
     try:
         server.serve_forever()

@@ -317,7 +317,7 @@ def test_redo_needs_a_reviewed_run(finished_run, sheet, workdir, tmp_path):
 def test_export_writes_marketplace_files(finished_run, tmp_path):
     import shutil
 
-    from catalog_gen.export import AI_SOURCE_TYPE, export_approved
+    from catalog_gen.review.export import AI_SOURCE_TYPE, export_approved
 
     original, _ = finished_run
     reviewed = tmp_path / "reviewed"
@@ -437,7 +437,7 @@ def test_report_shows_the_base_strip_only_when_there_are_base_images(base_run, f
     import shutil
     from urllib.parse import unquote, urlsplit
 
-    from catalog_gen.report import write_report
+    from catalog_gen.review.report import write_report
 
     for source, with_base in ((base_run[0], True), (finished_run[0], False)):
         run_dir = tmp_path / source.name

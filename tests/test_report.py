@@ -22,10 +22,11 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from catalog_gen import review
+from catalog_gen.review import decisions as review
+from catalog_gen.review import server as review_server
 from catalog_gen.cli.main import EXIT_BAD_INPUT, app
 from catalog_gen.errors import CatalogError
-from catalog_gen.report import href, inline_json, summarise, write_report
+from catalog_gen.review.report import href, inline_json, summarise, write_report
 from catalog_gen.skus import sku_folder_names
 
 XSS = "<script>alert(1)</script>"
@@ -191,7 +192,7 @@ def test_base_model_images_get_their_own_strip(run_dir):
     second = write_report(run_dir)
     assert second.thumbs_made == 0 and second.thumbs_reused == first.thumbs_made
     # `catalog review` serves the full-size base images the page links to.
-    server = review.serve(run_dir, 0, reviewer="ann")
+    server = review_server.serve(run_dir, 0, reviewer="ann")
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.port}/base/{folders[XSS]}/0.png"
@@ -263,7 +264,7 @@ def test_two_clients_never_clobber_each_other(run_dir):
 
 
 def test_two_servers_merge_their_decisions(run_dir):
-    servers = [review.serve(run_dir, 0, reviewer=name) for name in ("ann", "bob")]
+    servers = [review_server.serve(run_dir, 0, reviewer=name) for name in ("ann", "bob")]
     threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]
     for thread in threads:
         thread.start()
@@ -296,7 +297,7 @@ def _status(call) -> tuple[int, str]:
 
 
 def test_server_validates_requests_strictly(run_dir):
-    server = review.serve(run_dir, 0, reviewer="ann")
+    server = review_server.serve(run_dir, 0, reviewer="ann")
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.port}"
     try:
@@ -428,7 +429,7 @@ def test_cli_review_serves_until_ctrl_c(monkeypatch, run_dir):
         progress(1, 1)
         return FakeServer()
 
-    monkeypatch.setattr("catalog_gen.review.serve", fake_serve)
+    monkeypatch.setattr("catalog_gen.review.server.serve", fake_serve)
     result = runner.invoke(app, ["review", str(run_dir), "--port", "0", "--reviewer", "ann"])
     assert result.exit_code == 0 and FakeServer.url in result.output
     assert calls == [(run_dir, 0, "ann"), "closed"]

@@ -15,7 +15,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from catalog_gen import review
+from catalog_gen.review import decisions as review
+from catalog_gen.review import server as review_server
 from test_report import XSS, make_run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -99,7 +100,7 @@ def states(driver) -> dict[str, int]:
 def test_keyboard_review_is_saved_and_survives_reload(browser, run_dir):
     from selenium.webdriver.common.keys import Keys
 
-    server = review.serve(run_dir, 0, reviewer="tester")
+    server = review_server.serve(run_dir, 0, reviewer="tester")
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         browser.get(server.url)
@@ -138,7 +139,7 @@ def test_static_page_filters_keeps_and_exports_decisions(browser, run_dir, tmp_p
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select
 
-    from catalog_gen.report import write_report
+    from catalog_gen.review.report import write_report
 
     index = write_report(run_dir).index
     downloads = tmp_path / "downloads"

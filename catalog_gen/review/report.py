@@ -157,7 +157,8 @@ def image_path_ok(path: Any) -> bool:
 
 def render_html(run: Mapping[str, Any], summary: Mapping[str, Any], cards: Sequence[Mapping[str, Any]],
                 assets: _Assets, nonce: str) -> str:
-    from catalog_gen.review import EXPORT_FORMAT, REASON_CODES, REVIEW_SCRIPT
+    from catalog_gen.review.decisions import EXPORT_FORMAT, REASON_CODES
+    from catalog_gen.review.page import asset
 
     tiles = [[card["sku"], row["candidate"]] for card in cards for row in card["candidates"]
              if image_path_ok(row.get("path"))]
@@ -176,7 +177,7 @@ def render_html(run: Mapping[str, Any], summary: Mapping[str, Any], cards: Seque
 <meta name="referrer" content="no-referrer">
 <link rel="icon" href="data:,">
 <title>Review: {e(run['name'])}</title>
-<style nonce="{nonce}">{PAGE_CSS}</style>
+<style nonce="{nonce}">{asset("report.css")}</style>
 </head>
 <body>
 <header class="top">
@@ -204,8 +205,8 @@ def render_html(run: Mapping[str, Any], summary: Mapping[str, Any], cards: Seque
 </main>
 {_overlays_html()}
 <script type="application/json" id="report-data">{inline_json(data)}</script>
-<script nonce="{nonce}">{PAGE_SCRIPT}</script>
-<script nonce="{nonce}">{REVIEW_SCRIPT}</script>
+<script nonce="{nonce}">{asset("report.js")}</script>
+<script nonce="{nonce}">{asset("review.js")}</script>
 </body>
 </html>
 """
@@ -345,7 +346,7 @@ def _candidate_html(card: Mapping[str, Any], row: Mapping[str, Any], assets: _As
 
 
 def _overlays_html() -> str:
-    from catalog_gen.review import REASON_CODES
+    from catalog_gen.review.decisions import REASON_CODES
 
     reasons = "".join(f'<button type="button" data-reason="{e(code)}"><kbd>{n}</kbd> {e(label)}</button>'
                       for n, (code, label) in enumerate(REASON_CODES.items(), 1))
@@ -626,210 +627,3 @@ def _tidy(axis) -> None:
         axis.spines[side].set_visible(False)
     axis.grid(alpha=0.25)
     axis.tick_params(labelsize=8)
-
-
-# ---------------------------------------------------------------- page assets (inline: no network, no CDN)
-
-PAGE_CSS = """
-:root{--bg:#f6f7f9;--card:#fff;--ink:#1f2328;--muted:#656d76;--line:#d8dee4;--pass:#1a7f37;--fail:#cf222e;
---kept:#0969da;--ok-bg:#dafbe1;--bad-bg:#ffebe9;--focus:#0969da}
-*{box-sizing:border-box}
-body{margin:0;background:var(--bg);color:var(--ink);font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif}
-h1{font-size:18px;margin:0}h2{font-size:15px;margin:0;word-break:break-all}h3{font-size:12px;margin:0 0 6px;color:var(--muted);
-text-transform:uppercase;letter-spacing:.04em}
-code,kbd{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:12px}
-kbd{border:1px solid var(--line);border-bottom-width:2px;border-radius:4px;padding:0 4px;background:#fff}
-button{font:inherit;border:1px solid var(--line);background:#fff;border-radius:6px;padding:4px 10px;cursor:pointer}
-button:hover{background:#f3f4f6}
-select,input{font:inherit;border:1px solid var(--line);border-radius:6px;padding:3px 6px;background:#fff}
-.top{position:sticky;top:0;z-index:20;background:#fff;border-bottom:1px solid var(--line);
-box-shadow:0 1px 3px rgba(31,35,40,.06)}
-.bar-row{display:flex;gap:18px;align-items:center;flex-wrap:wrap;padding:8px 20px 4px}
-.title .sub{color:var(--muted);font-size:12px}
-.progress{display:flex;align-items:center;gap:8px;flex:1;min-width:220px}
-.progress .bar{flex:1;height:8px;border-radius:4px;background:#eaeef2;overflow:hidden;max-width:320px}
-.progress .bar span{display:block;height:100%;width:0;background:var(--pass);transition:width .2s}
-.actions{display:flex;gap:8px;align-items:center;flex-wrap:wrap}
-.mode{font-size:12px;color:var(--muted)}.mode.server{color:var(--pass)}.mode.warn{color:var(--fail);font-weight:600}
-.reviewer input{width:120px}
-main{padding:14px 20px 60px;max-width:1500px;margin:0 auto}
-.summary details{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:10px 14px}
-.summary summary{font-weight:600;cursor:pointer}
-.stats{display:flex;gap:10px;flex-wrap:wrap;margin:10px 0}
-.stat{background:var(--bg);border-radius:8px;padding:8px 14px;min-width:110px}
-.stat b{display:block;font-size:20px}.stat span{color:var(--muted);font-size:12px}.stat.bad b{color:var(--fail)}
-.tables{display:flex;gap:24px;flex-wrap:wrap;align-items:flex-start}
-table.rates{border-collapse:collapse;font-size:13px}
-table.rates caption{text-align:left;font-weight:600;padding-bottom:4px}
-table.rates th{color:var(--muted);font-weight:500;text-align:right;padding:2px 8px}
-table.rates td{padding:2px 8px;border-top:1px solid #eef1f4}.n{text-align:right}
-.rate{white-space:nowrap}.meter{-webkit-appearance:none;appearance:none;width:60px;height:6px;border:0;
-border-radius:3px;background:#eaeef2;margin-right:6px;vertical-align:middle;overflow:hidden}
-.meter::-webkit-progress-bar{background:#eaeef2;border-radius:3px}
-.meter::-webkit-progress-value{background:var(--pass);border-radius:3px}.meter::-moz-progress-bar{background:var(--pass)}
-.plots figure{margin:12px 0 0}.plots img{width:100%;max-width:1200px;display:block}
-.plots figcaption{color:var(--muted);font-size:12px}
-.errors,.error{color:var(--fail)}
-.toolbar{display:flex;gap:12px;flex-wrap:wrap;align-items:center;padding:4px 20px 8px}
-.toolbar label{font-size:12px;color:var(--muted)}
-.toolbar-end{margin-left:auto;display:flex;flex-direction:column;align-items:flex-end;line-height:1.3}
-.shown{font-size:12px;color:var(--muted)}
-.summary{margin-bottom:14px}
-.card{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:12px 14px;margin-bottom:14px}
-.card-head{display:flex;gap:10px;align-items:baseline;flex-wrap:wrap}
-.tag{background:#ddf4ff;color:#0550ae;border-radius:10px;padding:0 8px;font-size:12px}
-.kept-count{color:var(--muted);font-size:12px;margin-left:auto}
-.prompt{margin:6px 0;color:#424a53;font-size:13px}.label{color:var(--muted);font-size:11px;text-transform:uppercase;
-letter-spacing:.04em;margin-right:4px}
-.card-body{display:flex;gap:14px;align-items:flex-start}
-.refs{width:150px;flex:none}.ref-strip{display:grid;grid-template-columns:repeat(2,1fr);gap:4px}
-.ref img{width:100%;aspect-ratio:1;object-fit:cover;border-radius:4px;border:1px solid var(--line);display:block}
-.muted{color:var(--muted);font-size:12px}
-.gens{flex:1;min-width:0;display:flex;flex-direction:column;gap:12px}
-.cands,.bases{display:grid;grid-template-columns:repeat(auto-fill,minmax(178px,1fr));gap:10px;flex:1}
-.base-image{margin:0;border:2px dashed var(--line);border-radius:8px;padding:6px;background:#fafbfc}
-.badge.base{background:#eaeef2;color:var(--muted)}
-.cand{margin:0;border:2px solid var(--line);border-radius:8px;padding:6px;background:#fff;scroll-margin:150px 0 20px}
-.cand.is-kept{border-color:#9cc9f5}
-.cand.current{outline:3px solid var(--focus);outline-offset:1px}
-.cand.approved{border-color:var(--pass);background:var(--ok-bg)}.cand.rejected{border-color:var(--fail);background:var(--bad-bg)}
-.thumb{display:block}.thumb img{width:100%;aspect-ratio:1;object-fit:contain;background:#fafbfc;border-radius:4px;display:block}
-.thumb.missing{aspect-ratio:1;display:flex;align-items:center;justify-content:center;color:var(--muted);background:#f6f8fa}
-.line1{display:flex;gap:6px;align-items:center;margin-top:5px}.num{font-weight:600}
-.seed{color:var(--muted);font-size:11px;overflow-wrap:anywhere}
-.badge{border-radius:10px;padding:0 7px;font-size:11px;font-weight:600}
-.badge.pass{background:var(--ok-bg);color:var(--pass)}.badge.fail{background:var(--bad-bg);color:var(--fail)}
-.badge.kept{background:#ddf4ff;color:var(--kept)}
-table.scores{width:100%;border-collapse:collapse;font-size:12px;margin-top:4px}
-table.scores th{text-align:left;font-weight:500;color:var(--muted)}table.scores td{text-align:right;font-variant-numeric:tabular-nums}
-table.scores td.thr{color:var(--muted);font-size:11px}tr.low td:first-of-type{color:var(--fail);font-weight:600}
-.reason{margin:4px 0 0;font-size:11px;color:var(--fail)}
-.decision{display:flex;gap:4px;align-items:center;margin-top:6px;flex-wrap:wrap}
-.decision .state{flex-basis:100%;font-size:12px;font-weight:600;min-height:0}
-.approved .state{color:var(--pass)}.rejected .state{color:var(--fail)}
-.decision button{flex:1;padding:2px 6px;font-size:12px}
-.decision .approve:hover{border-color:var(--pass)}.decision .reject:hover{border-color:var(--fail)}
-.overlay{position:fixed;inset:0;z-index:50;background:rgba(20,24,28,.72);display:flex;align-items:center;justify-content:center}
-.overlay[hidden]{display:none}
-#lightbox figure{margin:0;text-align:center}#lightbox img{max-width:92vw;max-height:86vh;min-width:256px;
-image-rendering:auto;background:#fff}#lightbox figcaption{color:#fff;margin-top:8px}
-.dialog{background:#fff;border-radius:10px;padding:16px 18px;min-width:340px;max-width:560px}
-.reasons{display:grid;gap:6px;margin:8px 0}.reasons button{text-align:left}
-.note{display:flex;gap:6px;align-items:center;font-size:12px;color:var(--muted)}.note input{flex:1}
-#toast{position:fixed;bottom:16px;left:50%;transform:translateX(-50%);background:#1f2328;color:#fff;border-radius:8px;
-padding:6px 14px;font-size:13px;opacity:0;transition:opacity .2s;pointer-events:none;z-index:60}
-#toast.show{opacity:.94}#toast.bad{background:var(--fail)}
-[hidden]{display:none !important}
-@media (max-width:760px){.card-body{flex-direction:column}.refs{width:100%}.ref-strip{grid-template-columns:repeat(6,1fr)}
-.top{position:static}}
-"""
-
-# Filters, sort and the full-image view. The review script (catalog_gen.review) adds decisions and keys.
-PAGE_SCRIPT = r"""
-(function () {
-  'use strict';
-  const $ = (s, r) => (r || document).querySelector(s);
-  const $$ = (s, r) => Array.from((r || document).querySelectorAll(s));
-  const box = $('#cards');
-  const cards = $$('.card', box);
-  const f = {cls: $('#f-class'), inst: $('#f-instance'), gate: $('#f-gate'), status: $('#f-status'),
-             review: $('#f-review'), sort: $('#f-sort'), search: $('#f-search')};
-
-  function candidateShown(c, v) {
-    const gates = c.dataset.gates ? c.dataset.gates.split(',') : [];
-    if (v.gate === 'none' && gates.length) return false;
-    if (v.gate === 'error') return false;
-    if (v.gate && v.gate !== 'none' && !gates.includes(v.gate)) return false;
-    if (v.status === 'passed' && c.dataset.passed !== '1') return false;
-    if (v.status === 'kept' && c.dataset.kept !== '1') return false;
-    if (v.status === 'failed' && c.dataset.passed === '1') return false;
-    if (v.review && (c.dataset.review || 'undecided') !== v.review) return false;
-    return true;
-  }
-
-  function applyFilters() {
-    const v = {cls: f.cls.value, inst: f.inst.value, gate: f.gate.value, status: f.status.value,
-               review: f.review.value, search: f.search.value.trim().toLowerCase()};
-    const perCandidate = v.gate || v.status || v.review;
-    let shownCards = 0, shownCands = 0, allCands = 0;
-    for (const card of cards) {
-      let show = (!v.cls || card.dataset.class === v.cls) && (!v.inst || card.dataset.instance === v.inst) &&
-                 (!v.search || card.dataset.search.includes(v.search));
-      let visible = 0;
-      for (const c of $$('.cand', card)) {
-        allCands += 1;
-        c.hidden = !(show && candidateShown(c, v));
-        if (!c.hidden) visible += 1;
-      }
-      if (show && perCandidate) show = visible > 0 || (v.gate === 'error' && card.dataset.error === '1');
-      card.hidden = !show;
-      if (show) { shownCards += 1; shownCands += visible; }
-    }
-    $('#shown').textContent = `showing ${shownCands} of ${allCands} candidates in ${shownCards} SKUs`;
-  }
-
-  function sortValue(c, key) {
-    const v = parseFloat(c.dataset[key]);
-    return Number.isFinite(v) ? v : null;
-  }
-
-  function applySort() {
-    const [key, way] = f.sort.value.split(':');
-    const sign = way === 'desc' ? -1 : 1;
-    const byValue = (a, b) => {
-      const x = sortValue(a, key), y = sortValue(b, key);
-      if (x === null || y === null) return (x === null) - (y === null);
-      return sign * (x - y) || (+a.dataset.candidate - +b.dataset.candidate);
-    };
-    for (const card of cards) {
-      const list = $('.cands', card);
-      const cands = $$('.cand', list);
-      cands.sort(key === 'sku' ? (a, b) => +a.dataset.candidate - +b.dataset.candidate : byValue);
-      cands.forEach(c => list.appendChild(c));
-    }
-    const ordered = cards.slice();
-    if (key === 'sku') {
-      ordered.sort((a, b) => +a.dataset.order - +b.dataset.order);
-    } else {
-      ordered.sort((a, b) => {
-        const x = $('.cand', a), y = $('.cand', b);
-        if (!x || !y) return !x - !y;
-        return byValue(x, y) || (+a.dataset.order - +b.dataset.order);
-      });
-    }
-    ordered.forEach(card => box.appendChild(card));
-  }
-
-  const lightbox = $('#lightbox'), lightImg = $('#lightbox-img'), lightCaption = $('#lightbox-caption');
-  function openImage(link) {
-    if (!link) return;
-    lightImg.src = link.getAttribute('href');
-    lightImg.alt = link.dataset.caption || '';
-    lightCaption.textContent = link.dataset.caption || '';
-    lightbox.hidden = false;
-  }
-  function closeImage() { lightbox.hidden = true; lightImg.removeAttribute('src'); }
-  document.addEventListener('click', (event) => {
-    const link = event.target.closest('a.thumb, a.ref');
-    if (link && !event.ctrlKey && !event.metaKey && !event.shiftKey && event.button === 0) {
-      event.preventDefault();
-      openImage(link);
-    }
-  });
-  lightbox.addEventListener('click', closeImage);
-
-  Object.values(f).forEach(el => el.addEventListener(el.tagName === 'INPUT' ? 'input' : 'change', () => {
-    if (el === f.sort) applySort();
-    applyFilters();
-  }));
-  if (f.cls) f.cls.addEventListener('change', () => {  // keep the instance choice inside the chosen class
-    if (f.cls.value && f.inst.value && !f.inst.value.startsWith(f.cls.value + '/')) { f.inst.value = ''; applyFilters(); }
-  });
-  applyFilters();
-  window.catalogReport = {
-    applyFilters, openImage, closeImage,
-    imageOpen: () => !lightbox.hidden,
-    visibleCandidates: () => $$('.cand', box).filter(c => !c.hidden && !c.closest('.card').hidden),
-  };
-})();
-"""
