@@ -90,6 +90,9 @@ def export(out: Path, ship_to: Path | None = None) -> Path:
     for stage in ("vae", "clip", "dino", "unet"):
         if not (out / stage / "checkpoint.pt").is_file():
             raise CatalogError(f"{out}: stage '{stage}' has no checkpoint; run pretrain first")
+        if not pretrain.Stage(out, stage).done:
+            raise CatalogError(f"{out}: stage '{stage}' has not finished its {pretrain.PLANS[stage].steps} steps; "
+                               "run pretrain again to finish it (it resumes)")
     staging = root.with_name(root.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
