@@ -10,14 +10,14 @@ and gate-scoring speed with torch against ONNX Runtime.
 
 Four measurements, each in its own fresh process, started only once the machine is quiet:
 
-    per-image  catalog_gen.sampling.draw() on the pipeline generate() loads (base model, recipe
+    per-image  catalog_gen.models.sampling.draw() on the pipeline generate() loads (base model, recipe
                scheduler, a LoRA loaded with load_lora_weights) against the floor on identical tensors:
                `steps` x one UNet forward of the CFG batch (latents doubled, the scheduler's timesteps,
                negative + positive text embeddings) + one VAE decode; no scheduler, no guidance
                arithmetic, no text encoding, no conversion to PIL. Target: draw / floor <= 1.10. The
                adapter is random (training's targets and rank): its cost does not depend on its values.
                draw, floor and floor-with-LoRA-disabled run in turns, so drift hits all three alike.
-    ours       catalog_gen.generation.generate() on a 40-SKU sheet over 4 trained adapters (10 SKUs each)
+    ours       catalog_gen.generate.generation.generate() on a 40-SKU sheet over 4 trained adapters (10 SKUs each)
                with the recipe's gates, calibration and embedders; cold reference-embedding cache.
     loop       the straightforward loop over the same 40 SKUs: for every SKU load the adapter, embed its
                reference photos, draw and score the candidates with the same settings, seeds and k + M
@@ -153,7 +153,7 @@ def run_bench(args: argparse.Namespace, argv: list[str]) -> None:
 
 
 def bench_config(args: argparse.Namespace) -> GenerateConfig:
-    from catalog_gen.presets import PRESETS
+    from catalog_gen.models.presets import PRESETS
 
     resolution = args.resolution or (PRESETS[args.preset].resolution if args.preset in PRESETS else 512)
     overrides = {"base_model": args.preset, "resolution": resolution, "steps": args.steps,
@@ -175,8 +175,8 @@ def _batch_sizes(text: str | None, recipe_batch: int) -> list[int]:
 
 def prepare_throughput(config: GenerateConfig, train_steps: int, workdir: Path) -> dict:
     """Train the 4 adapters (tiny_demo recipe, few steps) and write the 40-row SKU sheet."""
-    from catalog_gen.sample_data import write_sample_catalogue
-    from catalog_gen.workflow import PhotoSource, train_class
+    from catalog_gen.catalog.sample_data import write_sample_catalogue
+    from catalog_gen.train.workflow import PhotoSource, train_class
 
     started = time.perf_counter()
     catalogue = write_sample_catalogue(workdir / "catalogue")
@@ -407,8 +407,8 @@ def run_worker(args: argparse.Namespace) -> None:
 
 def load_generation_pipeline(config: GenerateConfig, device):
     """The pipeline exactly as generate() loads it (generation._load_context)."""
-    from catalog_gen.models import load_pipeline, resolve_base_model
-    from catalog_gen.sampling import make_scheduler
+    from catalog_gen.models.loading import load_pipeline, resolve_base_model
+    from catalog_gen.models.sampling import make_scheduler
 
     pipeline = load_pipeline(resolve_base_model(config.base_model), device, config.precision)
     pipeline.scheduler = make_scheduler(config.scheduler, pipeline.scheduler.config)
@@ -434,8 +434,8 @@ def measure_per_image(job: dict) -> dict:
     any drift in the machine's speed falls on all three alike."""
     import torch
 
-    from catalog_gen.lora_files import DIFFUSERS_WEIGHTS_NAME
-    from catalog_gen.sampling import draw
+    from catalog_gen.train.lora_files import DIFFUSERS_WEIGHTS_NAME
+    from catalog_gen.models.sampling import draw
 
     config, device = GenerateConfig(**job["config"]), torch.device(job["device"])
     pipeline = load_generation_pipeline(config, device)
@@ -492,8 +492,8 @@ def write_random_adapter(unet, rank: int, folder: Path) -> Path:
     import torch
     from peft import LoraConfig
 
-    from catalog_gen.lora_files import save_diffusers_lora
-    from catalog_gen.training import UNET_LORA_TARGETS
+    from catalog_gen.train.lora_files import save_diffusers_lora
+    from catalog_gen.train.training import UNET_LORA_TARGETS
 
     generator = torch.Generator().manual_seed(0)
     layers = {}
@@ -570,8 +570,8 @@ def measure_ours(job: dict) -> dict:
     functions it calls: model loading, adapter load/unload, reference embeddings and draw calls."""
     import polars as pl
 
-    from catalog_gen import generation
-    from catalog_gen.generation import GenerationRequest, generate
+    from catalog_gen.generate import generation
+    from catalog_gen.generate.generation import GenerationRequest, generate
 
     workdir, run_dir = Path(job["workdir"]), Path(job["workdir"]) / "run-ours"
     shutil.rmtree(workdir / "embeddings", ignore_errors=True)  # cold reference cache, as on a first night
@@ -611,12 +611,13 @@ def measure_loop(job: dict) -> dict:
     import polars as pl
     import torch
 
-    from catalog_gen import embedders, gates, skus
-    from catalog_gen.adapters import read_adapter
+    from catalog_gen.generate import skus
+    from catalog_gen.quality import embedders, gates
+    from catalog_gen.train.adapters import read_adapter
     from catalog_gen.layout import adapter_folder
-    from catalog_gen.class_map import load_class_map
-    from catalog_gen.generation import use_prompt_noun
-    from catalog_gen.lora_files import DIFFUSERS_WEIGHTS_NAME
+    from catalog_gen.catalog.class_map import load_class_map
+    from catalog_gen.generate.generation import use_prompt_noun
+    from catalog_gen.train.lora_files import DIFFUSERS_WEIGHTS_NAME
 
     config, device = GenerateConfig(**job["config"]), torch.device(job["device"])
     workdir, out = Path(job["workdir"]), Path(job["workdir"]) / "run-loop"
@@ -679,10 +680,10 @@ def measure_loop(job: dict) -> dict:
 def loop_candidates(pipeline, models, config: GenerateConfig, row, prompt: str, text, reference_clip, reference_dino,
                     thresholds, clock: Counter) -> list:
     """generate()'s k + M rule, written plainly: draw k; while fewer than k pass, draw more, up to k + M."""
-    from catalog_gen import gates
+    from catalog_gen.quality import gates
     from catalog_gen import seeds as seed_of
-    from catalog_gen.generation import _score
-    from catalog_gen.sampling import draw
+    from catalog_gen.generate.generation import _score
+    from catalog_gen.models.sampling import draw
 
     k = row.n_images or config.n_images
     budget, found = k + config.max_extra, []
@@ -714,7 +715,7 @@ def measure_scoring(job: dict) -> dict:
     import torch
     from PIL import Image
 
-    from catalog_gen import embedders
+    from catalog_gen.quality import embedders
 
     config, device = GenerateConfig(**job["config"]), torch.device(job["device"])
     rng = np.random.default_rng(0)

@@ -31,7 +31,7 @@ EXPERIMENT = proof.Experiment(overrides=(("steps", STEPS), ("checkpoint_every", 
 
 def no_gradient(monkeypatch) -> None:
     """The LoRA's gradients are zeroed before every step: it never moves."""
-    from catalog_gen import training
+    from catalog_gen.train import training
 
     real = training.optimizer_step
 
@@ -50,7 +50,7 @@ def no_gradient(monkeypatch) -> None:
 
 def token_dropped(monkeypatch) -> None:
     """Training prompts lose the instance's token (the generator still uses it)."""
-    from catalog_gen.class_map import ClassSpec
+    from catalog_gen.catalog.class_map import ClassSpec
 
     real = ClassSpec.instance_prompt_for
     monkeypatch.setattr(ClassSpec, "instance_prompt_for",
@@ -59,7 +59,7 @@ def token_dropped(monkeypatch) -> None:
 
 def wrong_target(monkeypatch) -> None:
     """The loss compares the epsilon-predicting UNet with the v-prediction target."""
-    from catalog_gen import training
+    from catalog_gen.train import training
 
     real = training.load_components
 
@@ -92,9 +92,7 @@ def one_thread() -> Iterator[None]:
 def base_images(toolkit: proof.Toolkit, root: Path) -> dict:
     """The base model's images for the experiment's prompts and seeds, drawn once for every run."""
     adapter = proof.train(proof.Experiment(overrides=(("steps", 1), ("checkpoint_every", 1))), root, "token-only")
-    seeds = list(range(EXPERIMENT.images))
-    return {"base": proof.draw(toolkit, proof.prompts_for(EXPERIMENT, adapter.token), seeds),
-            "base_class": proof.draw(toolkit, proof.class_prompts(EXPERIMENT), seeds)}
+    return proof.base_sets(toolkit, EXPERIMENT, adapter.token)
 
 
 def measure(toolkit: proof.Toolkit, base: dict, root: Path) -> dict[str, float]:
@@ -105,7 +103,7 @@ def measure(toolkit: proof.Toolkit, base: dict, root: Path) -> dict[str, float]:
 
 def gains(row: dict[str, float]) -> dict[str, float]:
     return {"clip_i": row["clip_i_tuned"] - row["clip_i_base"], "dino": row["dino_tuned"] - row["dino_base"],
-            "token_dino": row["dino_tuned"] - row["dino_no_token"]}
+            "token_dino": row["dino_token_gain"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     print("TOY WORLD figures (not Stable Diffusion). The CI learning check, ring/bold, 4 photos, "
           f"{STEPS} steps, {EXPERIMENT.images} images per set, one thread.\n")
-    print("| run | CLIP-I gain | DINO gain | token (DINO) | check |\n|---|---|---|---|---|")
+    print("| run | CLIP-I gain | DINO gain | token gain (DINO) | check |\n|---|---|---|---|---|")
     with one_thread(), tempfile.TemporaryDirectory(prefix="catalog-learning-check-") as scratch:
         toolkit = proof.load_toolkit()
         base = base_images(toolkit, Path(scratch) / "base")

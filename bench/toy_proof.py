@@ -51,9 +51,9 @@ def part_base(toolkit: proof.Toolkit, results: dict) -> str:
 
 def sample_photos(out: Path) -> tuple[list, list[str]]:
     """The sample catalogue's usable photos at 64 px, with their class/instance, as intake leaves them."""
-    from catalog_gen import intake
-    from catalog_gen.sample_data import write_sample_catalogue
-    from catalog_gen.workflow import PhotoSource, assign_photos
+    from catalog_gen.catalog import intake
+    from catalog_gen.catalog.sample_data import write_sample_catalogue
+    from catalog_gen.train.workflow import PhotoSource, assign_photos
 
     sample = out / "sample"
     if not (sample / "products.csv").is_file():

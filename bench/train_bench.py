@@ -9,7 +9,7 @@
 Three measurements, each in its own fresh process (so peak memory is per measurement and one
 cannot warm caches for another), on the same base model, recipe and LoRA:
 
-    ours      catalog_gen.training.fit() on real photos (sample catalogue -> intake), timed per step
+    ours      catalog_gen.train.training.fit() on real photos (sample catalogue -> intake), timed per step
               from its progress callback.
     floor     the same UNet + LoRA + optimizer on fixed, precomputed tensors of the shapes and
               dtypes fit() uses: forward, MSE, backward, clip, optimizer step. Nothing else.
@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
 def run_bench(args: argparse.Namespace, argv: list[str]) -> None:
     import torch
 
-    from catalog_gen import training
-    from catalog_gen.models import resolve_base_model
+    from catalog_gen.train import training
+    from catalog_gen.models.loading import resolve_base_model
 
     # 1. Validate the recipe and the device before anything slow happens.
     device = pick_device(args.device)
@@ -141,7 +141,7 @@ def run_bench(args: argparse.Namespace, argv: list[str]) -> None:
 
 
 def _native_resolution(spec: str) -> int:
-    from catalog_gen.presets import PRESETS
+    from catalog_gen.models.presets import PRESETS
 
     return PRESETS[spec].resolution if spec in PRESETS else 512
 
@@ -165,10 +165,10 @@ def prepare_job(model, config: TrainConfig, workdir: Path) -> dict:
     images, which `catalog train` would draw with the base model first (a separate, untimed phase);
     they are repeated up to num_class_images, because fit() encodes all of them before step 1.
     """
-    from catalog_gen import taxonomy
-    from catalog_gen.models import load_tokenizer
-    from catalog_gen.sample_data import write_sample_catalogue
-    from catalog_gen.workflow import PhotoSource, prepare_instances
+    from catalog_gen.catalog import taxonomy
+    from catalog_gen.models.loading import load_tokenizer
+    from catalog_gen.catalog.sample_data import write_sample_catalogue
+    from catalog_gen.train.workflow import PhotoSource, prepare_instances
 
     catalogue = write_sample_catalogue(workdir / "catalogue")
     source = PhotoSource(photos_dir=catalogue.photos_dir, products_csv=catalogue.products_csv)
@@ -299,7 +299,7 @@ def verdict(results: dict) -> str:
 def run_worker(args: argparse.Namespace) -> None:
     import torch
 
-    from catalog_gen import training
+    from catalog_gen.train import training
 
     spec = json.loads(args.job.read_text())
     config = TrainConfig(**spec["config"])
@@ -370,7 +370,7 @@ class MemoryMarks:
 
 
 def training_model(config: TrainConfig):
-    from catalog_gen.models import resolve_base_model
+    from catalog_gen.models.loading import resolve_base_model
 
     return resolve_base_model(config.base_model)
 
@@ -381,7 +381,7 @@ def measure_ours(components, config: TrainConfig, job, warmup: int, steps: int,
     (fit reads loss.item() before calling progress, so on CUDA the step has finished).
     The first step also holds fit()'s setup: encoding every photo and class image, adding the LoRA;
     its memory peak is kept apart from the later steps'."""
-    from catalog_gen import training
+    from catalog_gen.train import training
 
     stamps: list[float] = [time.perf_counter()]
 
@@ -402,7 +402,7 @@ def measure_floor(components, config: TrainConfig, job, warmup: int, steps: int,
     import torch
     import torch.nn.functional as F
 
-    from catalog_gen import training
+    from catalog_gen.train import training
 
     optimizer_step = _lora_and_optimizer(components, config, job)
     # Encoded once from the real photos and prompts, so shapes and dtypes are fit()'s own.
@@ -431,7 +431,7 @@ def measure_baseline(components, config: TrainConfig, job, warmup: int, steps: i
     import torch
     import torch.nn.functional as F
 
-    from catalog_gen import training
+    from catalog_gen.train import training
 
     optimizer_step = _lora_and_optimizer(components, config, job)
     vae, scheduler = components.vae, components.noise_scheduler
@@ -459,7 +459,7 @@ def _lora_and_optimizer(components, config: TrainConfig, job) -> Callable:
     """The LoRA, optimizer and grad scaler fit() builds, and the update step fit() runs."""
     import torch
 
-    from catalog_gen import training
+    from catalog_gen.train import training
 
     training._add_lora(components, config, job.instance_key)
     params = training._trainable(components.unet, "unet.")

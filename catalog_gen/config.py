@@ -235,7 +235,7 @@ class GenerateConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self)
-        from catalog_gen.sampling import SCHEDULERS
+        from catalog_gen.models.sampling import SCHEDULERS
 
         _choice("scheduler", self.scheduler, tuple(SCHEDULERS))
         _choice("embedder_backend", self.embedder_backend, ("torch", "onnx"))

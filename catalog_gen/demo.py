@@ -20,14 +20,14 @@ from typing import Iterator
 
 from catalog_gen import layout
 from catalog_gen.config import GenerateConfig, TrainConfig, build_config, read_recipe
-from catalog_gen.generation import GenerationRequest, generate
+from catalog_gen.generate.generation import GenerationRequest, generate
 from catalog_gen.report_text import (
     generation_summary_lines, indent, progress_bar_factory, taxonomy_lines, train_summary_lines,
 )
-from catalog_gen.sample_data import write_sample_catalogue
-from catalog_gen.models import load_tokenizer, resolve_base_model
+from catalog_gen.catalog.sample_data import write_sample_catalogue
+from catalog_gen.models.loading import load_tokenizer, resolve_base_model
 from catalog_gen.review.report import write_report
-from catalog_gen.workflow import PhotoSource, assign_photos, prepare_instances, train_class
+from catalog_gen.train.workflow import PhotoSource, assign_photos, prepare_instances, train_class
 
 DEMO_RECIPE = "toy_demo"
 DEMO_NIGHTLY = "toy_nightly"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from catalog_gen import layout, taxonomy
+from catalog_gen import layout
+from catalog_gen.catalog import taxonomy
 
 
 def taxonomy_lines(result: taxonomy.Taxonomy) -> list[str]:

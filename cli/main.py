@@ -58,7 +58,7 @@ def sample_data(
     seed: Annotated[int, typer.Option(help="Drawing seed.")] = 0,
 ) -> None:
     """Write a procedurally drawn jewelry catalogue (photos, products.csv, skus.csv)."""
-    from catalog_gen.sample_data import write_sample_catalogue
+    from catalog_gen.catalog.sample_data import write_sample_catalogue
 
     catalogue = write_sample_catalogue(out_dir, seed=seed)
     typer.echo(f"wrote sample catalogue to {catalogue.root}")
@@ -77,7 +77,7 @@ def taxonomy_command(
 ) -> None:
     """Assign product photos to class / instance sets and print the table."""
     from catalog_gen.report_text import taxonomy_lines
-    from catalog_gen.workflow import PhotoSource, assign_photos
+    from catalog_gen.train.workflow import PhotoSource, assign_photos
 
     result = assign_photos(PhotoSource(photos, products, class_map), min_photos)
     for line in taxonomy_lines(result):
@@ -109,7 +109,7 @@ def train(
     """Train one DreamBooth-LoRA adapter per instance of a class."""
     from catalog_gen.config import TrainConfig, build_config, read_recipe
     from catalog_gen.report_text import progress_bar_factory, train_summary_lines
-    from catalog_gen.workflow import PhotoSource, train_class
+    from catalog_gen.train.workflow import PhotoSource, train_class
 
     config = build_config(TrainConfig, read_recipe(recipe, "train"), dict(
         base_model=base_model, steps=steps, resolution=resolution, learning_rate=learning_rate, lora_rank=rank,
@@ -146,7 +146,7 @@ def generate(
     import time
 
     from catalog_gen.config import GenerateConfig, build_config, read_recipe
-    from catalog_gen.generation import GenerationRequest, generate as run_generation
+    from catalog_gen.generate.generation import GenerationRequest, generate as run_generation
     from catalog_gen.report_text import generation_progress, generation_summary_lines
 
     config = build_config(GenerateConfig, read_recipe(recipe, "generate"), dict(
@@ -191,7 +191,7 @@ def eval_command(
 ) -> None:
     """KID / FID / CLIP-I / DINO / CLIP-T for every saved checkpoint of a class's adapters."""
     from catalog_gen.config import build_config, read_recipe
-    from catalog_gen.evaluation import EvalConfig, run_eval
+    from catalog_gen.evaluate.evaluation import EvalConfig, run_eval
 
     overrides = dict(extractor=extractor, select_by=select_by,
                      inception_weights=str(inception_weights) if inception_weights else None)
@@ -217,10 +217,10 @@ def sweep_command(
 ) -> None:
     """Train and evaluate every point of a grid; rerun to finish an interrupted sweep."""
     from catalog_gen.config import TrainConfig, build_config, read_recipe
-    from catalog_gen.evaluation import EvalConfig
+    from catalog_gen.evaluate.evaluation import EvalConfig
     from catalog_gen.report_text import progress_bar_factory
-    from catalog_gen.sweep import parse_grid_option, run_sweep
-    from catalog_gen.workflow import PhotoSource
+    from catalog_gen.evaluate.sweep import parse_grid_option, run_sweep
+    from catalog_gen.train.workflow import PhotoSource
 
     origin = f"recipe {recipe}" if recipe else "options"
     train_config = build_config(TrainConfig, read_recipe(recipe, "train"), {}, origin=origin)

@@ -22,14 +22,14 @@ def preset_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(preset_cache):
-    from catalog_gen.models import resolve_base_model
+    from catalog_gen.models.loading import resolve_base_model
 
     return resolve_base_model("tiny")
 
 
 @pytest.fixture(scope="session")
 def sample_catalogue(tmp_path_factory):
-    from catalog_gen.sample_data import write_sample_catalogue
+    from catalog_gen.catalog.sample_data import write_sample_catalogue
 
     return write_sample_catalogue(tmp_path_factory.mktemp("sample"))
 
@@ -37,7 +37,7 @@ def sample_catalogue(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     """The offline CLIP-format BPE tokenizer files, written once per session."""
-    from catalog_gen import bpe
+    from catalog_gen.models import bpe
 
     return bpe.write_clip_tokenizer(tmp_path_factory.mktemp("clip-bpe-tiny"))
 

@@ -8,7 +8,7 @@ import re
 import pytest
 from transformers import CLIPTokenizer, CLIPTokenizerFast
 
-from catalog_gen import bpe
+from catalog_gen.models import bpe
 from catalog_gen.errors import CatalogError
 
 SENTENCES = [

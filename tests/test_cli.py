@@ -11,17 +11,17 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from catalog_gen.adapters import read_adapter
+from catalog_gen.train.adapters import read_adapter
 from catalog_gen.cli.main import EXIT_BAD_INPUT, EXIT_PARTIAL, app
 from catalog_gen.config import TrainConfig, build_config, read_recipe
 from catalog_gen.errors import CatalogError
-from catalog_gen.workflow import PhotoSource, TrainOutcome, TrainSummary
+from catalog_gen.train.workflow import PhotoSource, TrainOutcome, TrainSummary
 
 runner = CliRunner()
 
 
 class FakeTrainClass:
-    """Stands in for catalog_gen.workflow.train_class: records its call, returns a set summary."""
+    """Stands in for catalog_gen.train.workflow.train_class: records its call, returns a set summary."""
 
     def __init__(self, summary: TrainSummary | None = None, error: Exception | None = None):
         self.summary = summary or TrainSummary()
@@ -47,7 +47,7 @@ def fake_train(monkeypatch):
 
     def install(**kwargs) -> FakeTrainClass:
         fake = FakeTrainClass(**kwargs)
-        monkeypatch.setattr("catalog_gen.workflow.train_class", fake)
+        monkeypatch.setattr("catalog_gen.train.workflow.train_class", fake)
         return fake
 
     return install
@@ -288,7 +288,7 @@ def test_demo_runs_end_to_end_on_a_few_steps(tmp_path, tiny_model, one_torch_thr
 @pytest.fixture
 def fake_generate(monkeypatch):
     """Patch the generator where the command imports it; record what it was given."""
-    from catalog_gen import generation
+    from catalog_gen.generate import generation
 
     calls = []
 
@@ -334,7 +334,7 @@ def test_generate_bad_setting_is_refused_before_running(fake_generate, tmp_path)
 
 
 def test_eval_passes_the_inception_extractor_and_weights_file(monkeypatch, tmp_path):
-    from catalog_gen import evaluation
+    from catalog_gen.evaluate import evaluation
 
     seen = []
 

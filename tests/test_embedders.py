@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from catalog_gen.embedder_presets import EMBEDDER_PRESETS, materialise_embedder_preset
-from catalog_gen.embedders import ImageEmbedder, ImageTransform, ReferenceEmbeddings, load_clip, load_dino
+from catalog_gen.models.embedder_presets import EMBEDDER_PRESETS, materialise_embedder_preset
+from catalog_gen.quality.embedders import ImageEmbedder, ImageTransform, ReferenceEmbeddings, load_clip, load_dino
 from catalog_gen.errors import CatalogError
 from catalog_gen.storage import sha256_file
 

@@ -11,9 +11,9 @@ import pytest
 
 from catalog_gen.config import TrainConfig, build_config, read_recipe
 from catalog_gen.errors import CatalogError
-from catalog_gen.evaluation import EvalConfig, best_checkpoints, run_eval
-from catalog_gen.sweep import grid_points, parse_grid_option, point_id, run_sweep
-from catalog_gen.workflow import PhotoSource, train_class
+from catalog_gen.evaluate.evaluation import EvalConfig, best_checkpoints, run_eval
+from catalog_gen.evaluate.sweep import grid_points, parse_grid_option, point_id, run_sweep
+from catalog_gen.train.workflow import PhotoSource, train_class
 
 
 def recipe_configs():
@@ -70,16 +70,16 @@ def test_grid_parsing_and_points():
 def test_sweep_resumes_a_half_finished_grid(sample_catalogue, tmp_path, monkeypatch):
     train, evaluation = recipe_configs()
     grid = {"steps": [6, 12], "num_photos": [3]}
-    import catalog_gen.sweep
+    import catalog_gen.evaluate.sweep
 
-    real_write = catalog_gen.sweep.atomic_write_json
+    real_write = catalog_gen.evaluate.sweep.atomic_write_json
 
     def write_then_crash(path, payload):  # a kill right after the first point finished
         real_write(path, payload)
         if Path(path).name == "result.json":
             raise InterruptedError("stopped after one grid point")
 
-    monkeypatch.setattr(catalog_gen.sweep, "atomic_write_json", write_then_crash)
+    monkeypatch.setattr(catalog_gen.evaluate.sweep, "atomic_write_json", write_then_crash)
     with pytest.raises(InterruptedError):
         run_sweep(source(sample_catalogue), "ring", "band", tmp_path, "t", grid, train, evaluation)
     monkeypatch.undo()
@@ -117,7 +117,7 @@ def test_eval_resize_keeps_floating_point_values():
     import numpy as np
     from PIL import Image
 
-    from catalog_gen.embedders import ImageTransform
+    from catalog_gen.quality.embedders import ImageTransform
 
     edge = np.zeros((64, 64, 3), dtype=np.uint8)
     edge[:, 32:] = 255  # a hard edge: bicubic overshoots past 255 and below 0 beside it
@@ -129,7 +129,7 @@ def test_eval_resize_keeps_floating_point_values():
 
 
 def test_sweep_claims_compare_setting_by_setting():
-    from catalog_gen.sweep import changed_settings
+    from catalog_gen.evaluate.sweep import changed_settings
 
     defaults = {"train": {"steps": 200, "rank": 4}, "eval": {"precision": "auto", "steps": 25}}
     saved = {"grid": {"steps": [6]}, "train": {"steps": 200, "rank": 4}, "eval": {"steps": 25}, "class": "ring"}

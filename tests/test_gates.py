@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from catalog_gen import gates
+from catalog_gen.quality import gates
 from catalog_gen.config import GenerateConfig
 from catalog_gen.errors import CatalogError
-from catalog_gen.generation import use_prompt_noun
+from catalog_gen.generate.generation import use_prompt_noun
 
 BASE = gates.Thresholds(clip_i=0.7, dino=0.5, clip_t=0.2, memorisation_dino=0.97, min_pixel_std=4.0)
 

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from catalog_gen.config import GenerateConfig, TrainConfig, build_config, read_recipe
-from catalog_gen.generation import GenerationRequest, generate
-from catalog_gen.workflow import PhotoSource, train_class
+from catalog_gen.generate.generation import GenerationRequest, generate
+from catalog_gen.train.workflow import PhotoSource, train_class
 from test_multiprocess import BIN, subprocess_env
 
 INSTANCES = ["band", "signet"]
@@ -154,10 +154,10 @@ def test_changed_settings_refuse_the_run_folder(finished_run, sheet, workdir):
 
 
 def test_unloading_the_adapter_leaves_the_base_model_unchanged(workdir, tiny_model):
-    from catalog_gen.adapters import read_adapter
-    from catalog_gen.lora_files import DIFFUSERS_WEIGHTS_NAME
-    from catalog_gen.models import load_pipeline
-    from catalog_gen.sampling import draw
+    from catalog_gen.train.adapters import read_adapter
+    from catalog_gen.train.lora_files import DIFFUSERS_WEIGHTS_NAME
+    from catalog_gen.models.loading import load_pipeline
+    from catalog_gen.models.sampling import draw
 
     pipeline = load_pipeline(tiny_model)
     prompt = read_adapter(workdir / "adapters" / "ring" / "band").record["instance_prompt"]
@@ -256,7 +256,7 @@ def _fake_run(folder: Path, kept: dict[tuple[str, int], bool], redo_of: Path | N
 
 
 def test_a_rejection_of_a_candidate_the_gates_dropped_asks_for_no_new_image(tmp_path):
-    from catalog_gen.generation import rejected_in
+    from catalog_gen.generate.generation import rejected_in
 
     night = _fake_run(tmp_path / "night", {("A", 0): True, ("A", 1): False, ("B", 0): False, ("B", 1): True})
     _write_decisions(night, [("A", 0, "reject"), ("A", 1, "reject"), ("B", 0, "reject"), ("B", 1, "approve")])
@@ -264,7 +264,7 @@ def test_a_rejection_of_a_candidate_the_gates_dropped_asks_for_no_new_image(tmp_
 
 
 def test_redoing_one_reviewed_run_twice_never_reuses_a_redo_round(tmp_path):
-    from catalog_gen.generation import next_redo_round
+    from catalog_gen.generate.generation import next_redo_round
 
     runs = tmp_path / "runs"
     night = _fake_run(runs / "night", {("A", 0): True})
@@ -350,8 +350,8 @@ def _base_files(run_dir: Path) -> dict[str, list[str]]:
 
 
 def test_base_images_share_prompt_and_seed_with_their_candidates(base_run, finished_run, tiny_model):
-    from catalog_gen.models import load_pipeline
-    from catalog_gen.sampling import draw, make_scheduler
+    from catalog_gen.models.loading import load_pipeline
+    from catalog_gen.models.sampling import draw, make_scheduler
 
     run_dir, summary = base_run
     assert not summary.errors and summary.skus_done == 3
@@ -396,7 +396,7 @@ def test_no_base_images_unless_asked(finished_run):
 def test_resume_draws_only_the_missing_base_images(base_run, sheet, workdir, tmp_path, monkeypatch):
     import shutil
 
-    from catalog_gen import generation
+    from catalog_gen.generate import generation
 
     original, _ = base_run
     run_dir = tmp_path / "run"
@@ -422,7 +422,7 @@ def test_resume_draws_only_the_missing_base_images(base_run, sheet, workdir, tmp
 
 
 def test_force_deletes_the_base_images(tmp_path):
-    from catalog_gen.generation import _claim_run_dir
+    from catalog_gen.generate.generation import _claim_run_dir
 
     image = tmp_path / "base" / "SKU-1" / "0.png"
     image.parent.mkdir(parents=True)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from catalog_gen import inception
+from catalog_gen.quality import inception
 from catalog_gen.errors import CatalogError
 from catalog_gen.storage import sha256_file
 
@@ -192,8 +192,8 @@ def test_pickled_objects_and_broken_files_are_refused(tmp_path):
 
 def test_eval_with_inception_names_the_weights(sample_catalogue, weights, tmp_path):
     from catalog_gen.config import TrainConfig, build_config, read_recipe
-    from catalog_gen.evaluation import EvalConfig, run_eval
-    from catalog_gen.workflow import PhotoSource, train_class
+    from catalog_gen.evaluate.evaluation import EvalConfig, run_eval
+    from catalog_gen.train.workflow import PhotoSource, train_class
 
     train = build_config(TrainConfig, read_recipe("tiny_sweep", "train"), {})
     evaluation = build_config(EvalConfig, read_recipe("tiny_sweep", "eval"),

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFile
 
 from catalog_gen.errors import CatalogError
-from catalog_gen.intake import (
+from catalog_gen.catalog.intake import (
     IntakeConfig,
     hamming,
     intake_photos,

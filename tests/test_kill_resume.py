@@ -19,10 +19,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from catalog_gen.adapters import read_adapter
-from catalog_gen.checkpoints import list_checkpoints
+from catalog_gen.train.adapters import read_adapter
+from catalog_gen.train.checkpoints import list_checkpoints
 from catalog_gen.config import TrainConfig, build_config, read_recipe
-from catalog_gen.workflow import PhotoSource, train_class
+from catalog_gen.train.workflow import PhotoSource, train_class
 
 pytestmark = pytest.mark.slow
 

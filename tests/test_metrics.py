@@ -1,4 +1,4 @@
-"""catalog_gen.metrics: agreement with torchmetrics, hand-computed cases, known properties, bad input."""
+"""catalog_gen.quality.metrics: agreement with torchmetrics, hand-computed cases, known properties, bad input."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from catalog_gen import metrics
+from catalog_gen.quality import metrics
 from catalog_gen.errors import CatalogError
 
 RTOL = 1e-6  # the agreement the metrics promise with the torchmetrics reference

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from catalog_gen.errors import CatalogError
-from catalog_gen.models import load_pipeline, load_tokenizer, model_fingerprint, resolve_base_model
-from catalog_gen.presets import materialise_preset
+from catalog_gen.models.loading import load_pipeline, load_tokenizer, model_fingerprint, resolve_base_model
+from catalog_gen.models.presets import materialise_preset
 
 
 def test_tiny_preset_is_an_ordinary_diffusers_folder(tiny_model):
@@ -111,7 +111,7 @@ def test_fingerprinting_writes_nothing_into_the_model_folder_or_the_hub_cache(ti
     import hashlib
     import os
 
-    from catalog_gen.models import BaseModel
+    from catalog_gen.models.loading import BaseModel
 
     local = tmp_path / "local"
     shutil.copytree(tiny_model.path, local)

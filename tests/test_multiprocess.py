@@ -22,10 +22,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from catalog_gen.adapters import read_adapter
-from catalog_gen.checkpoints import list_checkpoints
+from catalog_gen.train.adapters import read_adapter
+from catalog_gen.train.checkpoints import list_checkpoints
 from catalog_gen.config import TrainConfig, build_config, read_recipe
-from catalog_gen.workflow import PhotoSource, train_class
+from catalog_gen.train.workflow import PhotoSource, train_class
 
 pytestmark = pytest.mark.slow
 
@@ -122,8 +122,8 @@ def test_two_processes_share_a_sweep_and_match_one_process(sample_catalogue, tin
 
     import polars as pl
 
-    from catalog_gen.evaluation import EvalConfig
-    from catalog_gen.sweep import run_sweep
+    from catalog_gen.evaluate.evaluation import EvalConfig
+    from catalog_gen.evaluate.sweep import run_sweep
 
     grid = "steps=4,8"
     command = [

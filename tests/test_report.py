@@ -27,7 +27,7 @@ from catalog_gen.review import server as review_server
 from catalog_gen.cli.main import EXIT_BAD_INPUT, app
 from catalog_gen.errors import CatalogError
 from catalog_gen.review.report import href, inline_json, summarise, write_report
-from catalog_gen.skus import sku_folder_names
+from catalog_gen.generate.skus import sku_folder_names
 
 XSS = "<script>alert(1)</script>"
 QUOTES = "RG-\"quoted\" & 'single' <img src=x onerror=alert(3)>"

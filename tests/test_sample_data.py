@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageFile
 
-from catalog_gen import taxonomy
+from catalog_gen.catalog import taxonomy
 from catalog_gen.errors import CatalogError
-from catalog_gen.intake import IntakeConfig, intake_photos
-from catalog_gen.sample_data import SampleCatalogue, write_sample_catalogue
+from catalog_gen.catalog.intake import IntakeConfig, intake_photos
+from catalog_gen.catalog.sample_data import SampleCatalogue, write_sample_catalogue
 from catalog_gen.storage import sha256_file
 
 TAXONOMY = tomllib.loads((resources.files("catalog_gen.class_maps") / "jewelry.toml").read_text("utf-8"))

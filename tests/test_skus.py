@@ -9,10 +9,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from catalog_gen.class_map import load_class_map
+from catalog_gen.catalog.class_map import load_class_map
 from catalog_gen.errors import CatalogError
 from catalog_gen.seeds import candidate as candidate_seed
-from catalog_gen.skus import (
+from catalog_gen.generate.skus import (
     MAX_IMAGES_PER_SKU,
     RejectedRow,
     SkuRow,

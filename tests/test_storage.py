@@ -56,7 +56,7 @@ def test_an_interrupted_build_leaves_nothing_that_looks_finished(tmp_path):
 
 def test_a_preset_missing_its_weights_is_built_again(tmp_path):
     # What transformers 5 left behind when a preset was built off rank 0: the marker, no model.
-    from catalog_gen.embedder_presets import materialise_embedder_preset
+    from catalog_gen.models.embedder_presets import materialise_embedder_preset
 
     folder = materialise_embedder_preset("tiny-dino", cache_dir=tmp_path)
     weights = (folder / "model.safetensors").read_bytes()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from catalog_gen.errors import CatalogError
-from catalog_gen.taxonomy import (
+from catalog_gen.catalog.taxonomy import (
     Assignment,
     Skipped,
     Taxonomy,

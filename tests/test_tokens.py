@@ -10,8 +10,8 @@ import pytest
 import wordfreq
 
 from catalog_gen.errors import CatalogError
-from catalog_gen.taxonomy import load_class_map
-from catalog_gen.tokens import (
+from catalog_gen.catalog.taxonomy import load_class_map
+from catalog_gen.catalog.tokens import (
     KNOWN_BAD_TOKENS,
     TokenRules,
     assign_tokens,

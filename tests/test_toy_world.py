@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from catalog_gen.class_map import load_class_map
+from catalog_gen.catalog.class_map import load_class_map
 from catalog_gen.errors import CatalogError
 from catalog_gen.toy import pretrain, shipped, world
 
@@ -43,8 +43,8 @@ def pretrain_np(labels):
 
 
 def test_toy_presets_load_through_the_ordinary_loaders():
-    from catalog_gen import embedders
-    from catalog_gen.models import load_pipeline, resolve_base_model
+    from catalog_gen.quality import embedders
+    from catalog_gen.models.loading import load_pipeline, resolve_base_model
 
     model = resolve_base_model("toy")
     pipeline = load_pipeline(model)
@@ -54,7 +54,7 @@ def test_toy_presets_load_through_the_ordinary_loaders():
 
 
 def test_a_changed_weights_file_is_refused_naming_both_hashes(tmp_path, monkeypatch):
-    from catalog_gen.models import resolve_base_model
+    from catalog_gen.models.loading import resolve_base_model
 
     copy = tmp_path / "weights"
     shutil.copytree(shipped.weights_root(), copy)
@@ -165,8 +165,8 @@ def toolkit():
 @pytest.fixture(scope="module")
 def ring_photos(sample_catalogue):
     """The sample catalogue's ring/band photos as intake leaves them at the toy world's 64 px."""
-    from catalog_gen import intake
-    from catalog_gen.workflow import PhotoSource, assign_photos
+    from catalog_gen.catalog import intake
+    from catalog_gen.train.workflow import PhotoSource, assign_photos
 
     source = PhotoSource(photos_dir=sample_catalogue.photos_dir, products_csv=sample_catalogue.products_csv)
     paths = assign_photos(source).groups()[("ring", "band")]

@@ -11,11 +11,11 @@ from conftest import crash_in_training_step
 import torch
 from safetensors.torch import load_file
 
-from catalog_gen.adapters import read_adapter
-from catalog_gen.checkpoints import list_checkpoints
+from catalog_gen.train.adapters import read_adapter
+from catalog_gen.train.checkpoints import list_checkpoints
 from catalog_gen.config import TrainConfig, build_config, read_recipe
 from catalog_gen.errors import CatalogError
-from catalog_gen.workflow import PhotoSource, train_class
+from catalog_gen.train.workflow import PhotoSource, train_class
 
 INSTANCES = ["band", "signet"]
 
@@ -139,7 +139,7 @@ def test_changed_settings_refuse_to_resume_foreign_checkpoints(sample_catalogue,
 
 
 def test_prior_preservation_draws_class_images_once_per_class(sample_catalogue, tmp_path, monkeypatch):
-    from catalog_gen import sampling
+    from catalog_gen.models import sampling
 
     calls = []
     real_draw = sampling.draw
@@ -173,7 +173,7 @@ def test_empty_photo_folder_is_a_clear_error(tmp_path):
 
 
 def test_fp16_on_cpu_is_refused_with_advice():
-    from catalog_gen.training import weight_dtype_for
+    from catalog_gen.train.training import weight_dtype_for
 
     with pytest.raises(CatalogError, match="fp16.*CUDA"):
         weight_dtype_for(tiny_config(mixed_precision="fp16"), torch.device("cpu"))
@@ -217,14 +217,14 @@ def test_text_encoder_lora_is_saved_in_both_formats_and_loads(sample_catalogue, 
 
 
 def test_removing_the_lora_restores_the_base_model(sample_catalogue, tmp_path, tiny_model):
-    from catalog_gen import training
+    from catalog_gen.train import training
 
     config = tiny_config(steps=2, checkpoint_every=0, validation_images=0, train_text_encoder=True)
     components = training.load_components(tiny_model, config, torch.device("cpu"))
     before = {k: v.clone() for k, v in components.unet.state_dict().items()}
     text_before = {k: v.clone() for k, v in components.text_encoder.state_dict().items()}
     photos = tuple(sorted((sample_catalogue.photos_dir).glob("rg-sign-*")))[:3]
-    from catalog_gen.intake import IntakeConfig, intake_photos, save_training_set
+    from catalog_gen.catalog.intake import IntakeConfig, intake_photos, save_training_set
 
     dataset = save_training_set(intake_photos(photos, sample_catalogue.photos_dir, IntakeConfig(resolution=64)),
                                 tmp_path / "set")
@@ -302,7 +302,7 @@ def test_a_crashed_runs_checkpoint_converts_on_its_own_with_its_trained_alpha(sa
     rank and alpha in every file come from the one config the LoRA was trained with."""
     from safetensors import safe_open
 
-    from catalog_gen.evaluation import checkpoint_as_adapter_file
+    from catalog_gen.evaluate.evaluation import checkpoint_as_adapter_file
 
     config = tiny_config(lora_rank=8, lora_alpha=2.0)
     with pytest.raises(InterruptedError):

@@ -273,7 +273,7 @@ def _frame(rows: Sequence[Mapping[str, Any]]):
 
 
 def _write(run_dir: Path, table) -> None:
-    from catalog_gen.skus import write_csv_escaped
+    from catalog_gen.generate.skus import write_csv_escaped
 
     with atomic_path(run_dir / DECISIONS_PARQUET) as tmp:
         table.write_parquet(tmp)

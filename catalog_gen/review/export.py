@@ -64,7 +64,7 @@ def xmp_packet(prompt: str, seed: int, sku: str) -> bytes:
 def export_image(source: Path, dest: Path, profile: ExportProfile, prompt: str, seed: int, sku: str) -> Path:
     from PIL import Image, ImageCms
 
-    from catalog_gen.intake import IntakeConfig, normalise_photo
+    from catalog_gen.catalog.intake import IntakeConfig, normalise_photo
 
     with Image.open(source) as image:
         # The same product-safe path as training photos: alpha on white, pad to square, resize.
@@ -83,7 +83,7 @@ def export_image(source: Path, dest: Path, profile: ExportProfile, prompt: str, 
 
 def export_approved(run_dir: Path, dest: Path, profile_name: str = "marketplace") -> list[Path]:
     """Export every approved candidate of a run; returns the files written."""
-    from catalog_gen.skus import sku_folder_names, write_csv_escaped
+    from catalog_gen.generate.skus import sku_folder_names, write_csv_escaped
 
     profile = PROFILES.get(profile_name)
     if profile is None:

@@ -475,7 +475,7 @@ def _make_thumbnails(run_dir: Path, paths: Sequence[str], out: Path, assets: _As
 def _find_base_images(run_dir: Path, cards: Sequence[Mapping[str, Any]]) -> dict[str, list[tuple[int, str]]]:
     """Per SKU, the base model's images generate drew (layout.base_image), in candidate order; none for
     runs made without base_images."""
-    from catalog_gen.skus import sku_folder_names
+    from catalog_gen.generate.skus import sku_folder_names
 
     if not (run_dir / layout.BASE_DIR).is_dir():
         return {}
@@ -492,7 +492,7 @@ def _find_base_images(run_dir: Path, cards: Sequence[Mapping[str, Any]]) -> dict
 
 
 def _collect_references(run_dir: Path, workdir: str | None, cards, out: Path, assets: _Assets) -> None:
-    from catalog_gen.adapters import read_adapter
+    from catalog_gen.train.adapters import read_adapter
     from catalog_gen.layout import adapter_folder
 
     for key in sorted({(card["class"], card["instance"]) for card in cards}):

@@ -1,6 +1,6 @@
 """The toy world: a small pretrained jewelry Stable Diffusion and CLIP / DINO-style embedders.
 
-Everything here is trained by the project on the procedural drawings of catalog_gen.sample_drawings,
+Everything here is trained by the project on the procedural drawings of catalog_gen.catalog.sample_drawings,
 on a CPU, so that fine-tuning, the quality gates and the evaluation can be seen to work on a machine
 without a model hub. It is not Stable Diffusion: see MODEL_CARD.md beside this file.
 

@@ -288,7 +288,7 @@ def latent_cache(out: Path, data: dict) -> dict[str, torch.Tensor]:
 def tokenizer(out: Path):
     from transformers import CLIPTokenizer
 
-    from catalog_gen import bpe
+    from catalog_gen.models import bpe
 
     folder = out / "tokenizer"
     if not (folder / "vocab.json").is_file():
@@ -302,14 +302,14 @@ def tokenize(tok, texts: list[str]) -> torch.Tensor:
 
 
 def clip_input(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] pixels -> CLIP's normalisation (what catalog_gen.embedders feeds the model)."""
-    from catalog_gen.embedder_presets import CLIP_MEAN, CLIP_STD
+    """[-1, 1] pixels -> CLIP's normalisation (what catalog_gen.quality.embedders feeds the model)."""
+    from catalog_gen.models.embedder_presets import CLIP_MEAN, CLIP_STD
 
     return ((images + 1) / 2 - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
 
 
 def dino_input(images: torch.Tensor) -> torch.Tensor:
-    from catalog_gen.embedder_presets import IMAGENET_MEAN, IMAGENET_STD
+    from catalog_gen.models.embedder_presets import IMAGENET_MEAN, IMAGENET_STD
 
     return ((images + 1) / 2 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
@@ -453,7 +453,7 @@ def _nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
 def train_unet(out: Path, data: dict) -> None:
     from diffusers import DDPMScheduler
 
-    from catalog_gen.presets import SD_SCHEDULER
+    from catalog_gen.models.presets import SD_SCHEDULER
 
     stage = Stage(out, "unet")
     if stage.done:

@@ -81,9 +81,9 @@ def export(out: Path, ship_to: Path | None = None) -> Path:
     """Write the three shipped folders from a finished pretraining folder, then their hashes."""
     import torch
 
-    from catalog_gen.embedder_presets import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD,
+    from catalog_gen.models.embedder_presets import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD,
                                               preprocessor_config)
-    from catalog_gen.presets import save_pipeline, save_transformers_model
+    from catalog_gen.models.presets import save_pipeline, save_transformers_model
     from catalog_gen.toy import architecture, pretrain
 
     root = ship_to or weights_root()

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from catalog_gen.sample_data import METALS
-from catalog_gen.sample_drawings import render_photo
+from catalog_gen.catalog.sample_data import METALS
+from catalog_gen.catalog.sample_drawings import render_photo
 
 RESOLUTION = 64
 """Pixels per side of every toy-world image (the toy Stable Diffusion draws at this size)."""

@@ -22,11 +22,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from catalog_gen import metrics, seeds
+from catalog_gen import seeds
+from catalog_gen.quality import metrics
 from catalog_gen import layout
-from catalog_gen.adapters import AdapterInfo, read_adapter
+from catalog_gen.train.adapters import AdapterInfo, read_adapter
 from catalog_gen.layout import adapter_folder
-from catalog_gen.checkpoints import list_checkpoints
+from catalog_gen.train.checkpoints import list_checkpoints
 from catalog_gen.config import INFERENCE_PRECISION, _choice, _positive, check_field_types
 from catalog_gen.errors import CatalogError
 from catalog_gen.storage import atomic_path, atomic_write_text
@@ -66,7 +67,7 @@ class EvalConfig:
     """The metric that names the best checkpoint."""
 
     def __post_init__(self) -> None:
-        from catalog_gen.sampling import SCHEDULERS
+        from catalog_gen.models.sampling import SCHEDULERS
 
         if isinstance(self.prompts, list):  # TOML arrays arrive as lists
             object.__setattr__(self, "prompts", tuple(self.prompts))
@@ -97,13 +98,13 @@ class EvalModels:
 
 
 def load_eval_models(base_model: str, config: EvalConfig, workdir: Path, device="cpu") -> EvalModels:
-    from catalog_gen import embedders
-    from catalog_gen.models import load_pipeline, resolve_base_model
-    from catalog_gen.sampling import make_scheduler
+    from catalog_gen.quality import embedders
+    from catalog_gen.models.loading import load_pipeline, resolve_base_model
+    from catalog_gen.models.sampling import make_scheduler
 
     inception = None
     if config.extractor == "inception":  # first: a missing weights file is reported before the long loads
-        from catalog_gen.inception import load_fid_inception
+        from catalog_gen.quality.inception import load_fid_inception
 
         inception = load_fid_inception(config.inception_weights, device=str(device))
     pipeline = load_pipeline(resolve_base_model(base_model), device, config.precision)
@@ -122,7 +123,7 @@ def load_eval_models(base_model: str, config: EvalConfig, workdir: Path, device=
 
 
 def eval_prompts(config: EvalConfig, adapter: AdapterInfo, noun: str, instance_name: str) -> tuple[list[str], list[int]]:
-    from catalog_gen.skus import render_prompt
+    from catalog_gen.generate.skus import render_prompt
 
     variables = {"token": adapter.token, "instance": instance_name, "noun": noun,
                  "instance_prompt": adapter.record["instance_prompt"]}
@@ -147,7 +148,7 @@ def checkpoint_as_adapter_file(checkpoint: Path, out_dir: Path, adapter: Adapter
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from catalog_gen.lora_files import DIFFUSERS_WEIGHTS_NAME, save_diffusers_lora
+    from catalog_gen.train.lora_files import DIFFUSERS_WEIGHTS_NAME, save_diffusers_lora
 
     tensors = load_file(str(checkpoint / "lora.safetensors"))
     configs = json.loads((checkpoint / "state.json").read_text()).get("lora_configs")
@@ -194,8 +195,8 @@ def evaluate_instance(models: EvalModels, config: EvalConfig, workdir: Path, cla
     """One row per saved checkpoint of one instance's adapter."""
     import warnings
 
-    from catalog_gen.generation import use_prompt_noun
-    from catalog_gen.sampling import draw
+    from catalog_gen.generate.generation import use_prompt_noun
+    from catalog_gen.models.sampling import draw
 
     from catalog_gen.layout import checkpoint_folder
 
@@ -300,7 +301,7 @@ def run_eval(workdir: Path, class_key: str, instance_keys: Sequence[str], config
     """Evaluate every checkpoint of the class's adapters; return the folder with the results."""
     import polars as pl
 
-    from catalog_gen.class_map import load_class_map
+    from catalog_gen.catalog.class_map import load_class_map
 
     class_spec = load_class_map(class_map).get_class(class_key)
     instances = list(instance_keys) or [k for k in class_spec.instances

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 from catalog_gen.errors import CatalogError
-from catalog_gen.presets import PRESETS, cache_root, materialise_preset
+from catalog_gen.models.presets import PRESETS, cache_root, materialise_preset
 from catalog_gen.storage import atomic_write_json, sha256_file
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")

@@ -19,7 +19,7 @@ from typing import Any
 
 from catalog_gen.errors import CatalogError
 from catalog_gen.layout import ADAPTER_JSON, workdir_of_adapter
-from catalog_gen.lora_files import DIFFUSERS_WEIGHTS_NAME, save_diffusers_lora, save_kohya_lora
+from catalog_gen.train.lora_files import DIFFUSERS_WEIGHTS_NAME, save_diffusers_lora, save_kohya_lora
 from catalog_gen.storage import atomic_directory, atomic_write_json, sha256_file
 
 @dataclass(frozen=True)

@@ -25,13 +25,13 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from catalog_gen.checkpoints import (
+from catalog_gen.train.checkpoints import (
     TrainingState, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint,
 )
 from catalog_gen.config import TrainConfig
 from catalog_gen import seeds
 from catalog_gen.errors import CatalogError
-from catalog_gen.models import BaseModel
+from catalog_gen.models.loading import BaseModel
 
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -100,7 +100,7 @@ def load_components(model: BaseModel, config: TrainConfig, device: torch.device)
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from catalog_gen.models import own_aligned_memory, quiet_model_loading
+    from catalog_gen.models.loading import own_aligned_memory, quiet_model_loading
 
     dtype = weight_dtype_for(config, device)
     common = dict(use_safetensors=True, local_files_only=True)
@@ -434,7 +434,7 @@ def _fit(components: Components, config: TrainConfig, job: InstanceJob, fingerpr
             prune_checkpoints(job.checkpoint_dir, config.keep_checkpoints)
 
     ran = state.step - start_step
-    from catalog_gen.lora_files import peft_layers
+    from catalog_gen.train.lora_files import peft_layers
 
     return FitResult(
         unet_layers=peft_layers(components.unet),

@@ -21,8 +21,10 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from catalog_gen import gates, layout, seeds, skus
-from catalog_gen.adapters import read_adapter
+from catalog_gen import layout, seeds
+from catalog_gen.generate import skus
+from catalog_gen.quality import gates
+from catalog_gen.train.adapters import read_adapter
 from catalog_gen.layout import adapter_folder
 from catalog_gen.config import GenerateConfig
 from catalog_gen.errors import CatalogError
@@ -79,9 +81,9 @@ def generate(request: GenerationRequest, config: GenerateConfig, *,
     """Run (or finish) a nightly generation; safe to rerun after a crash."""
     from accelerate import PartialState
 
-    from catalog_gen.class_map import load_class_map
-    from catalog_gen.models import model_fingerprint, resolve_base_model
-    from catalog_gen.workflow import use_cpu
+    from catalog_gen.catalog.class_map import load_class_map
+    from catalog_gen.models.loading import model_fingerprint, resolve_base_model
+    from catalog_gen.train.workflow import use_cpu
 
     state = PartialState(cpu=use_cpu())
     started = time.perf_counter()
@@ -261,11 +263,11 @@ def _finished(run_dir: Path, folder: str) -> bool:
 
 def _load_context(config: GenerateConfig, request: GenerationRequest, run_dir: Path, folder_of, device, model,
                   base_fingerprint: str) -> _Context:
-    from catalog_gen import embedders
-    from catalog_gen.models import load_pipeline
+    from catalog_gen.quality import embedders
+    from catalog_gen.models.loading import load_pipeline
 
     pipeline = load_pipeline(model, device, config.precision)
-    from catalog_gen.sampling import make_scheduler
+    from catalog_gen.models.sampling import make_scheduler
 
     pipeline.scheduler = make_scheduler(config.scheduler, pipeline.scheduler.config)
     clip = embedders.load_clip(config.clip_model, device=str(device), backend=config.embedder_backend)
@@ -392,7 +394,7 @@ def _load_instance(context: _Context, class_spec, instance_key: str, request: Ge
 
 
 def _attach_adapter(context: _Context, instance: _Instance) -> None:
-    from catalog_gen.lora_files import DIFFUSERS_WEIGHTS_NAME
+    from catalog_gen.train.lora_files import DIFFUSERS_WEIGHTS_NAME
 
     context.pipeline.load_lora_weights(str(instance.adapter.folder), weight_name=DIFFUSERS_WEIGHTS_NAME,
                                        adapter_name="sku_adapter")
@@ -611,7 +613,7 @@ def _message(error: Exception) -> str:
 
 
 def _draw(context: _Context, prompts, image_seeds):
-    from catalog_gen.sampling import draw
+    from catalog_gen.models.sampling import draw
 
     config = context.config
     return draw(context.pipeline, prompts, image_seeds, steps=config.steps, resolution=config.resolution,
@@ -629,7 +631,7 @@ def _score(context: _Context, images, text_embedding, reference_clip, reference_
 def gate_scores(images, clip: np.ndarray, dino: np.ndarray, text_embedding: np.ndarray, reference_clip: np.ndarray,
                  reference_dino: np.ndarray) -> list[gates.Scores]:
     """The gates' numbers for each image, from its CLIP and DINO embeddings and its prompt's text embedding."""
-    from catalog_gen.metrics import pairwise_cosine
+    from catalog_gen.quality.metrics import pairwise_cosine
 
     clip_to_refs = pairwise_cosine(clip, reference_clip)
     dino_to_refs = pairwise_cosine(dino, reference_dino)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from catalog_gen.embedders import ImageTransform
+from catalog_gen.quality.embedders import ImageTransform
 from catalog_gen.errors import CatalogError
 from catalog_gen.storage import sha256_file
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 import polars as pl
 
 # ClassMap, ClassSpec, InstanceSpec and load_class_map are also re-exported for callers of taxonomy.*.
-from catalog_gen.class_map import ClassMap, ClassSpec, InstanceSpec, load_class_map, match_words
+from catalog_gen.catalog.class_map import ClassMap, ClassSpec, InstanceSpec, load_class_map, match_words
 from catalog_gen.errors import CatalogError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp"})

@@ -1,7 +1,7 @@
 """A small but real CLIP-format byte-level BPE tokenizer, trained offline from code.
 
 The tiny Stable Diffusion preset is built without downloads, yet rare-token selection
-(catalog_gen.tokens) only means something on a tokenizer whose ids follow frequency the way
+(catalog_gen.catalog.tokens) only means something on a tokenizer whose ids follow frequency the way
 CLIP's do: merges are learnt most-frequent first, so later merges (higher ids) are rarer words
 and fragments. We train one on a built-in corpus: Zipf-weighted common English (so everyday
 words become single tokens), shop vocabulary, and a tail of short random letter strings

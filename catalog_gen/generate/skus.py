@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import polars as pl
 
-from catalog_gen.class_map import ClassMap
+from catalog_gen.catalog.class_map import ClassMap
 from catalog_gen.errors import CatalogError
 from catalog_gen.storage import atomic_path
 

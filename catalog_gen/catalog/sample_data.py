@@ -23,7 +23,7 @@ from pathlib import Path
 from PIL import Image
 
 from catalog_gen.errors import CatalogError
-from catalog_gen.sample_drawings import render_photo
+from catalog_gen.catalog.sample_drawings import render_photo
 from catalog_gen.storage import atomic_directory
 
 METALS = ("gold", "silver", "rose gold")  # each has its tones in sample_drawings.METAL_TONES

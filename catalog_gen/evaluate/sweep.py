@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 from catalog_gen import layout
 from catalog_gen.config import TrainConfig
 from catalog_gen.errors import CatalogError
-from catalog_gen.evaluation import METRICS, EvalConfig, evaluate_instance, load_eval_models, plot_metric
+from catalog_gen.evaluate.evaluation import METRICS, EvalConfig, evaluate_instance, load_eval_models, plot_metric
 from catalog_gen.storage import atomic_path, atomic_write_json, atomic_write_text
 
 # axis -> (which config it changes, the field it sets)
@@ -89,9 +89,9 @@ def run_sweep(source, class_key: str, instance_key: str, workdir: Path, name: st
     """Run every unfinished grid point (shared between processes under accelerate), then tabulate."""
     from accelerate import PartialState
 
-    from catalog_gen.class_map import load_class_map
-    from catalog_gen.sampling import make_scheduler
-    from catalog_gen.workflow import train_class, use_cpu
+    from catalog_gen.catalog.class_map import load_class_map
+    from catalog_gen.models.sampling import make_scheduler
+    from catalog_gen.train.workflow import train_class, use_cpu
 
     state = PartialState(cpu=use_cpu())
     points = grid_points(grid)

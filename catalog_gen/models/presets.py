@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from catalog_gen import bpe
+from catalog_gen.models import bpe
 from catalog_gen.errors import CatalogError
 from catalog_gen.seeds import isolated_rng
 from catalog_gen.storage import atomic_write_json, build_once

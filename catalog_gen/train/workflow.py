@@ -19,13 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from catalog_gen import intake, seeds, taxonomy, tokens
-from catalog_gen.adapters import finished_adapter, library_versions, write_adapter
+from catalog_gen import seeds
+from catalog_gen.catalog import intake, taxonomy, tokens
+from catalog_gen.train.adapters import finished_adapter, library_versions, write_adapter
 from catalog_gen.layout import adapter_folder, checkpoint_folder, class_images_folder, workdir_of_adapter
-from catalog_gen.checkpoints import checkpoint_name, list_checkpoints
+from catalog_gen.train.checkpoints import checkpoint_name, list_checkpoints
 from catalog_gen.config import TrainConfig
 from catalog_gen.errors import CatalogError
-from catalog_gen.models import BaseModel, load_tokenizer, model_fingerprint, resolve_base_model
+from catalog_gen.models.loading import BaseModel, load_tokenizer, model_fingerprint, resolve_base_model
 from catalog_gen.storage import atomic_path
 
 
@@ -156,7 +157,7 @@ def ensure_class_images(components, class_key: str, class_prompt: str, config: T
     Images already on disk are reused; only missing ones are drawn (each from its own seed,
     so an interrupted batch finishes with the same images as an uninterrupted one).
     """
-    from catalog_gen.sampling import draw, pipeline_from_components
+    from catalog_gen.models.sampling import draw, pipeline_from_components
 
     folder = class_images_folder(workdir, class_key, base_fingerprint, config.resolution)
     wanted = [folder / f"{index:04d}.png" for index in range(config.num_class_images)]
@@ -174,7 +175,7 @@ def ensure_class_images(components, class_key: str, class_prompt: str, config: T
 
 
 def save_validation_images(components, job, config: TrainConfig, step: int) -> None:
-    from catalog_gen.sampling import draw, pipeline_from_components
+    from catalog_gen.models.sampling import draw, pipeline_from_components
 
     if not config.validation_images:
         return
@@ -203,7 +204,7 @@ def train_class(source: PhotoSource, class_key: str, instance_keys: Sequence[str
 
     from accelerate import PartialState
 
-    from catalog_gen import training
+    from catalog_gen.train import training
 
     state = PartialState(cpu=use_cpu()) if distributed else _ThisProcessOnly(PartialState(cpu=use_cpu()).device)
     workdir = Path(workdir)
@@ -293,7 +294,7 @@ def use_cpu() -> bool:
 
 def _train_one(components, config, job, item, model: BaseModel, base_fingerprint, fingerprint, folder, *,
                resume, progress) -> TrainOutcome:
-    from catalog_gen import training
+    from catalog_gen.train import training
 
     started = time.perf_counter()
     workdir = workdir_of_adapter(folder)

@@ -2,14 +2,14 @@
 
 `resolve_embedder_folder` turns a spec into a checked folder: a built-in preset, a local Hugging
 Face folder, or a hub id already in the local Hugging Face cache. Nothing is downloaded and only
-safetensors weights are accepted (catalog_gen.models' rules, for single-model folders).
+safetensors weights are accepted (catalog_gen.models.loading' rules, for single-model folders).
 
 Two presets, each materialised once as an ordinary Hugging Face folder in
 `cache_root()/presets/<name>-v1/` and then loaded through exactly the same loader
-(catalog_gen.embedders) as a real model folder or a cached hub id:
+(catalog_gen.quality.embedders) as a real model folder or a cached hub id:
 
 - `tiny-clip`: a transformers CLIPModel (32-wide text and vision towers, 32 px images,
-  8 px patches) with the small offline BPE tokenizer from catalog_gen.bpe.
+  8 px patches) with the small offline BPE tokenizer from catalog_gen.models.bpe.
 - `tiny-dino`: a transformers ViTModel of the same size, without the pooler (DINO's image
   embedding is the CLS token of the last hidden state).
 
@@ -35,12 +35,12 @@ from typing import Callable
 
 import torch
 
-from catalog_gen import bpe
+from catalog_gen.models import bpe
 from catalog_gen.errors import CatalogError
 from catalog_gen.seeds import isolated_rng
 # The base-model rules, shared: which files are pickles, the per-file hash memo, what a hub id looks like.
-from catalog_gen.models import PICKLE_SUFFIXES, cached_file_hash, looks_like_hub_id, quiet_model_loading
-from catalog_gen.presets import cache_root, save_transformers_model
+from catalog_gen.models.loading import PICKLE_SUFFIXES, cached_file_hash, looks_like_hub_id, quiet_model_loading
+from catalog_gen.models.presets import cache_root, save_transformers_model
 from catalog_gen.storage import atomic_write_json, build_once, sha256_file
 
 # Bump when a preset's architecture or recipe changes, so old cache folders are not reused.

@@ -2,7 +2,7 @@
 
 A model spec is a built-in preset (`tiny-clip`, `tiny-dino`), a local Hugging Face folder, or
 a hub id already in the local Hugging Face cache; nothing is downloaded and only safetensors
-weights are loaded (the rules of catalog_gen.models, for single-model folders).
+weights are loaded (the rules of catalog_gen.models.loading, for single-model folders).
 
 Images are preprocessed here, not by transformers' image processors (those want torchvision):
 RGB, shortest side resized with bicubic filtering, centre crop, scaled to [0, 1], normalised with
@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from catalog_gen.embedder_presets import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, embedder_fingerprint,
+from catalog_gen.models.embedder_presets import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, embedder_fingerprint,
                                           export_onnx, onnx_runtime, resolve_embedder_folder)
 from catalog_gen.errors import CatalogError
-from catalog_gen.models import quiet_model_loading
+from catalog_gen.models.loading import quiet_model_loading
 from catalog_gen.storage import atomic_path, sha256_file
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"

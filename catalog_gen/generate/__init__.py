@@ -1,0 +1,2 @@
+"""Stage 3, the nightly batch generator: the SKU sheet, prompts, the shared-batch planner and the run.
+"""
