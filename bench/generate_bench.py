@@ -682,7 +682,6 @@ def loop_candidates(pipeline, models, config: GenerateConfig, row, prompt: str, 
     """generate()'s k + M rule, written plainly: draw k; while fewer than k pass, draw more, up to k + M."""
     from catalog_gen.quality import gates
     from catalog_gen import seeds as seed_of
-    from catalog_gen.generate.generation import _score
     from catalog_gen.models.sampling import draw
 
     k = row.n_images or config.n_images
@@ -701,7 +700,8 @@ def loop_candidates(pipeline, models, config: GenerateConfig, row, prompt: str, 
         clock["draw"] += time.perf_counter() - t0
         clock["draw_calls"] += 1
         t0 = time.perf_counter()
-        scored = _score(models, images, text, reference_clip, reference_dino)
+        scored = gates.score_images(images, models.clip.embed_images(images).numpy(),
+                                    models.dino.embed_images(images).numpy(), text, reference_clip, reference_dino)
         clock["score"] += time.perf_counter() - t0
         found += [(seed, image, gates.decide(scores, thresholds)) for seed, image, scores in zip(seeds, images, scored)]
     return found

@@ -20,9 +20,11 @@ from catalog_gen.toy import proof
 
 STEPS = 300
 # The test's margins, set from this script's runs (the numbers are in BENCHMARKS.md, "The CI learning
-# check"): well below what the working run reaches, above what each broken run reaches. The token check
-# asks only for the sign: the token's effect is small in the toy world.
-MARGINS = proof.LearningMargins(clip_i=0.03, dino=0.025, token_dino=0.0)
+# check"): about half of what the working run reaches, above what each broken run reaches on at least one
+# of the two. The token is not checked: in the retrained toy world a working run's images are as close to
+# the photos without the token as with it (the LoRA's look reaches every prompt of the class), so a token
+# check would fail working runs; dropping the token from training is caught by CLIP-I instead.
+MARGINS = proof.LearningMargins(clip_i=0.03, dino=0.025, token_dino=None)
 EXPERIMENT = proof.Experiment(overrides=(("steps", STEPS), ("checkpoint_every", STEPS)), images=12,
                               reference_photos=8)
 
@@ -134,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
             verdict = "passes" if not failures else "fails: " + "; ".join(failures)
             print(f"| {name} | {found['clip_i']:+.3f} | {found['dino']:+.3f} | {found['token_dino']:+.3f} | {verdict} |",
                   flush=True)
+    token = "not checked" if MARGINS.token_dino is None else f"> {MARGINS.token_dino}"
     print(f"\n_Measured by `python -m bench.toy_learning_check` in {time.perf_counter() - started:.0f} s; margins "
-          f"CLIP-I >= {MARGINS.clip_i}, DINO >= {MARGINS.dino}, token > {MARGINS.token_dino}._")
+          f"CLIP-I >= {MARGINS.clip_i}, DINO >= {MARGINS.dino}, token gain {token}._")
     return 0
 
 

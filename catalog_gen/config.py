@@ -78,16 +78,16 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self)
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
-        _choice("attention", self.attention, ATTENTION)
-        _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        check_choice("attention", self.attention, ATTENTION)
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         for name in ("resolution", "steps", "batch_size", "lora_rank", "class_image_steps", "validation_steps"):
-            _positive(name, getattr(self, name))
+            check_positive(name, getattr(self, name))
         for name in ("learning_rate", "text_encoder_lr", "prior_loss_weight"):
-            _positive(name, getattr(self, name))
+            check_positive(name, getattr(self, name))
         if self.lora_alpha is not None:
-            _positive("lora_alpha", self.lora_alpha)
+            check_positive("lora_alpha", self.lora_alpha)
         for name in ("warmup_steps", "checkpoint_every", "keep_checkpoints", "validation_images", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise CatalogError(f"{name} must be >= 0, got {getattr(self, name)!r}")
@@ -134,12 +134,12 @@ def check_field_types(config) -> None:
             raise CatalogError(f"{field.name} must be {expected.__name__}, got {value!r}")
 
 
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise CatalogError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
 
 
-def _positive(name: str, value: float) -> None:
+def check_positive(name: str, value: float) -> None:
     if not value > 0:
         raise CatalogError(f"{name} must be > 0, got {value!r}")
 
@@ -237,11 +237,11 @@ class GenerateConfig:
         check_field_types(self)
         from catalog_gen.models.sampling import SCHEDULERS
 
-        _choice("scheduler", self.scheduler, tuple(SCHEDULERS))
-        _choice("embedder_backend", self.embedder_backend, ("torch", "onnx"))
-        _choice("precision", self.precision, INFERENCE_PRECISION)
+        check_choice("scheduler", self.scheduler, tuple(SCHEDULERS))
+        check_choice("embedder_backend", self.embedder_backend, ("torch", "onnx"))
+        check_choice("precision", self.precision, INFERENCE_PRECISION)
         for name in ("resolution", "steps", "batch_size", "n_images", "calibration_ratio"):
-            _positive(name, getattr(self, name))
+            check_positive(name, getattr(self, name))
         for name in ("max_extra", "seed", "guidance", "min_pixel_std", "base_images"):
             if getattr(self, name) < 0:
                 raise CatalogError(f"{name} must be >= 0, got {getattr(self, name)!r}")

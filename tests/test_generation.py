@@ -256,7 +256,7 @@ def _fake_run(folder: Path, kept: dict[tuple[str, int], bool], redo_of: Path | N
 
 
 def test_a_rejection_of_a_candidate_the_gates_dropped_asks_for_no_new_image(tmp_path):
-    from catalog_gen.generate.generation import rejected_in
+    from catalog_gen.generate.redo import rejected_in
 
     night = _fake_run(tmp_path / "night", {("A", 0): True, ("A", 1): False, ("B", 0): False, ("B", 1): True})
     _write_decisions(night, [("A", 0, "reject"), ("A", 1, "reject"), ("B", 0, "reject"), ("B", 1, "approve")])
@@ -264,7 +264,7 @@ def test_a_rejection_of_a_candidate_the_gates_dropped_asks_for_no_new_image(tmp_
 
 
 def test_redoing_one_reviewed_run_twice_never_reuses_a_redo_round(tmp_path):
-    from catalog_gen.generate.generation import next_redo_round
+    from catalog_gen.generate.redo import next_redo_round
 
     runs = tmp_path / "runs"
     night = _fake_run(runs / "night", {("A", 0): True})

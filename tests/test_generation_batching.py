@@ -13,7 +13,7 @@ from conftest import crash_after_skus
 
 from catalog_gen import seeds
 from catalog_gen.generate import generation
-from catalog_gen.generate.generation import SkuState, candidates_wanted, plan_batch
+from catalog_gen.generate.planner import SkuState, candidates_wanted, plan_batch
 # workdir: the module fixture with the two trained ring adapters.
 from test_generation import assert_same_candidates, nightly, run, workdir  # noqa: F401
 

@@ -28,7 +28,7 @@ from catalog_gen import layout
 from catalog_gen.train.adapters import AdapterInfo, read_adapter
 from catalog_gen.layout import adapter_folder
 from catalog_gen.train.checkpoints import list_checkpoints
-from catalog_gen.config import INFERENCE_PRECISION, _choice, _positive, check_field_types
+from catalog_gen.config import INFERENCE_PRECISION, check_choice, check_positive, check_field_types
 from catalog_gen.errors import CatalogError
 from catalog_gen.storage import atomic_path, atomic_write_text
 
@@ -74,12 +74,12 @@ class EvalConfig:
         check_field_types(self)
         if not self.prompts or not all(isinstance(p, str) and p.strip() for p in self.prompts):
             raise CatalogError(f"eval prompts must be non-empty text templates, got {self.prompts!r}")
-        _choice("scheduler", self.scheduler, tuple(SCHEDULERS))
-        _choice("precision", self.precision, INFERENCE_PRECISION)
-        _choice("extractor", self.extractor, EXTRACTORS)
-        _choice("select_by", self.select_by, tuple(METRICS))
+        check_choice("scheduler", self.scheduler, tuple(SCHEDULERS))
+        check_choice("precision", self.precision, INFERENCE_PRECISION)
+        check_choice("extractor", self.extractor, EXTRACTORS)
+        check_choice("select_by", self.select_by, tuple(METRICS))
         for name in ("images_per_prompt", "steps", "batch_size", "kid_subsets", "kid_subset_size"):
-            _positive(name, getattr(self, name))
+            check_positive(name, getattr(self, name))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -25,6 +25,9 @@ from catalog_gen import layout, seeds
 from catalog_gen.generate import skus
 from catalog_gen.quality import gates
 from catalog_gen.train.adapters import read_adapter
+from catalog_gen.generate import manifest
+from catalog_gen.generate.planner import SkuState, Slot, candidates_wanted, plan_batch
+from catalog_gen.generate.redo import next_redo_round, rejected_in
 from catalog_gen.layout import adapter_folder
 from catalog_gen.config import GenerateConfig
 from catalog_gen.errors import CatalogError
@@ -119,7 +122,7 @@ def generate(request: GenerationRequest, config: GenerateConfig, *,
     # 3. Plan: SKUs grouped by instance, finished ones left alone.
     todo: dict[tuple[str, str], list[skus.SkuRow]] = defaultdict(list)
     for row in rows:
-        if _finished(run_dir, folder_of[row.sku]):
+        if manifest.part_finished(run_dir, folder_of[row.sku]):
             summary.skus_already_done += 1
         else:
             todo[(row.class_key, row.instance_key)].append(row)
@@ -138,66 +141,9 @@ def generate(request: GenerationRequest, config: GenerateConfig, *,
 
     # 6. One manifest for the whole run, merged by the main process.
     if state.is_main_process and (summary.skus_done or not (run_dir / layout.MANIFEST_PARQUET).exists()):
-        _merge_manifest(run_dir, [folder_of[row.sku] for row in rows])
+        manifest.merge_manifest(run_dir, [folder_of[row.sku] for row in rows])
     summary.seconds = time.perf_counter() - started
     return summary
-
-
-def rejected_in(previous_run: Path) -> dict[str, int]:
-    """Per SKU, how many of an earlier run's kept candidates a reviewer rejected.
-
-    A rejection of a candidate the gates had already dropped asks for nothing new: it was never
-    going to be exported, so it does not add an image to the next night's count.
-    """
-    import polars as pl
-
-    decisions = previous_run / layout.DECISIONS_PARQUET
-    if not decisions.is_file():
-        raise CatalogError(f"{previous_run} has no {decisions.name}: review it first (catalog review {previous_run})")
-    manifest = previous_run / layout.MANIFEST_PARQUET
-    if not manifest.is_file():
-        raise CatalogError(f"{previous_run} has no {manifest.name}: it is not a finished run")
-    kept = pl.read_parquet(manifest).filter(pl.col("kept")).select("sku", "candidate")
-    table = pl.read_parquet(decisions).filter(pl.col("decision") == "reject")
-    table = table.join(kept, on=["sku", "candidate"], how="inner")
-    return dict(Counter(table["sku"].to_list()))
-
-
-def next_redo_round(previous_run: Path, run_dir: Path) -> int:
-    """The redo round for a redo of previous_run into run_dir: one past every round its family has used.
-
-    The family is every run folder beside previous_run or run_dir that descends from the same first run
-    (following each run's recorded redo_rejected). Redoing one reviewed run twice, or a run and its redo,
-    thus never draws from seeds an earlier redo drew (and a reviewer may have rejected). A run_dir that
-    already holds a redo keeps its round, so a crashed redo resumes on its own seeds.
-    """
-    def settings(folder: Path) -> dict:
-        try:
-            return json.loads((folder / layout.RUN_JSON).read_text()).get("settings", {})
-        except (OSError, ValueError):
-            return {}
-
-    def root(folder: Path) -> Path:
-        seen: set[Path] = set()
-        folder = folder.resolve()
-        while folder not in seen:
-            seen.add(folder)
-            parent = settings(folder).get("redo_rejected")
-            if not parent:
-                break
-            folder = Path(parent).resolve()
-        return folder
-
-    own = settings(run_dir)
-    if own.get("redo_rejected") and Path(own["redo_rejected"]).resolve() == previous_run.resolve():
-        return int(own.get("redo_round", 1))
-    family_root = root(previous_run)
-    rounds = [int(settings(previous_run).get("redo_round", 0))]
-    for parent in {previous_run.resolve().parent, run_dir.resolve().parent}:
-        for folder in parent.iterdir() if parent.is_dir() else ():
-            if folder.is_dir() and (folder / layout.RUN_JSON).is_file() and root(folder) == family_root:
-                rounds.append(int(settings(folder).get("redo_round", 0)))
-    return max(rounds) + 1
 
 
 def adapter_problem(workdir: Path, class_key: str, instance_key: str, config: GenerateConfig,
@@ -251,16 +197,6 @@ def _claim_run_dir(run_dir: Path, config: GenerateConfig, request: GenerationReq
                                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
 
 
-def _finished(run_dir: Path, folder: str) -> bool:
-    import polars as pl
-
-    part = layout.part_file(run_dir, folder)
-    if not part.is_file():
-        return False
-    # A SKU that ended in an error is tried again on the next run.
-    return not pl.read_parquet(part)["reason"].str.starts_with("error:").any()
-
-
 def _load_context(config: GenerateConfig, request: GenerationRequest, run_dir: Path, folder_of, device, model,
                   base_fingerprint: str) -> _Context:
     from catalog_gen.quality import embedders
@@ -274,54 +210,6 @@ def _load_context(config: GenerateConfig, request: GenerationRequest, run_dir: P
     dino = embedders.load_dino(config.dino_model, device=str(device), backend=config.embedder_backend)
     references = embedders.ReferenceEmbeddings(layout.embeddings_folder(request.workdir))
     return _Context(config, run_dir, pipeline, clip, dino, references, base_fingerprint, folder_of)
-
-
-# Where one SKU stands, and which candidates the next shared batch draws: pure, unit-tested on its own.
-
-@dataclass(frozen=True)
-class SkuState:
-    """What the planner knows of one SKU; every candidate drawn so far has been scored."""
-
-    sku: str
-    prompt: str
-    run_seed: int
-    k: int
-    """Images wanted (and kept at most) for the SKU."""
-    budget: int
-    """k + M: the most candidates the SKU may draw."""
-    drawn: int = 0
-    passed: int = 0
-
-
-@dataclass(frozen=True)
-class Slot:
-    """One candidate in a shared batch."""
-
-    sku: str
-    candidate: int
-    seed: int
-    prompt: str
-
-
-def candidates_wanted(state: SkuState) -> int:
-    """How many more candidates a SKU draws now: its first k whatever the gates say, then one extra per
-    missing pass (so the SKU stops at its first k passes), never beyond k + M."""
-    missing = state.k - state.drawn if state.drawn < state.k else state.k - state.passed
-    return max(0, min(missing, state.budget - state.drawn))
-
-
-def plan_batch(states: Sequence[SkuState], batch_size: int) -> list[Slot]:
-    """The next batch: SKUs in order, each with as many of its wanted candidates as still fit.
-
-    A SKU whose candidates are split over batches draws the same ones as drawn all at once:
-    candidates_wanted is re-asked only after the earlier ones are scored, and it never asks for
-    more than the passes still missing."""
-    slots: list[Slot] = []
-    for state in states:
-        count = min(candidates_wanted(state), batch_size - len(slots))
-        slots += [Slot(state.sku, index, seeds.candidate(state.sku, index, state.run_seed), state.prompt)
-                  for index in range(state.drawn, state.drawn + count)]
-    return slots
 
 
 @dataclass(frozen=True)
@@ -576,7 +464,7 @@ def _score_parts(context: _Context, instance: _Instance, runs: Mapping[str, _Sku
     images = [image for part in images_of.values() for image in part]
     clip_of = _split_like(context.clip.embed_images(images).numpy(), images_of)
     dino_of = _split_like(context.dino.embed_images(images).numpy(), images_of)
-    return {sku: gate_scores(part, clip_of[sku], dino_of[sku], runs[sku].text_embedding, instance.reference_clip,
+    return {sku: gates.score_images(part, clip_of[sku], dino_of[sku], runs[sku].text_embedding, instance.reference_clip,
                               instance.reference_dino)
             for sku, part in images_of.items()}
 
@@ -595,13 +483,11 @@ def _finish_sku(context: _Context, instance: _Instance, run: _SkuRun, summary: G
                 "scores": json.dumps({"clip_i": scores.clip_i, "dino": scores.dino, "clip_t": scores.clip_t}),
                 "passed": str(verdict.passed)}
         _save_png(context.run_dir / path, record["image"], text)
-        rows_out.append(_manifest_row(row, run.prompt, run.scoring_prompt, record, path, record["candidate"] in kept,
-                                      instance.thresholds)
-                        | {"adapter_base_fingerprint": instance.adapter.record["base_model"].get("fingerprint"),
-                           "base_mismatch": instance.adapter.record["base_model"].get("fingerprint")
-                           != context.base_fingerprint})
+        rows_out.append(manifest.candidate_row(
+            row, run.prompt, run.scoring_prompt, record, path, record["candidate"] in kept, instance.thresholds,
+            instance.adapter.record["base_model"].get("fingerprint"), context.base_fingerprint))
         summary.failed_by_gate.update(verdict.failed_gates)
-    _write_part(context, folder, rows_out)
+    manifest.write_part(context.run_dir, folder, rows_out)
     summary.skus_done += 1
     summary.candidates += len(records)
     summary.passed += run.state.passed
@@ -622,43 +508,10 @@ def _draw(context: _Context, prompts, image_seeds):
 
 
 def _score(context: _Context, images, text_embedding, reference_clip, reference_dino) -> list[gates.Scores]:
-    """One SKU's images scored on their own (bench/generate_bench.py's per-SKU loop scores with it)."""
+    """One set of images scored on its own (embedded here, then gates.score_images)."""
     clip = context.clip.embed_images(images).numpy()
     dino = context.dino.embed_images(images).numpy()
-    return gate_scores(images, clip, dino, text_embedding, reference_clip, reference_dino)
-
-
-def gate_scores(images, clip: np.ndarray, dino: np.ndarray, text_embedding: np.ndarray, reference_clip: np.ndarray,
-                 reference_dino: np.ndarray) -> list[gates.Scores]:
-    """The gates' numbers for each image, from its CLIP and DINO embeddings and its prompt's text embedding."""
-    from catalog_gen.quality.metrics import pairwise_cosine
-
-    clip_to_refs = pairwise_cosine(clip, reference_clip)
-    dino_to_refs = pairwise_cosine(dino, reference_dino)
-    clip_t = pairwise_cosine(clip, text_embedding)[:, 0]
-    results = []
-    for n, image in enumerate(images):
-        pixel_std, finite = gates.image_statistics(np.asarray(image))
-        results.append(gates.Scores(
-            clip_i=float(clip_to_refs[n].mean()), dino=float(dino_to_refs[n].mean()), clip_t=float(clip_t[n]),
-            max_train_dino=float(dino_to_refs[n].max()), pixel_std=pixel_std, finite=finite))
-    return results
-
-
-def _manifest_row(row: skus.SkuRow, prompt: str, scoring_prompt: str, record: dict, path: Path, kept: bool,
-                  thresholds: gates.Thresholds) -> dict:
-    scores, verdict = record["scores"], record["verdict"]
-    return {
-        "sku": row.sku, "line": row.line, "class": row.class_key, "instance": row.instance_key,
-        "candidate": record["candidate"], "prompt": prompt, "clip_t_prompt": scoring_prompt, "seed": record["seed"],
-        "clip_i": scores.clip_i, "dino": scores.dino, "clip_t": scores.clip_t,
-        "max_train_dino": scores.max_train_dino, "pixel_std": scores.pixel_std,
-        "passed": verdict.passed, "kept": kept, "failed_gates": ",".join(verdict.failed_gates),
-        "reason": verdict.reason, "path": str(path),
-        "threshold_clip_i": thresholds.clip_i, "threshold_dino": thresholds.dino,
-        "threshold_clip_t": thresholds.clip_t, "calibrated": thresholds.calibrated,
-        "gen_seconds": round(record["gen_seconds"], 4), "score_seconds": round(record["score_seconds"], 4),
-    }
+    return gates.score_images(images, clip, dino, text_embedding, reference_clip, reference_dino)
 
 
 def _png_text(context: _Context, sku: str, prompt: str, seed: int, adapter) -> dict[str, str]:
@@ -686,13 +539,6 @@ def _save_png(path: Path, image, text: Mapping[str, str]) -> None:
         image.save(tmp, format="PNG", pnginfo=info)
 
 
-def _write_part(context: _Context, folder: str, rows: list[dict]) -> None:
-    import polars as pl
-
-    with atomic_path(layout.part_file(context.run_dir, folder)) as tmp:
-        pl.DataFrame(rows).write_parquet(tmp)
-
-
 def _record_errors(context: _Context, rows: Sequence[skus.SkuRow], message: str, summary: GenerationSummary) -> None:
     for row in rows:
         _record_error(context, row, message, summary)
@@ -700,20 +546,4 @@ def _record_errors(context: _Context, rows: Sequence[skus.SkuRow], message: str,
 
 def _record_error(context: _Context, row: skus.SkuRow, message: str, summary: GenerationSummary) -> None:
     summary.errors.append((row.sku, message))
-    _write_part(context, context.folder_of[row.sku], [{
-        "sku": row.sku, "line": row.line, "class": row.class_key, "instance": row.instance_key, "candidate": -1,
-        "passed": False, "kept": False, "failed_gates": "error", "reason": f"error: {message}", "path": "",
-    }])
-
-
-def _merge_manifest(run_dir: Path, folders: Sequence[str]) -> None:
-    import polars as pl
-
-    parts = [layout.part_file(run_dir, folder) for folder in folders]
-    frames = [pl.read_parquet(part) for part in parts if part.is_file()]
-    if not frames:
-        return
-    manifest = pl.concat(frames, how="diagonal_relaxed").sort(["sku", "candidate"])
-    with atomic_path(run_dir / layout.MANIFEST_PARQUET) as tmp:
-        manifest.write_parquet(tmp)
-    skus.write_csv_escaped(manifest, run_dir / layout.MANIFEST_CSV)
+    manifest.write_part(context.run_dir, context.folder_of[row.sku], [manifest.error_row(row, message)])

@@ -113,3 +113,20 @@ def choose_kept(candidates: Sequence[tuple[int, Scores, Verdict]], k: int) -> se
     passing = [(index, scores) for index, scores, verdict in candidates if verdict.passed]
     passing.sort(key=lambda item: (-ranking_score(item[1]), item[0]))
     return {index for index, _ in passing[:k]}
+
+
+def score_images(images, clip: np.ndarray, dino: np.ndarray, text_embedding: np.ndarray, reference_clip: np.ndarray,
+                 reference_dino: np.ndarray) -> list[Scores]:
+    """The gates' numbers for each image, from its CLIP and DINO embeddings and its prompt's text embedding."""
+    from catalog_gen.quality.metrics import pairwise_cosine
+
+    clip_to_refs = pairwise_cosine(clip, reference_clip)
+    dino_to_refs = pairwise_cosine(dino, reference_dino)
+    clip_t = pairwise_cosine(clip, text_embedding)[:, 0]
+    results = []
+    for n, image in enumerate(images):
+        pixel_std, finite = image_statistics(np.asarray(image))
+        results.append(Scores(
+            clip_i=float(clip_to_refs[n].mean()), dino=float(dino_to_refs[n].mean()), clip_t=float(clip_t[n]),
+            max_train_dino=float(dino_to_refs[n].max()), pixel_std=pixel_std, finite=finite))
+    return results

@@ -23,7 +23,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from catalog_gen import layout
 from catalog_gen.errors import CatalogError
 from catalog_gen.layout import DECISIONS_CSV, DECISIONS_LOCK, DECISIONS_PARQUET
 from catalog_gen.storage import atomic_path, exclusive_lock
@@ -212,15 +211,9 @@ def load_decisions(run_dir: Path):
 
 
 def read_manifest_keys(run_dir: Path) -> dict[str, set[int]]:
-    import polars as pl
+    from catalog_gen.generate.manifest import read_manifest
 
-    run_dir = Path(run_dir)
-    manifest = run_dir / layout.MANIFEST_PARQUET
-    if not run_dir.is_dir():
-        raise CatalogError(f"run folder {run_dir} does not exist")
-    if not manifest.is_file():
-        raise CatalogError(f"{run_dir} has no {manifest.name}: is it a finished run folder (catalog generate)?")
-    return known_candidates(pl.read_parquet(manifest, columns=["sku", "candidate", "path"]).iter_rows(named=True))
+    return known_candidates(read_manifest(run_dir, ["sku", "candidate", "path"]).iter_rows(named=True))
 
 
 def record_decisions(run_dir: Path, entries: Any, reviewer: str | None = None):

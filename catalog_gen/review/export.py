@@ -43,7 +43,9 @@ def approved_candidates(run_dir: Path):
     if not decisions_file.is_file():
         raise CatalogError(f"{run_dir} has no {decisions_file.name}: review the run first (catalog review {run_dir})")
     decisions = pl.read_parquet(decisions_file).filter(pl.col("decision") == "approve").select("sku", "candidate")
-    manifest = pl.read_parquet(Path(run_dir) / layout.MANIFEST_PARQUET)
+    from catalog_gen.generate.manifest import read_manifest
+
+    manifest = read_manifest(run_dir)
     return manifest.join(decisions, on=["sku", "candidate"], how="inner").sort("sku", "candidate")
 
 

@@ -395,17 +395,10 @@ def write_report(run_dir: Path, progress: Callable[[int, int], None] | None = No
 
 
 def _read_run(run_dir: Path) -> tuple[list[dict], dict]:
-    import polars as pl
+    from catalog_gen.generate.manifest import read_manifest
 
     manifest = run_dir / layout.MANIFEST_PARQUET
-    if not run_dir.is_dir():
-        raise CatalogError(f"run folder {run_dir} does not exist")
-    if not manifest.is_file():
-        raise CatalogError(f"{run_dir} has no {manifest.name}: is it a finished run folder (catalog generate)?")
-    try:
-        frame = pl.read_parquet(manifest)
-    except Exception as error:
-        raise CatalogError(f"{manifest}: cannot read the manifest ({error})") from error
+    frame = read_manifest(run_dir)
     missing = {"sku", "class", "instance", "candidate", "passed", "kept", "path"} - set(frame.columns)
     if missing:
         raise CatalogError(f"{manifest}: missing column(s) {', '.join(sorted(missing))}")
