@@ -6,6 +6,10 @@ generation parameters in PNG text chunks; with base_images > 0, the base model a
 drawn with candidate n's prompt and seed, for the report (not scored, not in the manifest, not
 redrawn on a rerun); per finished SKU its manifest rows, written last as the SKU's commit marker so a
 crash redoes only unfinished SKUs; and at the end the merged manifest of every candidate.
+
+Over 500 lines on purpose: the run's numbered steps and the per-instance loop of shared batches
+(draw, score, keep, write) read top to bottom in one file; the pure parts live beside it
+(planner.py, redo.py, manifest.py, skus.py).
 """
 
 from __future__ import annotations

@@ -13,6 +13,9 @@ Every string from the data is HTML-escaped (attributes included); the inline JSO
 and from `catalog review`, which serves the same page and stores decisions.
 The summary and the cards are pure functions of the manifest rows; reading the run,
 thumbnails, plots and the atomic write of the page are the edges.
+
+Over 500 lines on purpose: the page's HTML and the data it shows are built side by side here, so that
+every escaped value can be checked in one place; the CSS and JavaScript are files in page/.
 """
 
 from __future__ import annotations

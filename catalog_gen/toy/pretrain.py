@@ -13,7 +13,8 @@ Stages, each resumable from its last checkpoint (a stop loses at most `CHECKPOIN
 Every random draw comes from a generator seeded by (stage, step), so a resumed stage continues
 exactly as an uninterrupted one would, and the whole run is a function of its seed (up to the
 CPU's floating-point nondeterminism across thread counts). `--threads` sets torch's CPU threads
-for this process only.
+for this process only. Over 500 lines on purpose: one command, one section per stage, so the whole
+recipe that made the shipped weights reads in one place.
 """
 
 from __future__ import annotations
