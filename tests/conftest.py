@@ -75,3 +75,22 @@ def crash_after_skus(count: int):
         if summary.skus_done >= count:
             raise Crash(f"stopped after {summary.skus_done} SKUs")
     return report
+
+
+# ---------------------------------------------------------------- the fast loop
+# `pytest -m "not slow"` is the inner loop (pure functions, parsing, validation, file formats). A test is
+# slow when it trains, generates, serves, drives a browser, or needs a model, a tokenizer or the sample
+# catalogue built for it; those are marked here, by module or by the fixtures they ask for, so a new test
+# is classified by what it uses rather than by someone remembering a decorator.
+
+SLOW_MODULES = {"test_generation", "test_generation_batching", "test_training", "test_evaluation", "test_inception",
+                "test_review_browser", "test_kill_resume", "test_multiprocess", "test_toy_learning"}
+SLOW_FIXTURES = {"tiny_model", "sample_catalogue", "catalogue", "toolkit", "embedders", "onnx_embedders",
+                 "tokenizer", "tokenizer_dir", "ring_photos", "run_dir"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        if module in SLOW_MODULES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

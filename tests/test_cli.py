@@ -234,6 +234,7 @@ def test_taxonomy_unknown_class_map_exits_2(sample_catalogue):
     assert result.stderr.startswith("error: ") and "no_such_map" in result.stderr
 
 
+@pytest.mark.slow  # builds or loads models
 def test_sample_data_writes_the_catalogue(tmp_path):
     out = tmp_path / "catalogue"
     result = runner.invoke(app, ["sample-data", str(out)])

@@ -43,6 +43,7 @@ def embedders() -> dict:
 
 # ---------------------------------------------------------------- presets
 
+@pytest.mark.slow  # builds or loads models
 def test_presets_build_offline_and_deterministically(tmp_path, monkeypatch, preset_cache):
     def no_network(*args, **kwargs):
         raise AssertionError("a preset build tried to open a network connection")
@@ -204,6 +205,7 @@ def test_onnx_export_is_reused(onnx_embedders, monkeypatch):
     load_dino("tiny-dino", backend="onnx")
 
 
+@pytest.mark.slow  # builds or loads models
 def test_onnx_without_onnxruntime_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` fail
     with pytest.raises(CatalogError, match=r"pip install '\.\[onnx\]'"):

@@ -23,6 +23,7 @@ def test_captions_speak_the_class_maps_language():
     assert text == "photo of a pair of beaded hoops in gold"
 
 
+@pytest.mark.slow  # builds or loads models
 def test_held_out_instances_are_never_drawn_for_the_toy_stable_diffusion():
     assert not set(world.HELD_OUT) & set(world.instances(include_held_out=False))
     rng = random.Random(0)
@@ -42,6 +43,7 @@ def pretrain_np(labels):
     return np.array(labels, dtype=np.int16)
 
 
+@pytest.mark.slow  # builds or loads models
 def test_toy_presets_load_through_the_ordinary_loaders():
     from catalog_gen.quality import embedders
     from catalog_gen.models.loading import load_pipeline, resolve_base_model
@@ -79,6 +81,7 @@ def test_missing_weights_name_the_retraining_command(tmp_path, monkeypatch):
         shipped.weights_digest()
 
 
+@pytest.mark.slow  # builds or loads models
 def test_a_pretraining_stage_resumes_exactly(tmp_path, monkeypatch):
     """A stage stopped after a checkpoint and started again ends with the same weights as one run straight."""
     import torch
@@ -113,6 +116,7 @@ def test_a_pretraining_stage_resumes_exactly(tmp_path, monkeypatch):
     assert all(torch.equal(straight[name], again[name]) for name in straight)
 
 
+@pytest.mark.slow  # builds or loads models
 def test_a_finished_stage_lengthened_by_a_restart_goes_on_to_the_weights_of_a_straight_run(tmp_path, monkeypatch):
     """DINO and the UNet were lengthened by a second cosine cycle: a stage done under the shorter plan
     resumes into exactly the weights a from-scratch run of the longer plan reaches."""
