@@ -355,3 +355,75 @@ def test_eval_passes_the_inception_extractor_and_weights_file(monkeypatch, tmp_p
 
     result = runner.invoke(app, ["eval", "--class", "ring", "--extractor", "resnet"])
     assert result.exit_code == 2 and "extractor" in result.stderr and "inception" in result.stderr
+
+
+def test_generate_allow_base_mismatch_reaches_the_config(fake_generate, tmp_path):
+    args = ["generate", "--skus", str(tmp_path / "s.csv"), "--workdir", str(tmp_path)]
+    assert runner.invoke(app, args).exit_code == 0
+    assert runner.invoke(app, args + ["--allow-base-mismatch"]).exit_code == 0
+    assert [config.allow_base_mismatch for _, config in fake_generate] == [False, True]
+
+
+def test_generate_redo_folder_is_named_after_the_reviewed_run(fake_generate, tmp_path):
+    result = runner.invoke(app, ["generate", "--skus", str(tmp_path / "nightly.csv"), "--workdir", str(tmp_path),
+                                 "--redo-rejected", str(tmp_path / "runs" / "nightly-20261130")])
+    assert result.exit_code == 0, result.output
+    request, _ = fake_generate[0]
+    assert request.run_dir.name.endswith("-redo-nightly-20261130")
+    assert request.redo_rejected == tmp_path / "runs" / "nightly-20261130"
+
+
+def test_export_passes_its_options_and_names_the_file_list(monkeypatch, tmp_path):
+    from catalog_gen.review import export
+
+    seen = []
+
+    def fake_export(run_dir, approved, profile):
+        seen.append((run_dir, approved, profile))
+        return [approved / "a.jpg", approved / "b.jpg"]
+
+    monkeypatch.setattr(export, "export_approved", fake_export)
+    result = runner.invoke(app, ["export", str(tmp_path / "run"), "--approved", str(tmp_path / "out"),
+                                 "--profile", "web"])
+    assert result.exit_code == 0, result.output
+    assert seen == [(tmp_path / "run", tmp_path / "out", "web")]
+    assert "exported 2 approved image(s)" in result.stdout and "export.csv" in result.stdout
+
+
+def test_export_of_an_unreviewed_run_exits_2_naming_the_run(tmp_path):
+    (tmp_path / "run").mkdir()
+    result = runner.invoke(app, ["export", str(tmp_path / "run"), "--approved", str(tmp_path / "out")])
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert "review the run first" in result.stderr and str(tmp_path / "run") in result.stderr
+
+
+def test_sweep_parses_the_grid_and_prints_the_table(monkeypatch, tmp_path):
+    from catalog_gen.evaluate import sweep
+
+    seen = []
+
+    def fake_run_sweep(source, class_key, instance, workdir, name, grid, train, evaluation, progress=None):
+        seen.append((class_key, instance, name, grid, train.base_model))
+        out = tmp_path / "sweep"
+        out.mkdir(exist_ok=True)
+        (out / "results.md").write_text("| steps | kid |\n")
+        return out
+
+    monkeypatch.setattr(sweep, "run_sweep", fake_run_sweep)
+    (tmp_path / "photos" / "ring" / "band").mkdir(parents=True)
+    (tmp_path / "photos" / "ring" / "band" / "1.jpg").write_bytes(b"not read: the sweep is faked")
+    result = runner.invoke(app, ["sweep", "--class", "ring", "--instance", "band", "--name", "s1", "--workdir",
+                                 str(tmp_path), "--photos", str(tmp_path / "photos"), "--recipe", "tiny_demo",
+                                 "--grid", "steps=10,20 lora_rank=4"])
+    assert result.exit_code == 0, result.output
+    assert seen == [("ring", "band", "s1", {"steps": [10, 20], "lora_rank": [4]}, "tiny")]
+    assert "| steps | kid |" in result.stdout and "results.parquet" in result.stdout
+
+
+def test_sweep_with_a_bad_grid_exits_2_before_training(monkeypatch, tmp_path):
+    from catalog_gen.evaluate import sweep
+
+    monkeypatch.setattr(sweep, "run_sweep", lambda *a, **k: pytest.fail("trained despite a bad grid"))
+    result = runner.invoke(app, ["sweep", "--class", "ring", "--instance", "band", "--name", "s1",
+                                 "--grid", "steps"])
+    assert result.exit_code == EXIT_BAD_INPUT and "steps" in result.stderr
