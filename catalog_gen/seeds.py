@@ -92,6 +92,45 @@ def evaluation_image(seed: int, index: int) -> int:
     return seed * 1_000 + index
 
 
+# ---------------------------------------------------------------- the sample catalogue and the toy world
+# These seed Python's random.Random with a string (its seeding hashes the whole string), so a drawing's
+# randomness depends only on what is drawn.
+
+def sample_photo(seed: int, class_key: str, instance_key: str, number: int) -> str:
+    """One photo of the sample catalogue."""
+    return f"{seed}:{class_key}:{instance_key}:{number}"
+
+
+def sample_garbage(seed: int) -> str:
+    """The sample catalogue's deliberately unreadable file."""
+    return f"{seed}:garbage"
+
+
+def sample_skus(seed: int) -> str:
+    """The sample SKU sheet's views, settings and metals."""
+    return f"{seed}:skus"
+
+
+def pretraining_step(seed: int, stage: str, step: int) -> int:
+    """One step of one toy-world pretraining stage (torch generator)."""
+    return _hash63(f"{seed}|{stage}|{step}")
+
+
+def pretraining_captions(seed: int, stage: str, step: int) -> str:
+    """The captions one pretraining step draws (random.Random)."""
+    return f"{seed}|{stage}|{step}|captions"
+
+
+def pretraining_bank_image(seed: int, pairs: bool, index: int) -> str:
+    """One image of a pretraining bank (random.Random)."""
+    return f"{seed}|bank|{'pairs' if pairs else 'single'}|{index}"
+
+
+def fresh_photo_set(seed: int, class_key: str, instance_key: str) -> str:
+    """The toy proof's fresh photos of a style, never trained on (random.Random)."""
+    return f"proof|{seed}|{class_key}|{instance_key}"
+
+
 # ---------------------------------------------------------------- global generators
 
 @contextmanager

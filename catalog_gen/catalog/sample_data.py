@@ -22,6 +22,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from catalog_gen import seeds
 from catalog_gen.errors import CatalogError
 from catalog_gen.catalog.sample_drawings import render_photo
 from catalog_gen.storage import atomic_directory
@@ -169,7 +170,7 @@ def _write_photos(
     for inst in instances:
         shots = []  # (metal, file name, bytes)
         for number in range(1, per_instance + 1):
-            rng = random.Random(f"{seed}:{inst.class_name}:{inst.key}:{number}")
+            rng = random.Random(seeds.sample_photo(seed, inst.class_name, inst.key, number))
             metal = METALS[(inst.index + number - 1) % len(METALS)]
             framing = inst.index + number
             layer, background = render_photo(inst.class_name, inst.key, metal, rng, size, framing)
@@ -228,7 +229,7 @@ def _odd_extra(kind: str, first_bytes: bytes, first_image: Image.Image, seed: in
     if kind == "truncated":
         return first_bytes[: len(first_bytes) // 2]
     if kind == "garbage":
-        return random.Random(f"{seed}:garbage").randbytes(4096)
+        return random.Random(seeds.sample_garbage(seed)).randbytes(4096)
     if kind == "exact_duplicate":
         return first_bytes
     if kind == "empty":
@@ -246,7 +247,7 @@ _SKU_COLUMNS = ["sku", "class", "instance", "n_images", "seed", "view", "setting
 
 def _sku_rows(instances: list[_Instance], seed: int) -> list[list[str]]:
     """Two generation jobs per instance, each with its own view, setting and metal."""
-    rng = random.Random(f"{seed}:skus")
+    rng = random.Random(seeds.sample_skus(seed))
     rows = []
     for inst in instances:
         for metal in rng.sample(METALS, 2):  # two different metals: the SKU is made from the metal

@@ -20,7 +20,6 @@ recipe that made the shipped weights reads in one place.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import random
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from catalog_gen import seeds
 from catalog_gen.toy import architecture, world
 
 CHECKPOINT_EVERY = 50
@@ -68,12 +68,11 @@ CLIP_ESCAPE_STEPS = 60
 
 
 def step_generator(stage: str, step: int) -> torch.Generator:
-    digest = hashlib.sha256(f"{SEED}|{stage}|{step}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return torch.Generator().manual_seed(seeds.pretraining_step(SEED, stage, step))
 
 
 def step_rng(stage: str, step: int) -> random.Random:
-    return random.Random(f"{SEED}|{stage}|{step}|captions")
+    return random.Random(seeds.pretraining_captions(SEED, stage, step))
 
 
 def learning_rate(plan: StagePlan, step: int) -> float:
@@ -95,7 +94,7 @@ def _render_chunk(args: tuple[int, int, bool]) -> dict:
     choices = world.instances(include_held_out=True)
     images, alphas, labels, second = [], [], [], []
     for index in range(start, start + count):
-        rng = random.Random(f"{SEED}|bank|{'pairs' if pairs else 'single'}|{index}")
+        rng = random.Random(seeds.pretraining_bank_image(SEED, pairs, index))
         if pairs:  # two photos of one object: the same drawing seed in two different framings
             class_key, instance_key = rng.choice(choices)
             metal, drawing_seed, framing = rng.choice(world.METALS), rng.getrandbits(64), rng.randrange(6)

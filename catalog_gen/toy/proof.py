@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from catalog_gen import seeds
 from catalog_gen.quality import gates, metrics
 from catalog_gen.toy import world
 
@@ -74,7 +75,7 @@ def draw(toolkit: Toolkit, prompts: Sequence[str], seeds: Sequence[int], lora: P
 
 def fresh_photos(class_key: str, instance_key: str, count: int, seed: int = 1) -> list:
     """New photos of one product style, drawn like the sample catalogue's (256 px, shrunk to 64)."""
-    rng = random.Random(f"proof|{seed}|{class_key}|{instance_key}")
+    rng = random.Random(seeds.fresh_photo_set(seed, class_key, instance_key))
     return [world.render_sample(class_key, instance_key, world.METALS[n % 3], rng.getrandbits(64), n % 6,
                                 render_size=256).image for n in range(count)]
 
