@@ -66,7 +66,9 @@ def generation_summary_lines(summary) -> list[str]:
     if summary.failed_by_gate:
         lines.append("failed gates: " + ", ".join(f"{gate} {count}" for gate, count in sorted(summary.failed_by_gate.items())))
     lines.extend(f"error {sku}: {message}" for sku, message in summary.errors)
-    lines.append(f"manifest: {summary.run_dir / layout.MANIFEST_PARQUET} and {layout.MANIFEST_CSV}")
+    written = [name for name in (layout.MANIFEST_PARQUET, layout.MANIFEST_CSV) if (summary.run_dir / name).is_file()]
+    if written:  # name only the files that are there (a run with no SKU to do writes none)
+        lines.append(f"manifest: {summary.run_dir / written[0]}" + (f" and {written[1]}" if len(written) > 1 else ""))
     return lines
 
 

@@ -128,6 +128,27 @@ def test_finished_run_rerun_does_nothing(finished_run, sheet, workdir):
     assert (run_dir / "manifest.parquet").stat().st_mtime_ns == stamp
 
 
+def test_a_rerun_finishes_a_manifest_a_kill_left_half_written(finished_run, sheet, workdir, tmp_path):
+    """A kill between the Parquet's rename and the CSV's write: the rerun writes the CSV, and no summary
+    names a file that is not there."""
+    import shutil
+
+    from catalog_gen.report_text import generation_summary_lines
+
+    original, _ = finished_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(original, run_dir)
+    (run_dir / "manifest.csv").unlink()
+    summary = run(sheet, workdir, run_dir)
+    assert summary.skus_done == 0 and (run_dir / "manifest.csv").is_file()
+    assert pl.read_csv(run_dir / "manifest.csv").height == pl.read_parquet(run_dir / "manifest.parquet").height
+
+    (run_dir / "manifest.csv").unlink()
+    (run_dir / "manifest.parquet").unlink()
+    empty = replace(summary, run_dir=tmp_path / "nothing-here")
+    assert not any("manifest" in line for line in generation_summary_lines(empty))
+
+
 def test_resume_after_a_crash_equals_an_uninterrupted_run(finished_run, sheet, workdir, tmp_path):
     reference, _ = finished_run
     with pytest.raises(InterruptedError):

@@ -144,7 +144,9 @@ def generate(request: GenerationRequest, config: GenerateConfig, *,
     state.wait_for_everyone()
 
     # 6. One manifest for the whole run, merged by the main process.
-    if state.is_main_process and (summary.skus_done or not (run_dir / layout.MANIFEST_PARQUET).exists()):
+    # A rerun also finishes what a killed run left half written (the Parquet renamed, the CSV not yet).
+    unfinished = not (run_dir / layout.MANIFEST_PARQUET).exists() or not (run_dir / layout.MANIFEST_CSV).exists()
+    if state.is_main_process and (summary.skus_done or unfinished):
         manifest.merge_manifest(run_dir, [folder_of[row.sku] for row in rows])
     summary.seconds = time.perf_counter() - started
     return summary
