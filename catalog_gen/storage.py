@@ -16,6 +16,27 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 _HASH_CHUNK = 1 << 20
+LOCK_TIMEOUT_S = 600.0
+"""How long a command waits for another one's lock before it says so and stops."""
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where the system allows (Linux /proc)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    current = os.umask(0o022)  # elsewhere: the only portable way to read it is to set it back at once
+    os.umask(current)
+    return current
+
+
+def _as_if_created(path: Path, directory: bool = False) -> None:
+    """mkstemp / mkdtemp make 0600 / 0700 entries; what we publish gets the modes any tool's output gets
+    (0666 / 0777 less the umask), so a catalogue team or a web server can read it."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> Path:
@@ -27,6 +48,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        _as_if_created(Path(tmp_name))
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
@@ -55,6 +77,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        _as_if_created(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -71,6 +94,7 @@ def atomic_directory(path: Path) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
         yield staging
+        _as_if_created(staging, directory=True)
         if path.exists():
             retired = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, retired)
@@ -85,20 +109,27 @@ def atomic_directory(path: Path) -> Iterator[Path]:
 
 @contextmanager
 def exclusive_lock(lock_file: Path) -> Iterator[None]:
-    """An exclusive lock held while the block runs, across threads, processes and servers.
-
-    The lock file is created if missing and never deleted: deleting it would let a process
-    that opened the old file and one that created a new one both hold "the" lock.
+    """An exclusive lock held while the block runs, across threads, processes and servers, on Linux,
+    macOS and Windows (filelock: flock / msvcrt underneath). Each call opens the lock on its own, so two
+    threads of one process exclude each other too. The lock file is never deleted: deleting it would let
+    a process that opened the old file and one that created a new one both hold "the" lock. Waiting longer
+    than LOCK_TIMEOUT_S is an error naming the lock, not a silent hang.
     """
-    import fcntl
+    from filelock import FileLock, Timeout
+
+    from catalog_gen.errors import CatalogError
 
     Path(lock_file).parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    lock = FileLock(str(lock_file), timeout=LOCK_TIMEOUT_S, thread_local=False, is_singleton=False)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # per open file: two threads of one process exclude each other too
+        lock.acquire()
+    except Timeout:
+        raise CatalogError(f"{lock_file} is held by another catalog command for over {LOCK_TIMEOUT_S:.0f} s; "
+                           "wait for it to finish, or stop it") from None
+    try:
         yield
     finally:
-        os.close(fd)  # closing releases the lock
+        lock.release()
 
 
 def build_once(folder: Path, is_complete: Callable[[Path], bool], build: Callable[[Path], None]) -> Path:

@@ -7,6 +7,8 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
 from catalog_gen.storage import build_once
 
 
@@ -64,3 +66,55 @@ def test_a_preset_missing_its_weights_is_built_again(tmp_path):
     (folder / "config.json").unlink()
     assert materialise_embedder_preset("tiny-dino", cache_dir=tmp_path) == folder
     assert (folder / "model.safetensors").read_bytes() == weights
+
+
+def test_published_files_and_folders_honour_the_umask(tmp_path):
+    """mkstemp / mkdtemp make private 0600 / 0700 entries; what the product writes must not stay private."""
+    import os
+    import stat
+
+    from catalog_gen.storage import atomic_directory, atomic_path, atomic_write_bytes
+
+    previous = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "a.json", b"{}")
+        with atomic_path(tmp_path / "b.png") as tmp:
+            tmp.write_bytes(b"png")
+        with atomic_directory(tmp_path / "adapter") as staging:
+            (staging / "w.safetensors").write_bytes(b"w")
+        os.umask(0o077)
+        atomic_write_bytes(tmp_path / "private.json", b"{}")
+    finally:
+        os.umask(previous)
+    mode = lambda p: stat.S_IMODE((tmp_path / p).stat().st_mode)  # noqa: E731
+    assert (mode("a.json"), mode("b.png"), mode("adapter")) == (0o644, 0o644, 0o755)
+    assert mode("private.json") == 0o600  # a stricter umask is honoured too
+
+
+def test_the_lock_excludes_two_holders_and_names_itself_when_it_times_out(tmp_path, monkeypatch):
+    import threading
+
+    from catalog_gen import storage
+    from catalog_gen.errors import CatalogError
+
+    lock_file = tmp_path / ".lock"
+    held, release = threading.Event(), threading.Event()
+
+    def holder():
+        with storage.exclusive_lock(lock_file):
+            held.set()
+            release.wait(5)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    held.wait(5)
+    monkeypatch.setattr(storage, "LOCK_TIMEOUT_S", 0.2)
+    try:
+        with pytest.raises(CatalogError, match=r"\.lock is held by another catalog command"):
+            with storage.exclusive_lock(lock_file):
+                pass
+    finally:
+        release.set()
+        thread.join()
+    with storage.exclusive_lock(lock_file):  # free again
+        pass
