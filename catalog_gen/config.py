@@ -159,6 +159,11 @@ def read_recipe(path: Path | str | None, section: str) -> dict[str, Any]:
     values = document.get(section, {})
     if not isinstance(values, dict):
         raise CatalogError(f"recipe {recipe_path}: [{section}] must be a table")
+    if section == "templates":
+        for key, value in values.items():
+            if not isinstance(value, str):
+                raise CatalogError(f"recipe {recipe_path}: [templates] {key} must be a prompt template string, "
+                                   f"got {value!r}")
     return values
 
 

@@ -43,6 +43,10 @@ def handles_errors(command):
         except CatalogError as error:
             typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
             raise typer.Exit(EXIT_BAD_INPUT) from None
+        except OSError as error:  # a path that is a file where a folder is wanted, a read-only disk, ...
+            where = f"{error.filename}: " if error.filename else ""
+            typer.secho(f"error: {where}{error.strerror or error}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
 
     return wrapper
 

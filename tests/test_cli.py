@@ -427,3 +427,42 @@ def test_sweep_with_a_bad_grid_exits_2_before_training(monkeypatch, tmp_path):
     result = runner.invoke(app, ["sweep", "--class", "ring", "--instance", "band", "--name", "s1",
                                  "--grid", "steps"])
     assert result.exit_code == EXIT_BAD_INPUT and "steps" in result.stderr
+
+
+# ---------------------------------------------------------------- bad paths and files: one line, exit 2
+
+def test_a_file_where_a_folder_is_wanted_is_a_one_line_error(sample_catalogue, tmp_path):
+    a_file = tmp_path / "afile"
+    a_file.write_text("not a folder")
+    result = runner.invoke(app, ["train", "--class", "ring", "--products", str(sample_catalogue.products_csv),
+                                 "--workdir", str(a_file), "--recipe", "tiny_demo", "--steps", "1"])
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    assert "afile" in result.stderr and "Traceback" not in result.output
+
+
+def test_a_template_that_is_not_a_string_names_the_key(tmp_path):
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text('[generate]\nbase_model = "tiny"\n[templates]\nhoops = 5\n')
+    result = runner.invoke(app, ["generate", "--skus", str(tmp_path / "s.csv"), "--recipe", str(recipe)])
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert "[templates] hoops must be a prompt template string, got 5" in result.stderr
+
+
+def test_generate_into_a_workdir_without_adapters_is_refused_and_writes_nothing(tmp_path):
+    sheet = tmp_path / "s.csv"
+    sheet.write_text("sku,class,instance\nA,ring,band\n")
+    result = runner.invoke(app, ["generate", "--skus", str(sheet), "--workdir", str(tmp_path / "nowhere"),
+                                 "--recipe", "tiny_nightly"])
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert "holds no trained adapters" in result.stderr and not (tmp_path / "nowhere").exists()
+
+
+def test_export_of_a_missing_run_or_a_corrupt_decisions_file_is_one_line(tmp_path):
+    result = runner.invoke(app, ["export", str(tmp_path / "nowhere"), "--approved", str(tmp_path / "out")])
+    assert result.exit_code == EXIT_BAD_INPUT and "does not exist" in result.stderr
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "decisions.parquet").write_text("garbage")
+    result = runner.invoke(app, ["export", str(run_dir), "--approved", str(tmp_path / "out")])
+    assert result.exit_code == EXIT_BAD_INPUT and "cannot read decisions" in result.stderr
+    assert "Traceback" not in result.output

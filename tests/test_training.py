@@ -324,3 +324,14 @@ def test_a_crashed_runs_checkpoint_converts_on_its_own_with_its_trained_alpha(sa
     shipped = load_file(str(adapter.diffusers_file))
     assert again.keys() == shipped.keys() and all(torch.equal(again[k], shipped[k]) for k in again)
     assert adapter.record["lora"]["unet"]["lora_alpha"] == float(adapter.record["recipe"]["lora_rank"])  # follows rank
+
+
+def test_a_damaged_checkpoint_file_is_named_not_a_traceback(sample_catalogue, tmp_path):
+    with pytest.raises(InterruptedError):
+        train_class(_source(sample_catalogue), "ring", ["band"], tmp_path, tiny_config(),
+                    progress=crash_in_training_step(3))
+    (_, folder), = list_checkpoints(tmp_path / "checkpoints" / "ring" / "band")
+    (folder / "lora.safetensors").write_bytes(b"not safetensors")
+    summary = train_class(_source(sample_catalogue), "ring", ["band"], tmp_path, tiny_config(), resume=True)
+    assert summary.outcomes[0].status == "failed"
+    assert "lora.safetensors cannot be read" in summary.outcomes[0].detail

@@ -92,6 +92,9 @@ def generate(request: GenerationRequest, config: GenerateConfig, *,
     from catalog_gen.models.loading import model_fingerprint, resolve_base_model
     from catalog_gen.train.workflow import use_cpu
 
+    if not layout.is_workdir(request.workdir):  # before anything is written: no run folder for a wrong path
+        raise CatalogError(f"workdir {request.workdir} holds no trained adapters (no {layout.ADAPTERS_DIR}/ in it); "
+                           f"train first (catalog train --workdir {request.workdir}) or pass the workdir that holds them")
     state = PartialState(cpu=use_cpu())
     started = time.perf_counter()
     run_dir = Path(request.run_dir)

@@ -39,12 +39,16 @@ def approved_candidates(run_dir: Path):
     """Manifest rows of the candidates a reviewer approved (latest decision per candidate)."""
     import polars as pl
 
+    from catalog_gen.generate.manifest import read_manifest
+    from catalog_gen.review.decisions import load_decisions
+
+    if not Path(run_dir).is_dir():
+        raise CatalogError(f"run folder {run_dir} does not exist")
     decisions_file = Path(run_dir) / layout.DECISIONS_PARQUET
     if not decisions_file.is_file():
         raise CatalogError(f"{run_dir} has no {decisions_file.name}: review the run first (catalog review {run_dir})")
-    decisions = pl.read_parquet(decisions_file).filter(pl.col("decision") == "approve").select("sku", "candidate")
-    from catalog_gen.generate.manifest import read_manifest
-
+    # load_decisions names the file when it cannot be read (a corrupt or foreign Parquet file)
+    decisions = load_decisions(run_dir).filter(pl.col("decision") == "approve").select("sku", "candidate")
     manifest = read_manifest(run_dir)
     return manifest.join(decisions, on=["sku", "candidate"], how="inner").sort("sku", "candidate")
 

@@ -77,10 +77,19 @@ def save_checkpoint(root: Path, trainable: dict[str, torch.nn.Parameter], optimi
     return folder
 
 
-def load_checkpoint(folder: Path, trainable: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-                    fingerprint: str) -> TrainingState:
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's safetensors file; a damaged one is a one-line error naming it, not a traceback."""
     from safetensors.torch import load_file
 
+    try:
+        return load_file(str(path))
+    except Exception as error:  # SafetensorError, OSError: not a safetensors file, truncated, missing
+        raise CatalogError(f"checkpoint file {path} cannot be read ({error}); delete that step-* folder to "
+                           "resume from the one before, or pass --force to start this instance over") from error
+
+
+def load_checkpoint(folder: Path, trainable: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                    fingerprint: str) -> TrainingState:
     try:
         meta = json.loads((folder / "state.json").read_text())
     except (OSError, ValueError) as error:
@@ -90,14 +99,14 @@ def load_checkpoint(folder: Path, trainable: dict[str, torch.nn.Parameter], opti
             f"checkpoint {folder} was made with different training settings or photos; "
             "resume with the same recipe, or pass --force to start this instance over"
         )
-    weights = load_file(str(folder / "lora.safetensors"))
+    weights, optimizer_state = _load_tensors(folder / "lora.safetensors"), _load_tensors(folder / "optimizer.safetensors")
     missing = sorted(set(trainable) - set(weights))
     if missing:
         raise CatalogError(f"checkpoint {folder}: lora.safetensors lacks {len(missing)} tensors, e.g. {missing[0]}")
     with torch.no_grad():
         for name, param in trainable.items():
             param.copy_(weights[name].to(param.dtype))
-    _restore_optimizer_state(optimizer, load_file(str(folder / "optimizer.safetensors")), meta)
+    _restore_optimizer_state(optimizer, optimizer_state, meta)
     return TrainingState(step=meta["step"], losses=list(meta["losses"]), grad_scale=meta.get("grad_scale"),
                          seconds=float(meta.get("seconds", 0.0)))
 
