@@ -143,15 +143,13 @@ def checkpoint_as_adapter_file(checkpoint: Path, out_dir: Path, adapter: Adapter
     same writer as finished adapters. Checkpoints from before the configs were stored borrow the finished
     adapter file's metadata (`adapter`).
     """
-    import json
-
     from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
+    from catalog_gen.train.checkpoints import checkpoint_lora
     from catalog_gen.train.lora_files import DIFFUSERS_WEIGHTS_NAME, save_diffusers_lora
 
-    tensors = load_file(str(checkpoint / "lora.safetensors"))
-    configs = json.loads((checkpoint / "state.json").read_text()).get("lora_configs")
+    tensors, configs = checkpoint_lora(checkpoint)
     if configs:
         def layers(prefix: str) -> dict:
             return {name[len(prefix):].replace(".default.", "."): t for name, t in tensors.items()

@@ -25,6 +25,10 @@ from catalog_gen.errors import CatalogError
 from catalog_gen.storage import atomic_directory, atomic_write_json
 
 _STEP_DIR = re.compile(r"^step-(\d{6})$")
+LORA_FILE = "lora.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "state.json"
+VALIDATION_DIR = "validation"
 
 
 @dataclass
@@ -48,7 +52,7 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     found = []
     for child in root.iterdir():
         match = _STEP_DIR.match(child.name)
-        if match and (child / "state.json").is_file():
+        if match and (child / STATE_FILE).is_file():
             found.append((int(match.group(1)), child))
     return sorted(found)
 
@@ -61,10 +65,10 @@ def save_checkpoint(root: Path, trainable: dict[str, torch.nn.Parameter], optimi
     tensors, scalars = _flatten_optimizer_state(optimizer)
     with atomic_directory(folder) as staging:
         save_file({name: p.detach().float().cpu().contiguous() for name, p in trainable.items()},
-                  str(staging / "lora.safetensors"))
-        save_file(tensors, str(staging / "optimizer.safetensors"))
+                  str(staging / LORA_FILE))
+        save_file(tensors, str(staging / OPTIMIZER_FILE))
         groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.state_dict()["param_groups"]]
-        atomic_write_json(staging / "state.json", {
+        atomic_write_json(staging / STATE_FILE, {
             "step": state.step,
             "losses": state.losses,
             "grad_scale": state.grad_scale,
@@ -91,7 +95,7 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 def load_checkpoint(folder: Path, trainable: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
                     fingerprint: str) -> TrainingState:
     try:
-        meta = json.loads((folder / "state.json").read_text())
+        meta = json.loads((folder / STATE_FILE).read_text())
     except (OSError, ValueError) as error:
         raise CatalogError(f"checkpoint {folder}: unreadable state.json ({error})") from error
     if meta.get("fingerprint") != fingerprint:
@@ -99,7 +103,7 @@ def load_checkpoint(folder: Path, trainable: dict[str, torch.nn.Parameter], opti
             f"checkpoint {folder} was made with different training settings or photos; "
             "resume with the same recipe, or pass --force to start this instance over"
         )
-    weights, optimizer_state = _load_tensors(folder / "lora.safetensors"), _load_tensors(folder / "optimizer.safetensors")
+    weights, optimizer_state = _load_tensors(folder / LORA_FILE), _load_tensors(folder / OPTIMIZER_FILE)
     missing = sorted(set(trainable) - set(weights))
     if missing:
         raise CatalogError(f"checkpoint {folder}: lora.safetensors lacks {len(missing)} tensors, e.g. {missing[0]}")
@@ -155,3 +159,10 @@ def _restore_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str
     for saved, live in zip(meta["param_groups"], current["param_groups"]):
         groups.append({**saved, "params": live["params"]})
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def checkpoint_lora(folder: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """A checkpoint's trainable tensors (raw parameter names) and the LoRA configs stored beside them
+    (None for checkpoints written before they were)."""
+    meta = json.loads((Path(folder) / STATE_FILE).read_text())
+    return _load_tensors(Path(folder) / LORA_FILE), meta.get("lora_configs")

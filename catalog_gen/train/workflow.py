@@ -23,7 +23,7 @@ from catalog_gen import seeds
 from catalog_gen.catalog import intake, taxonomy, tokens
 from catalog_gen.train.adapters import finished_adapter, library_versions, write_adapter
 from catalog_gen.layout import adapter_folder, checkpoint_folder, class_images_folder, workdir_of_adapter
-from catalog_gen.train.checkpoints import checkpoint_name, list_checkpoints
+from catalog_gen.train.checkpoints import VALIDATION_DIR, checkpoint_name, list_checkpoints
 from catalog_gen.config import TrainConfig
 from catalog_gen.errors import CatalogError
 from catalog_gen.models.loading import BaseModel, load_tokenizer, model_fingerprint, resolve_base_model
@@ -184,7 +184,7 @@ def save_validation_images(components, job, config: TrainConfig, step: int) -> N
                   [seeds.validation_image(config.seed, index) for index in range(config.validation_images)],
                   steps=config.validation_steps, resolution=config.resolution)
     components.unet.train()
-    folder = job.checkpoint_dir / checkpoint_name(step) / "validation"
+    folder = job.checkpoint_dir / checkpoint_name(step) / VALIDATION_DIR
     for index, image in enumerate(images):
         with atomic_path(folder / f"{index:02d}.png") as tmp:
             image.save(tmp, format="PNG")
