@@ -131,6 +131,8 @@ MANIFEST_CSV = "manifest.csv"
 DECISIONS_PARQUET = "decisions.parquet"
 DECISIONS_CSV = "decisions.csv"
 DECISIONS_LOCK = ".decisions.lock"
+RUN_LOCK = ".run.lock"
+"""Held by the catalog generate that works on the folder; a second one is refused while it runs."""
 REPORT_DIR = "report"
 REPORT_INDEX = "index.html"
 SERVED_ROOTS = (REPORT_DIR, IMAGES_DIR, BASE_DIR)

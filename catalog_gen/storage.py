@@ -108,24 +108,26 @@ def atomic_directory(path: Path) -> Iterator[Path]:
 
 
 @contextmanager
-def exclusive_lock(lock_file: Path) -> Iterator[None]:
+def exclusive_lock(lock_file: Path, timeout: float | None = None, busy: str | None = None) -> Iterator[None]:
     """An exclusive lock held while the block runs, across threads, processes and servers, on Linux,
     macOS and Windows (filelock: flock / msvcrt underneath). Each call opens the lock on its own, so two
     threads of one process exclude each other too. The lock file is never deleted: deleting it would let
     a process that opened the old file and one that created a new one both hold "the" lock. Waiting longer
-    than LOCK_TIMEOUT_S is an error naming the lock, not a silent hang.
+    than LOCK_TIMEOUT_S (or `timeout`; 0: do not wait) is an error naming the lock (or saying `busy`), not a
+    silent hang.
     """
     from filelock import FileLock, Timeout
 
     from catalog_gen.errors import CatalogError
 
     Path(lock_file).parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(lock_file), timeout=LOCK_TIMEOUT_S, thread_local=False, is_singleton=False)
+    wait = LOCK_TIMEOUT_S if timeout is None else timeout
+    lock = FileLock(str(lock_file), timeout=wait, thread_local=False, is_singleton=False)
     try:
         lock.acquire()
     except Timeout:
-        raise CatalogError(f"{lock_file} is held by another catalog command for over {LOCK_TIMEOUT_S:.0f} s; "
-                           "wait for it to finish, or stop it") from None
+        raise CatalogError(busy or f"{lock_file} is held by another catalog command for over {wait:.0f} s; "
+                                   "wait for it to finish, or stop it") from None
     try:
         yield
     finally:

@@ -156,7 +156,8 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(finished_run, sheet, w
     assert len(list((tmp_path / "parts").glob("*.parquet"))) == 1
     summary = run(sheet, workdir, tmp_path)
     assert summary.skus_done == 2 and summary.skus_already_done == 1
-    assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".") and p.is_file()], "temporary files left"
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".") and p.is_file() and p.name != ".run.lock"], \
+        "temporary files left"
     assert_same_candidates(tmp_path, reference)
 
 
@@ -491,3 +492,35 @@ def test_base_images_must_not_be_negative():
 
     with pytest.raises(CatalogError, match="base_images must be >= 0, got -1"):
         GenerateConfig(base_images=-1)
+
+
+def test_a_rerun_removes_what_a_killed_run_left_half_written(finished_run, sheet, workdir, tmp_path):
+    import shutil
+
+    original, _ = finished_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(original, run_dir)
+    sku_folder = next(p for p in (run_dir / "images").iterdir() if p.is_dir())
+    leftovers = [sku_folder / ".0.png.x1y2.png", run_dir / ".manifest.parquet.ab12.parquet",
+                 run_dir / "parts" / ".RG-BAND-1.parquet.cd34.parquet"]
+    for path in leftovers:
+        path.write_bytes(b"")
+    kept = [run_dir / ".decisions.parquet.ef56.parquet"]  # the review server's, not generate's to remove
+    kept[0].write_bytes(b"")
+    run(sheet, workdir, run_dir)
+    assert not any(path.exists() for path in leftovers) and all(path.exists() for path in kept)
+
+
+def test_a_second_generate_on_a_busy_run_folder_is_refused(finished_run, sheet, workdir, tmp_path):
+    import shutil
+
+    from catalog_gen.errors import CatalogError
+    from catalog_gen.storage import exclusive_lock
+
+    original, _ = finished_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(original, run_dir)
+    with exclusive_lock(run_dir / ".run.lock"):  # as the first night's generate holds it
+        with pytest.raises(CatalogError, match="another catalog generate is working on"):
+            run(sheet, workdir, run_dir)
+    assert run(sheet, workdir, run_dir).skus_already_done == 3

@@ -119,40 +119,43 @@ def generate(request: GenerationRequest, config: GenerateConfig, *,
         rows = [dataclasses.replace(row, n_images=rejected[row.sku]) for row in rows if row.sku in rejected]
     summary.rejected_rows, summary.skus_total = len(rejects), len(rows)
 
-    # 2. The run folder belongs to one set of settings; --force starts it over.
-    with state.main_process_first():
-        if state.is_main_process:
-            _claim_run_dir(run_dir, config, request, redo_round)
-            skus.write_rejects(rejects, run_dir / layout.REJECTS_CSV)
-    folder_of = skus.sku_folder_names([row.sku for row in rows])
+    # 2. One generate per run folder at a time (a night that overlaps the last is refused, not doubled);
+    #    the folder belongs to one set of settings; --force starts it over.
+    with _run_lock(run_dir, state.is_main_process):
+        with state.main_process_first():
+            if state.is_main_process:
+                _claim_run_dir(run_dir, config, request, redo_round)
+                _remove_stale_temporaries(run_dir)
+                skus.write_rejects(rejects, run_dir / layout.REJECTS_CSV)
+        folder_of = skus.sku_folder_names([row.sku for row in rows])
 
-    # 3. Plan: SKUs grouped by instance, finished ones left alone.
-    todo: dict[tuple[str, str], list[skus.SkuRow]] = defaultdict(list)
-    for row in rows:
-        if manifest.part_finished(run_dir, folder_of[row.sku]):
-            summary.skus_already_done += 1
-        else:
-            todo[(row.class_key, row.instance_key)].append(row)
-    groups = sorted(todo.items())[state.process_index::state.num_processes]
+        # 3. Plan: SKUs grouped by instance, finished ones left alone.
+        todo: dict[tuple[str, str], list[skus.SkuRow]] = defaultdict(list)
+        for row in rows:
+            if manifest.part_finished(run_dir, folder_of[row.sku]):
+                summary.skus_already_done += 1
+            else:
+                todo[(row.class_key, row.instance_key)].append(row)
+        groups = sorted(todo.items())[state.process_index::state.num_processes]
 
-    if groups:
-        # 4. The base pipeline and the embedders, loaded once.
-        context = _load_context(config, request, run_dir, folder_of, state.device, model, base_fingerprint)
-        context.redo_round = redo_round
-        # 5. Per instance: the base model's comparison images (base_images > 0), then its adapter in;
-        #    its SKUs' candidates share UNet batches; adapter out.
-        for (class_key, instance_key), group_rows in groups:
-            _run_instance(context, class_map.get_class(class_key), instance_key, group_rows, request, summary,
-                          progress)
-    state.wait_for_everyone()
+        if groups:
+            # 4. The base pipeline and the embedders, loaded once.
+            context = _load_context(config, request, run_dir, folder_of, state.device, model, base_fingerprint)
+            context.redo_round = redo_round
+            # 5. Per instance: the base model's comparison images (base_images > 0), then its adapter in;
+            #    its SKUs' candidates share UNet batches; adapter out.
+            for (class_key, instance_key), group_rows in groups:
+                _run_instance(context, class_map.get_class(class_key), instance_key, group_rows, request, summary,
+                              progress)
+        state.wait_for_everyone()
 
-    # 6. One manifest for the whole run, merged by the main process.
-    # A rerun also finishes what a killed run left half written (the Parquet renamed, the CSV not yet).
-    unfinished = not (run_dir / layout.MANIFEST_PARQUET).exists() or not (run_dir / layout.MANIFEST_CSV).exists()
-    if state.is_main_process and (summary.skus_done or unfinished):
-        manifest.merge_manifest(run_dir, [folder_of[row.sku] for row in rows])
-    summary.seconds = time.perf_counter() - started
-    return summary
+        # 6. One manifest for the whole run, merged by the main process.
+        # A rerun also finishes what a killed run left half written (the Parquet renamed, the CSV not yet).
+        unfinished = not (run_dir / layout.MANIFEST_PARQUET).exists() or not (run_dir / layout.MANIFEST_CSV).exists()
+        if state.is_main_process and (summary.skus_done or unfinished):
+            manifest.merge_manifest(run_dir, [folder_of[row.sku] for row in rows])
+        summary.seconds = time.perf_counter() - started
+        return summary
 
 
 def adapter_problem(workdir: Path, class_key: str, instance_key: str, config: GenerateConfig,
@@ -184,6 +187,34 @@ def use_prompt_noun(prompt: str, token: str, noun: str) -> str:
     for word in words:
         out.extend(replacement if word == token else [word])
     return " ".join(out)
+
+
+def _run_lock(run_dir: Path, is_main_process: bool):
+    """The run folder's lock, taken by the main process only (its ranks share the folder by design)."""
+    from contextlib import nullcontext
+
+    from catalog_gen.storage import exclusive_lock
+
+    if not is_main_process:
+        return nullcontext()
+    return exclusive_lock(Path(run_dir) / layout.RUN_LOCK, timeout=0, busy=(
+        f"another catalog generate is working on {run_dir}; wait for it to finish, or pass another --run-dir"))
+
+
+def _remove_stale_temporaries(run_dir: Path) -> None:
+    """What a killed run left half written: the hidden temporaries of atomic writes (images, parts, the
+    manifest). Safe under the run lock: no other generate writes here. The review's decisions files and
+    the locks are left alone."""
+    folders = [run_dir, run_dir / layout.PARTS_DIR]
+    for parent in (run_dir / layout.IMAGES_DIR, run_dir / layout.BASE_DIR):
+        folders += [child for child in parent.iterdir() if child.is_dir()] if parent.is_dir() else []
+    keep = (layout.RUN_LOCK, layout.DECISIONS_LOCK)
+    for folder in folders:
+        for path in folder.iterdir() if folder.is_dir() else ():
+            if (path.name.startswith(".") and path.is_file() and path.name not in keep
+                    and not path.name.startswith(f".{layout.DECISIONS_PARQUET}")
+                    and not path.name.startswith(f".{layout.DECISIONS_CSV}")):
+                path.unlink(missing_ok=True)
 
 
 def _claim_run_dir(run_dir: Path, config: GenerateConfig, request: GenerationRequest, redo_round: int) -> None:
