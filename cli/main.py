@@ -178,7 +178,7 @@ def export(
     from catalog_gen.review.export import export_approved
 
     written = export_approved(run_dir, approved, profile)
-    typer.echo(f"exported {len(written)} approved image(s) to {approved} (list: {approved / 'export.csv'})")
+    typer.echo(f"exported {len(written)} approved image(s) to {approved} (list: {approved / layout.EXPORT_CSV})")
 
 
 @app.command("eval")
