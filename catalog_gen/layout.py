@@ -1,6 +1,8 @@
 """Where everything lives: every folder and file name of a workdir and of a run folder.
 
     WORKDIR/
+        tokens.json                      the rare token of every instance, kept stable
+        datasets/<class>/<instance>/<px>px/   the cleaned training photos (intake)
         adapters/<class>/<instance>/     adapter.json + LoRA files (lora_files.py names those)
         checkpoints/<class>/<instance>/  step-NNNNNN/ (checkpoints.py)
         class_images/<class>/<base>-<px>/NNNN.png   prior-preservation images, shared by instances
@@ -29,6 +31,8 @@ from pathlib import Path
 
 # ---------------------------------------------------------------- a workdir
 
+TOKENS_JSON = "tokens.json"
+DATASETS_DIR = "datasets"
 ADAPTERS_DIR = "adapters"
 CHECKPOINTS_DIR = "checkpoints"
 CLASS_IMAGES_DIR = "class_images"
@@ -39,6 +43,15 @@ RUNS_DIR = "runs"
 SAMPLE_DIR = "sample"
 DEMO_RUN = "demo"
 ADAPTER_JSON = "adapter.json"
+
+
+def tokens_file(workdir: Path) -> Path:
+    return Path(workdir) / TOKENS_JSON
+
+
+def dataset_folder(workdir: Path, class_key: str, instance_key: str, resolution: int) -> Path:
+    """An instance's photos as intake leaves them, per training resolution."""
+    return Path(workdir) / DATASETS_DIR / class_key / instance_key / f"{resolution}px"
 
 
 def adapter_folder(workdir: Path, class_key: str, instance_key: str) -> Path:

@@ -22,7 +22,8 @@ from typing import Callable, Sequence
 from catalog_gen import seeds
 from catalog_gen.catalog import intake, taxonomy, tokens
 from catalog_gen.train.adapters import finished_adapter, library_versions, write_adapter
-from catalog_gen.layout import adapter_folder, checkpoint_folder, class_images_folder, workdir_of_adapter
+from catalog_gen.layout import (adapter_folder, checkpoint_folder, class_images_folder, dataset_folder, tokens_file,
+                                workdir_of_adapter)
 from catalog_gen.train.checkpoints import VALIDATION_DIR, checkpoint_name, list_checkpoints
 from catalog_gen.config import TrainConfig
 from catalog_gen.errors import CatalogError
@@ -105,8 +106,8 @@ def assign_photos(source: PhotoSource, min_photos: int | None = None) -> taxonom
 
 
 def assign_catalogue_tokens(workdir: Path, class_map: taxonomy.ClassMap, tokenizer) -> dict[str, str]:
-    """Tokens for every instance of the catalogue, kept stable in WORKDIR/tokens.json."""
-    path = Path(workdir) / "tokens.json"
+    """Tokens for every instance of the catalogue, kept stable in the workdir (layout.tokens_file)."""
+    path = tokens_file(workdir)
     existing = tokens.load_token_file(path) if path.exists() else {}
     assigned = tokens.assign_tokens(class_map.instance_keys(), tokenizer, existing)
     if assigned != existing:
@@ -133,7 +134,7 @@ def prepare_instances(source: PhotoSource, class_key: str, instance_keys: Sequen
         if not photos:
             continue  # already reported by the taxonomy (no photos / too few)
         result = intake.intake_photos(photos, source.photo_root, intake.IntakeConfig(resolution=resolution))
-        dataset = Path(workdir) / "datasets" / class_key / instance_key / f"{resolution}px"
+        dataset = dataset_folder(workdir, class_key, instance_key, resolution)
         intake.save_training_set(result, dataset)
         refused = tuple((str(r.source), r.reason) for r in result.refused)
         if len(result.accepted) < minimum:
