@@ -10,7 +10,8 @@ Prints Markdown tables (and writes them with a JSON of every number to DIR/) for
                preservation, one measured row each with its sign
 
 Every figure is from the TOY WORLD (catalog_gen/toy/MODEL_CARD.md), not from Stable Diffusion. Trained
-adapters are kept in DIR, so a rerun only redraws and rescores. Measured part by part on 2 CPU cores: base,embedders,thresholds 49 s, learning 442 s, claims 1165 s.
+adapters are kept in DIR, so a rerun only redraws and rescores. Measured part by part on 2 CPU cores:
+base,embedders,thresholds 49 s, learning 442 s, claims 1165 s.
 """
 
 from __future__ import annotations
