@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -39,7 +38,8 @@ from catalog_gen.models import bpe
 from catalog_gen.errors import CatalogError
 from catalog_gen.seeds import isolated_rng
 # The base-model rules, shared: which files are pickles, the per-file hash memo, what a hub id looks like.
-from catalog_gen.models.loading import PICKLE_SUFFIXES, cached_file_hash, looks_like_hub_id, quiet_model_loading
+from catalog_gen.models.loading import (PICKLE_SUFFIXES, cached_file_hash, find_in_hf_cache, looks_like_hub_id,
+                                        quiet_model_loading)
 from catalog_gen.models.presets import cache_root, save_transformers_model
 from catalog_gen.storage import atomic_write_json, build_once, sha256_file
 
@@ -70,7 +70,7 @@ def resolve_embedder_folder(spec: str) -> Path:
     elif Path(spec).expanduser().exists():
         folder = Path(spec).expanduser().resolve()
     elif looks_like_hub_id(spec):
-        folder = _find_in_hf_cache(spec)
+        folder = find_in_hf_cache(spec, "embedder", "'*.bin' '*.h5' '*.msgpack'", "a local model folder")
     else:
         raise CatalogError(f"embedder '{spec}' not found: it is not a preset ({', '.join(EMBEDDER_PRESETS)}), "
                            "not an existing folder, and not a hub id of the form owner/name")
@@ -86,20 +86,6 @@ def resolve_embedder_folder(spec: str) -> Path:
                 "save_pretrained(..., safe_serialization=True) in a trusted environment")
         raise CatalogError(f"embedder '{spec}' ({folder}) has no weights file (*.safetensors)")
     return folder
-
-
-def _find_in_hf_cache(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except (LocalEntryNotFoundError, FileNotFoundError) as error:
-        cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
-        raise CatalogError(
-            f"embedder '{repo_id}' is not in the local Hugging Face cache ({cache}); catalog-gen never downloads "
-            f"at run time. On a machine with network run `hf download {repo_id} --exclude '*.bin' '*.h5' "
-            f"'*.msgpack'` (then copy the cache), or pass a local model folder") from error
 
 
 def embedder_fingerprint(folder: Path) -> str:

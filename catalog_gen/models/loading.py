@@ -40,7 +40,7 @@ def resolve_base_model(spec: str, cache_dir: Path | None = None) -> BaseModel:
     elif Path(spec).expanduser().exists():
         model = BaseModel(spec, Path(spec).expanduser().resolve(), "local")
     elif looks_like_hub_id(spec):
-        model = BaseModel(spec, _find_in_hf_cache(spec), "hf-cache")
+        model = BaseModel(spec, find_in_hf_cache(spec), "hf-cache")
     else:
         raise CatalogError(
             f"base model '{spec}' not found: it is not a preset ({', '.join(PRESETS)}), "
@@ -55,7 +55,10 @@ def looks_like_hub_id(spec: str) -> bool:
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
 
 
-def _find_in_hf_cache(repo_id: str) -> Path:
+def find_in_hf_cache(repo_id: str, what: str = "base model", exclude: str = "'*.bin' '*.ckpt'",
+                     instead: str = "a local diffusers folder with --base-model PATH") -> Path:
+    """The snapshot folder of a model already in the local Hugging Face cache (never downloaded here);
+    missing, a one-line error that says how to get it onto this machine."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -64,10 +67,9 @@ def _find_in_hf_cache(repo_id: str) -> Path:
     except (LocalEntryNotFoundError, FileNotFoundError) as error:
         cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
         raise CatalogError(
-            f"base model '{repo_id}' is not in the local Hugging Face cache ({cache}); catalog-gen never "
-            f"downloads at run time. On a machine with network run "
-            f"`hf download {repo_id} --exclude '*.bin' '*.ckpt'` (then copy the cache), "
-            f"or pass a local diffusers folder with --base-model PATH"
+            f"{what} '{repo_id}' is not in the local Hugging Face cache ({cache}); catalog-gen never "
+            f"downloads at run time. On a machine with network run `hf download {repo_id} --exclude {exclude}` "
+            f"(then copy the cache), or pass {instead}"
         ) from error
 
 
