@@ -173,11 +173,12 @@ def export(
     run_dir: Annotated[Path, typer.Argument(help="A reviewed run folder.")],
     approved: Annotated[Path, typer.Option("--approved", help="Destination folder for the approved images.")],
     profile: Annotated[str, typer.Option(help="marketplace (2048 px JPEG) | web (1200 px JPEG) | lossless (2048 px PNG)")] = "marketplace",
+    allow_upscale: Annotated[bool, typer.Option("--allow-upscale", help="Export images the profile would enlarge more than 4x (recorded in export.csv).")] = False,
 ) -> None:
     """Export approved images: square on white, sRGB, generation metadata and an AI-generated marker."""
     from catalog_gen.review.export import export_approved
 
-    written = export_approved(run_dir, approved, profile)
+    written = export_approved(run_dir, approved, profile, allow_upscale)
     typer.echo(f"exported {len(written)} approved image(s) to {approved} (list: {approved / layout.EXPORT_CSV})")
 
 

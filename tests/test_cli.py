@@ -378,15 +378,15 @@ def test_export_passes_its_options_and_names_the_file_list(monkeypatch, tmp_path
 
     seen = []
 
-    def fake_export(run_dir, approved, profile):
-        seen.append((run_dir, approved, profile))
+    def fake_export(run_dir, approved, profile, allow_upscale):
+        seen.append((run_dir, approved, profile, allow_upscale))
         return [approved / "a.jpg", approved / "b.jpg"]
 
     monkeypatch.setattr(export, "export_approved", fake_export)
     result = runner.invoke(app, ["export", str(tmp_path / "run"), "--approved", str(tmp_path / "out"),
                                  "--profile", "web"])
     assert result.exit_code == 0, result.output
-    assert seen == [(tmp_path / "run", tmp_path / "out", "web")]
+    assert seen == [(tmp_path / "run", tmp_path / "out", "web", False)]
     assert "exported 2 approved image(s)" in result.stdout and "export.csv" in result.stdout
 
 

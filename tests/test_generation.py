@@ -339,13 +339,19 @@ def test_redo_needs_a_reviewed_run(finished_run, sheet, workdir, tmp_path):
 def test_export_writes_marketplace_files(finished_run, tmp_path):
     import shutil
 
+    from catalog_gen.errors import CatalogError
+
     from catalog_gen.review.export import AI_SOURCE_TYPE, export_approved
 
     original, _ = finished_run
     reviewed = tmp_path / "reviewed"
     shutil.copytree(original, reviewed)
     _write_decisions(reviewed, [("RG-BAND-1", 0, "approve"), ("../escape", 0, "approve"), ("RG-BAND-2", 0, "reject")])
-    written = export_approved(reviewed, tmp_path / "out")
+    # The tiny model's 64 px images would be enlarged 32x: refused, naming the image, before anything is written.
+    with pytest.raises(CatalogError, match=r"64x64 px image would be enlarged 32x to 2048 px.*--allow-upscale"):
+        export_approved(reviewed, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    written = export_approved(reviewed, tmp_path / "out", allow_upscale=True)
     assert len(written) == 2 and all(p.resolve().is_relative_to((tmp_path / "out").resolve()) for p in written)
     for path in written:
         with Image.open(path) as image:
@@ -354,7 +360,7 @@ def test_export_writes_marketplace_files(finished_run, tmp_path):
             assert AI_SOURCE_TYPE.encode() in image.info["xmp"]
             assert "photo of a" in image.getexif()[0x010E]
     listing = pl.read_csv(tmp_path / "out" / "export.csv")
-    assert sorted(listing["sku"]) == ["../escape", "RG-BAND-1"]
+    assert sorted(listing["sku"]) == ["../escape", "RG-BAND-1"] and set(listing["upscale_factor"]) == {32.0}
 
 
 # ---------------------------------------------------------------- the base model's images (base_images)

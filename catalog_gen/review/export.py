@@ -87,8 +87,18 @@ def export_image(source: Path, dest: Path, profile: ExportProfile, prompt: str, 
     return dest
 
 
-def export_approved(run_dir: Path, dest: Path, profile_name: str = "marketplace") -> list[Path]:
-    """Export every approved candidate of a run; returns the files written."""
+MAX_UPSCALE = 4.0
+"""The largest enlargement an export makes without being asked: SD 1.5's 512 px to the marketplace's 2048.
+Beyond it the file has the pixel count of a product photo and none of its detail."""
+
+
+def export_approved(run_dir: Path, dest: Path, profile_name: str = "marketplace",
+                    allow_upscale: bool = False) -> list[Path]:
+    """Export every approved candidate of a run; returns the files written. Every image is checked before
+    the first is written: one that would be enlarged more than MAX_UPSCALE times is refused (naming it)
+    unless allow_upscale, and export.csv records each file's enlargement."""
+    from PIL import Image
+
     from catalog_gen.generate.skus import sku_folder_names, write_csv_escaped
 
     profile = PROFILES.get(profile_name)
@@ -97,6 +107,16 @@ def export_approved(run_dir: Path, dest: Path, profile_name: str = "marketplace"
     rows = approved_candidates(run_dir)
     if rows.height == 0:
         raise CatalogError(f"{run_dir}: no approved candidates to export")
+    factors = []
+    for path in rows["path"]:
+        with Image.open(Path(run_dir) / path) as image:
+            width, height = image.size
+        factor = profile.size / max(width, height)
+        if factor > MAX_UPSCALE and not allow_upscale:
+            raise CatalogError(f"{path}: a {width}x{height} px image would be enlarged {factor:.0f}x to {profile.size} px "
+                               f"for the '{profile.name}' profile, with no more detail than it has; export a "
+                               f"smaller profile, or pass --allow-upscale to export it anyway")
+        factors.append(round(factor, 3))
     folders = sku_folder_names(sorted(set(rows["sku"])))
     suffix = ".jpg" if profile.format == "JPEG" else ".png"
     written: list[Path] = []
@@ -105,7 +125,7 @@ def export_approved(run_dir: Path, dest: Path, profile_name: str = "marketplace"
         target = Path(dest) / f"{folders[row['sku']]}_{row['candidate']}{suffix}"
         written.append(export_image(Path(run_dir) / row["path"], target, profile, row["prompt"], row["seed"], row["sku"]))
         names.append(target.name)
-    write_csv_escaped(rows.with_columns(_export_file_column(names)), Path(dest) / layout.EXPORT_CSV)
+    write_csv_escaped(rows.with_columns(_export_file_column(names), _upscale_column(factors)), Path(dest) / layout.EXPORT_CSV)
     return written
 
 
@@ -113,3 +133,9 @@ def _export_file_column(names: Sequence[str]):
     import polars as pl
 
     return pl.Series("export_file", list(names))
+
+
+def _upscale_column(factors: Sequence[float]):
+    import polars as pl
+
+    return pl.Series("upscale_factor", list(factors))
