@@ -17,8 +17,28 @@ import typer
 from catalog_gen import layout
 from catalog_gen.errors import CatalogError
 
+# rich_markup_mode=None: help text is shown as written ("[eval]" in a recipe's help is a TOML section, not markup).
 app = typer.Typer(help="catalog-gen: product photos in, on-style catalogue images out.", no_args_is_help=True,
-                  pretty_exceptions_enable=False, add_completion=False)
+                  pretty_exceptions_enable=False, add_completion=False, rich_markup_mode=None)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"catalog-gen {version('catalog-gen')}")
+        except PackageNotFoundError:
+            typer.echo("catalog-gen (not installed as a package)")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    show_version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                               help="Print the version and exit.")] = False,
+) -> None:
+    """catalog-gen: product photos in, on-style catalogue images out."""
 
 EXIT_BAD_INPUT = 2
 EXIT_PARTIAL = 3

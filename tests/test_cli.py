@@ -466,3 +466,10 @@ def test_export_of_a_missing_run_or_a_corrupt_decisions_file_is_one_line(tmp_pat
     result = runner.invoke(app, ["export", str(run_dir), "--approved", str(tmp_path / "out")])
     assert result.exit_code == EXIT_BAD_INPUT and "cannot read decisions" in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_version_and_help_text_shown_as_written():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.startswith("catalog-gen ")
+    result = runner.invoke(app, ["eval", "--help"])
+    assert result.exit_code == 0 and "[eval] section" in result.stdout  # not eaten as markup
