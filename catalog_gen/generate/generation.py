@@ -15,6 +15,7 @@ Over 500 lines on purpose: the run's numbered steps and the per-instance loop of
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 import time
@@ -108,7 +109,8 @@ def generate(request: GenerationRequest, config: GenerateConfig, *,
     rows, rejects = skus.read_sku_sheet(Path(request.skus))
     rows, more_rejects = skus.validate_rows(
         rows, class_map,
-        adapter_problem=lambda c, i: adapter_problem(request.workdir, c, i, config, base_fingerprint),
+        # Once per instance, not per row: a sheet has many SKUs of each instance.
+        adapter_problem=functools.cache(lambda c, i: adapter_problem(request.workdir, c, i, config, base_fingerprint)),
         template_for=lambda c: request.templates.get(c, config.template))
     rejects = sorted(rejects + more_rejects, key=lambda r: r.line)
     redo_round = 0
