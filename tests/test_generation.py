@@ -215,7 +215,8 @@ def test_a_broken_adapter_fails_its_skus_not_the_run(sheet, workdir, tmp_path_fa
     assert [sku for sku, _ in summary.errors] == ["../escape"]
     assert summary.skus_done == 2
     manifest = pl.read_parquet(tmp_path / "manifest.parquet")
-    assert manifest.filter(pl.col("sku") == "../escape")["reason"][0].startswith("error: adapter ring/signet")
+    reason = manifest.filter(pl.col("sku") == "../escape")["reason"][0]
+    assert reason.startswith("error: adapter ring/signet") and "the file changed after training" in reason
 
 
 @pytest.mark.slow

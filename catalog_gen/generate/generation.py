@@ -29,7 +29,7 @@ import numpy as np
 from catalog_gen import layout, seeds
 from catalog_gen.generate import skus
 from catalog_gen.quality import gates
-from catalog_gen.train.adapters import read_adapter
+from catalog_gen.train.adapters import load_adapter_weights, read_adapter
 from catalog_gen.generate import manifest
 from catalog_gen.generate.planner import SkuState, Slot, candidates_wanted, plan_batch
 from catalog_gen.generate.redo import next_redo_round, rejected_in
@@ -324,10 +324,7 @@ def _load_instance(context: _Context, class_spec, instance_key: str, request: Ge
 
 
 def _attach_adapter(context: _Context, instance: _Instance) -> None:
-    from catalog_gen.train.lora_files import DIFFUSERS_WEIGHTS_NAME
-
-    context.pipeline.load_lora_weights(str(instance.adapter.folder), weight_name=DIFFUSERS_WEIGHTS_NAME,
-                                       adapter_name="sku_adapter")
+    context.pipeline.load_lora_weights(load_adapter_weights(instance.adapter), adapter_name="sku_adapter")
 
 
 def _draw_base_images(context: _Context, instance: _Instance, rows: Sequence[skus.SkuRow],

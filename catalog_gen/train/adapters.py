@@ -106,6 +106,31 @@ def read_adapter(folder: Path) -> AdapterInfo:
     return info
 
 
+def load_adapter_weights(info: AdapterInfo) -> dict:
+    """The adapter's diffusers-format LoRA tensors, for `load_lora_weights(state_dict)`.
+
+    Read as safetensors only (never a pickle, whatever the file holds), and only if the bytes are the
+    ones adapter.json recorded: a weights file swapped or damaged after training is refused. The
+    bytes hashed are the bytes parsed, so nothing can change between the check and the load."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_safetensors
+
+    from catalog_gen.storage import sha256_bytes
+
+    data = info.diffusers_file.read_bytes()
+    recorded, found = info.record.get("weights_sha256"), sha256_bytes(data)
+    if recorded is None:
+        raise CatalogError(f"adapter {info.folder}: {ADAPTER_JSON} records no weights_sha256; retrain it")
+    if found != recorded:
+        raise CatalogError(f"adapter {info.folder}: {DIFFUSERS_WEIGHTS_NAME} has sha256 {found}, but "
+                           f"{ADAPTER_JSON} records {recorded}; the file changed after training")
+    try:
+        return load_safetensors(data)
+    except SafetensorError as error:
+        raise CatalogError(f"adapter {info.folder}: {DIFFUSERS_WEIGHTS_NAME} is not a safetensors file "
+                           f"({error})") from error
+
+
 def finished_adapter(folder: Path, fingerprint: str, steps: int) -> AdapterInfo | None:
     """The adapter already trained with these exact settings, if there is one (reruns skip it)."""
     try:

@@ -1,0 +1,51 @@
+"""Loading a finished adapter's weights: safetensors only, and only the bytes adapter.json recorded."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save as save_safetensors
+
+from catalog_gen.errors import CatalogError
+from catalog_gen.storage import sha256_bytes
+from catalog_gen.train.adapters import AdapterInfo, load_adapter_weights
+from catalog_gen.train.lora_files import DIFFUSERS_WEIGHTS_NAME
+
+KEY = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"
+
+
+def adapter_with(tmp_path, data: bytes, recorded: str | None) -> AdapterInfo:
+    (tmp_path / DIFFUSERS_WEIGHTS_NAME).write_bytes(data)
+    return AdapterInfo(tmp_path, {} if recorded is None else {"weights_sha256": recorded})
+
+
+def test_the_recorded_weights_load(tmp_path):
+    data = save_safetensors({KEY: torch.ones(2, 3)})
+    weights = load_adapter_weights(adapter_with(tmp_path, data, sha256_bytes(data)))
+    assert torch.equal(weights[KEY], torch.ones(2, 3))
+
+
+def test_weights_changed_after_training_are_refused_naming_both_hashes(tmp_path):
+    trained = save_safetensors({KEY: torch.ones(2, 3)})
+    swapped = save_safetensors({KEY: torch.zeros(2, 3)})
+    with pytest.raises(CatalogError) as caught:
+        load_adapter_weights(adapter_with(tmp_path, swapped, sha256_bytes(trained)))
+    assert sha256_bytes(trained) in str(caught.value) and sha256_bytes(swapped) in str(caught.value)
+
+
+def test_a_pickle_is_never_unpickled_even_when_its_hash_is_recorded(tmp_path, monkeypatch):
+    class Boom:
+        def __reduce__(self):
+            return (pytest.fail, ("the adapter's pickle was executed",))
+
+    data = pickle.dumps(Boom())
+    with pytest.raises(CatalogError, match="not a safetensors file"):
+        load_adapter_weights(adapter_with(tmp_path, data, sha256_bytes(data)))
+
+
+def test_an_adapter_json_without_a_weights_hash_is_refused(tmp_path):
+    data = save_safetensors({KEY: torch.ones(1)})
+    with pytest.raises(CatalogError, match="records no weights_sha256"):
+        load_adapter_weights(adapter_with(tmp_path, data, None))
