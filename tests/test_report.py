@@ -333,6 +333,61 @@ def test_server_validates_requests_strictly(run_dir):
         server.server_close()
 
 
+@pytest.fixture
+def live_server(run_dir):
+    server = review_server.serve(run_dir, 0, reviewer="ann")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_deeply_nested_json_gets_a_400_not_a_traceback(live_server):
+    code, error = _status(lambda: _post(live_server, None, raw=b"[" * 200_000))
+    assert code == 400 and "nested too deeply" in error
+
+
+def test_a_burst_of_connections_queues_while_the_server_is_busy(run_dir):
+    """50 clients connect while the server is still busy (here: not yet accepting). With the default
+    backlog of 5 only about 6 get through the handshake; the rest are dropped or reset."""
+    import socket
+
+    server = review_server.serve(run_dir, 0, reviewer="ann")
+    clients = []
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    try:
+        for _ in range(50):
+            clients.append(socket.create_connection(("127.0.0.1", server.port), timeout=0.5))
+        serving.start()
+        request = f"GET /api/decisions HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nConnection: close\r\n\r\n"
+        for client in clients:
+            client.settimeout(30)
+            client.sendall(request.encode())
+        assert all(client.recv(12) == b"HTTP/1.0 200" for client in clients)
+    finally:
+        for client in clients:
+            client.close()
+        if serving.is_alive():
+            server.shutdown()
+        server.server_close()
+
+
+def test_a_stalled_request_is_answered_and_dropped_after_the_timeout(live_server, monkeypatch):
+    import socket
+    import time
+
+    monkeypatch.setattr(review_server._Handler, "timeout", 0.5)
+    with socket.create_connection(("127.0.0.1", live_server.port), timeout=10) as client:
+        client.sendall(f"POST /api/decisions HTTP/1.1\r\nHost: 127.0.0.1:{live_server.port}\r\n"
+                       "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"entries\"".encode())
+        started = time.monotonic()
+        reply = b""
+        while chunk := client.recv(4096):  # the server closes the connection after its answer
+            reply += chunk
+        assert time.monotonic() - started < 5
+    assert reply.startswith(b"HTTP/1.0 400") and b"not received within 0.5 s" in reply
+
+
 def _export_file(tmp_path: Path, decisions) -> Path:
     path = tmp_path / "decisions-export.json"
     path.write_text(json.dumps({"format": review.EXPORT_FORMAT, "version": 1, "run": "nightly",

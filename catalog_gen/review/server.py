@@ -18,10 +18,15 @@ from catalog_gen.storage import is_inside
 
 # ---------------------------------------------------------------- the local review server
 
+REQUEST_TIMEOUT_S = 30
+
 class ReviewServer(ThreadingHTTPServer):
     """Serves the run folder's layout.SERVED_ROOTS and takes decisions on /api/decisions (127.0.0.1 only)."""
 
     daemon_threads = True
+    # A reviewing team's page loads fire dozens of thumbnail requests at once; the default backlog (5)
+    # reset most of a 50-request burst.
+    request_queue_size = 128
 
     def __init__(self, run_dir: Path, port: int, reviewer: str):
         self.run_dir = Path(run_dir).resolve()
@@ -60,6 +65,9 @@ class _Handler(BaseHTTPRequestHandler):
     server: ReviewServer
     server_version = "catalog-gen-review"
     STATIC_ROOTS = layout.SERVED_ROOTS
+    # Seconds a connection may sit idle or stall mid-request before it is dropped: without it every stalled
+    # client (a half-sent body) keeps a thread forever.
+    timeout = REQUEST_TIMEOUT_S
 
     def log_message(self, format, *args):  # the library never prints
         pass
@@ -119,9 +127,16 @@ class _Handler(BaseHTTPRequestHandler):
         if not 0 < length <= MAX_BODY_BYTES:
             raise CatalogError(f"request body of {length} bytes; expected 1 to {MAX_BODY_BYTES}")
         try:
-            payload = json.loads(self.rfile.read(length).decode("utf-8"))
+            body = self.rfile.read(length)
+        except TimeoutError:
+            self.close_connection = True
+            raise CatalogError(f"request body not received within {self.timeout} s") from None
+        try:
+            payload = json.loads(body.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as error:
             raise CatalogError(f"request body is not valid JSON ({error})") from None
+        except RecursionError:
+            raise CatalogError("request body is nested too deeply") from None
         if not isinstance(payload, dict) or "entries" not in payload or set(payload) - {"entries", "reviewer"}:
             raise CatalogError('expected {"entries": [...], "reviewer": "name" (optional)}')
         return payload
