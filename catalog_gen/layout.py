@@ -71,6 +71,11 @@ def checkpoint_folder(workdir: Path, class_key: str, instance_key: str) -> Path:
     return Path(workdir) / CHECKPOINTS_DIR / class_key / instance_key
 
 
+TRAIN_LOCK = ".train.lock"
+"""In an instance's checkpoint folder: held by the catalog train that trains the instance; a second one is
+refused for that instance while it runs."""
+
+
 def class_images_folder(workdir: Path, class_key: str, base_fingerprint: str, resolution: int) -> Path:
     """Prior-preservation images: one set per class, base model and resolution."""
     return Path(workdir) / CLASS_IMAGES_DIR / class_key / f"{base_fingerprint}-{resolution}px"

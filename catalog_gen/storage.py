@@ -107,6 +107,23 @@ def atomic_directory(path: Path) -> Iterator[Path]:
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def remove_leftovers(folder: Path, prefix: str = ".", keep: tuple[str, ...] = ()) -> list[Path]:
+    """Remove what killed writers left in `folder`: the hidden temporaries of atomic_write_bytes / atomic_path
+    (files) and atomic_directory (staging and retired folders), those whose names start with `prefix`.
+    Entries named in `keep` (or starting with one of them) stay. Call it only while holding the lock that
+    keeps every other writer of the folder out. Returns what was removed."""
+    removed = []
+    for path in sorted(Path(folder).iterdir()) if Path(folder).is_dir() else ():
+        if not path.name.startswith(prefix) or not path.name.startswith(".") or path.name.startswith(keep or (("\0",))):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
 @contextmanager
 def exclusive_lock(lock_file: Path, timeout: float | None = None, busy: str | None = None) -> Iterator[None]:
     """An exclusive lock held while the block runs, across threads, processes and servers, on Linux,

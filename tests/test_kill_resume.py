@@ -101,7 +101,8 @@ def test_kill_9_then_resume_gives_the_uninterrupted_adapter(sample_catalogue, ti
         assert json.loads((folder / "state.json").read_text())["step"] == step
         assert load_file(str(folder / "lora.safetensors")) and (folder / "optimizer.safetensors").is_file()
     left_over = sorted(p.name for p in checkpoints.iterdir() if p not in {f for _, f in complete})
-    assert all(name.startswith(".step-") and name.endswith(".partial") for name in left_over), left_over
+    assert all(name == ".train.lock" or name.startswith(".step-") and name.endswith(".partial")
+               for name in left_over), left_over
     # A staging folder caught mid-write, and a step folder without state.json, must never be resumed from.
     newest = complete[-1][0]
     staging = checkpoints / f".step-{newest + 5:06d}.kill9.partial"
@@ -120,6 +121,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_adapter(sample_catalogue, ti
     assert record["steps"] == STEPS and len(record["loss_curve"]) == STEPS
     assert record["resumed_from_step"] == newest > 0
     assert "step-000999" not in record["checkpoints"] and record["checkpoints"][-1] == f"step-{STEPS:06d}"
+    assert not staging.exists()  # the resumed run removed what the killed one left half written
 
     # 4. The same settings without interruption, in this process: the same adapter, bit for bit.
     reference = tmp_path / "uninterrupted"

@@ -335,3 +335,34 @@ def test_a_damaged_checkpoint_file_is_named_not_a_traceback(sample_catalogue, tm
     summary = train_class(_source(sample_catalogue), "ring", ["band"], tmp_path, tiny_config(), resume=True)
     assert summary.outcomes[0].status == "failed"
     assert "lora.safetensors cannot be read" in summary.outcomes[0].detail
+
+
+def test_a_rerun_removes_the_staging_a_killed_run_left(sample_catalogue, tmp_path):
+    with pytest.raises(InterruptedError):
+        train_class(_source(sample_catalogue), "ring", ["band"], tmp_path, tiny_config(),
+                    progress=crash_in_training_step(3))
+    checkpoints, adapters = tmp_path / "checkpoints" / "ring" / "band", tmp_path / "adapters" / "ring"
+    # What a kill -9 inside the atomic writers leaves: staging folders, a retired folder, temp files.
+    left = [checkpoints / ".step-000004.abc123.partial", checkpoints / ".step-000002.old-4242",
+            adapters / ".band.x1y2.partial", checkpoints / "validation" / ".step-000002-0.png.q.png"]
+    for path in left:
+        (path.mkdir(parents=True) if path.suffix != ".png" else (path.parent.mkdir(parents=True, exist_ok=True),
+                                                                 path.write_bytes(b"")))
+    other = adapters / ".signet.z9.partial"  # another instance's staging: its own train cleans it
+    other.mkdir()
+    summary = train_class(_source(sample_catalogue), "ring", ["band"], tmp_path, tiny_config(), resume=True)
+    assert summary.outcomes[0].status == "trained"
+    assert [path for path in left if path.exists()] == []
+    assert other.exists()
+    assert [p.name for p in checkpoints.iterdir() if p.name.startswith(".")] == [".train.lock"]
+
+
+def test_a_second_train_of_the_same_instance_is_refused_while_the_first_runs(sample_catalogue, tmp_path):
+    from catalog_gen.layout import TRAIN_LOCK
+    from catalog_gen.storage import exclusive_lock
+
+    with exclusive_lock(tmp_path / "checkpoints" / "ring" / "band" / TRAIN_LOCK):  # "the first run"
+        summary = train_class(_source(sample_catalogue), "ring", ["band", "signet"], tmp_path, tiny_config(steps=2))
+    band, signet = summary.outcomes
+    assert band.status == "failed" and "another catalog train is training ring/band" in band.detail
+    assert signet.status == "trained"

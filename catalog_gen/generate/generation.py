@@ -36,7 +36,7 @@ from catalog_gen.generate.redo import next_redo_round, rejected_in
 from catalog_gen.layout import adapter_folder
 from catalog_gen.config import GenerateConfig
 from catalog_gen.errors import CatalogError
-from catalog_gen.storage import atomic_path, atomic_write_json
+from catalog_gen.storage import atomic_path, atomic_write_json, remove_leftovers
 
 """RUN_DIR/base/<safe sku>/<n>.png: the base model's image for candidate n's prompt and seed."""
 
@@ -206,17 +206,13 @@ def _run_lock(run_dir: Path, is_main_process: bool):
 def _remove_stale_temporaries(run_dir: Path) -> None:
     """What a killed run left half written: the hidden temporaries of atomic writes (images, parts, the
     manifest). Safe under the run lock: no other generate writes here. The review's decisions files and
-    the locks are left alone."""
+    the locks are left alone (a review server may be writing them now)."""
     folders = [run_dir, run_dir / layout.PARTS_DIR]
     for parent in (run_dir / layout.IMAGES_DIR, run_dir / layout.BASE_DIR):
         folders += [child for child in parent.iterdir() if child.is_dir()] if parent.is_dir() else []
-    keep = (layout.RUN_LOCK, layout.DECISIONS_LOCK)
+    keep = (layout.RUN_LOCK, layout.DECISIONS_LOCK, f".{layout.DECISIONS_PARQUET}", f".{layout.DECISIONS_CSV}")
     for folder in folders:
-        for path in folder.iterdir() if folder.is_dir() else ():
-            if (path.name.startswith(".") and path.is_file() and path.name not in keep
-                    and not path.name.startswith(f".{layout.DECISIONS_PARQUET}")
-                    and not path.name.startswith(f".{layout.DECISIONS_CSV}")):
-                path.unlink(missing_ok=True)
+        remove_leftovers(folder, keep=keep)
 
 
 def _claim_run_dir(run_dir: Path, config: GenerateConfig, request: GenerationRequest, redo_round: int) -> None:

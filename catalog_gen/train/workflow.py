@@ -22,13 +22,13 @@ from typing import Callable, Sequence
 from catalog_gen import seeds
 from catalog_gen.catalog import intake, taxonomy, tokens
 from catalog_gen.train.adapters import finished_adapter, library_versions, write_adapter
-from catalog_gen.layout import (adapter_folder, checkpoint_folder, class_images_folder, dataset_folder, tokens_file,
-                                workdir_of_adapter)
+from catalog_gen.layout import (TRAIN_LOCK, adapter_folder, checkpoint_folder, class_images_folder, dataset_folder,
+                                tokens_file, workdir_of_adapter)
 from catalog_gen.train.checkpoints import VALIDATION_DIR, checkpoint_name, list_checkpoints
 from catalog_gen.config import TrainConfig
 from catalog_gen.errors import CatalogError
 from catalog_gen.models.loading import BaseModel, load_tokenizer, model_fingerprint, resolve_base_model
-from catalog_gen.storage import atomic_path
+from catalog_gen.storage import atomic_path, exclusive_lock, remove_leftovers
 
 
 @dataclass(frozen=True)
@@ -201,7 +201,6 @@ def train_class(source: PhotoSource, class_key: str, instance_keys: Sequence[str
     distributed=False this process trains them all and never waits for the others (a
     sweep gives each process its own grid points instead).
     """
-    import shutil
 
     from accelerate import PartialState
 
@@ -248,14 +247,10 @@ def train_class(source: PhotoSource, class_key: str, instance_keys: Sequence[str
             item.photos, checkpoint_folder(workdir, class_key, item.instance_key), class_images)
         fingerprint = training.training_fingerprint(config, job, base_fingerprint, item.photo_hashes)
         folder = adapter_folder(workdir, class_key, item.instance_key)
-        if force:
-            shutil.rmtree(job.checkpoint_dir, ignore_errors=True)
-        elif finished_adapter(folder, fingerprint, config.steps) is not None:
-            summary.outcomes.append(TrainOutcome(job.key, "already trained", adapter_dir=folder, steps=config.steps))
-            continue
         try:
-            outcome = _train_one(components, config, job, item, model, base_fingerprint, fingerprint, folder,
-                                 resume=resume, progress=progress)
+            with _instance_lock(job, workdir):
+                outcome = _train_or_skip(components, config, job, item, model, base_fingerprint, fingerprint,
+                                         folder, resume=resume, force=force, progress=progress)
         except CatalogError as error:
             outcome = TrainOutcome(job.key, "failed", str(error))
         finally:
@@ -263,6 +258,33 @@ def train_class(source: PhotoSource, class_key: str, instance_keys: Sequence[str
         summary.outcomes.append(outcome)
     state.wait_for_everyone()
     return summary
+
+
+@contextlib.contextmanager
+def _instance_lock(job, workdir: Path):
+    """Held while one instance trains: a second catalog train of the same instance is refused for it, and,
+    holding it, this one removes what a killed run of it left (checkpoint and adapter staging folders)."""
+    with exclusive_lock(job.checkpoint_dir / TRAIN_LOCK, timeout=0, busy=(
+            f"another catalog train is training {job.key} in {workdir}; wait for it to finish")):
+        remove_leftovers(job.checkpoint_dir, keep=(TRAIN_LOCK,))
+        remove_leftovers(job.checkpoint_dir / VALIDATION_DIR)
+        remove_leftovers(adapter_folder(workdir, job.class_key, job.instance_key).parent,
+                         prefix=f".{job.instance_key}.")
+        yield
+
+
+def _train_or_skip(components, config, job, item, model, base_fingerprint, fingerprint, folder, *,
+                   resume, force, progress) -> TrainOutcome:
+    import shutil
+
+    if force:
+        for entry in job.checkpoint_dir.iterdir():  # the lock file stays: another train may be waiting on it
+            if entry.name != TRAIN_LOCK:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    elif finished_adapter(folder, fingerprint, config.steps) is not None:
+        return TrainOutcome(job.key, "already trained", adapter_dir=folder, steps=config.steps)
+    return _train_one(components, config, job, item, model, base_fingerprint, fingerprint, folder,
+                      resume=resume, progress=progress)
 
 
 class _ThisProcessOnly:
