@@ -65,7 +65,10 @@ def handles_errors(command):
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except OSError as error:  # a path that is a file where a folder is wanted, a read-only disk, ...
             where = f"{error.filename}: " if error.filename else ""
-            typer.secho(f"error: {where}{error.strerror or error}", fg=typer.colors.RED, err=True)
+            why = error.strerror or str(error)
+            if isinstance(error, (FileExistsError, NotADirectoryError)):  # mkdir over a file, or a file as parent
+                why = "a file is in the way where a folder is needed (give a folder path)"
+            typer.secho(f"error: {where}{why}", fg=typer.colors.RED, err=True)
             raise typer.Exit(EXIT_BAD_INPUT) from None
 
     return wrapper

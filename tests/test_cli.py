@@ -437,7 +437,23 @@ def test_a_file_where_a_folder_is_wanted_is_a_one_line_error(sample_catalogue, t
     result = runner.invoke(app, ["train", "--class", "ring", "--products", str(sample_catalogue.products_csv),
                                  "--workdir", str(a_file), "--recipe", "tiny_demo", "--steps", "1"])
     assert result.exit_code == EXIT_BAD_INPUT, result.output
-    assert "afile" in result.stderr and "Traceback" not in result.output
+    assert "afile: a file is in the way where a folder is needed" in result.stderr
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("option", ["--skus", "--products", "--photos"])
+def test_a_folder_where_a_file_is_wanted_or_the_reverse_says_so(option, tmp_path):
+    folder, a_file = tmp_path / "adir", tmp_path / "afile.csv"
+    folder.mkdir()
+    a_file.write_text("x")
+    if option == "--skus":
+        args, message = ["generate", "--skus", str(folder), "--recipe", "tiny_nightly"], "is a folder; give the .csv"
+    elif option == "--products":
+        args, message = ["train", "--class", "ring", "--products", str(folder)], "is a folder; give the .csv"
+    else:
+        args, message = ["train", "--class", "ring", "--photos", str(a_file)], "is a file; give the folder"
+    result = runner.invoke(app, args)
+    assert result.exit_code == EXIT_BAD_INPUT and message in result.stderr, result.output
 
 
 def test_a_template_that_is_not_a_string_names_the_key(tmp_path):

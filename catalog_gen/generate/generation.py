@@ -93,6 +93,7 @@ def generate(request: GenerationRequest, config: GenerateConfig, *,
     from catalog_gen.models.loading import model_fingerprint, resolve_base_model
     from catalog_gen.train.workflow import use_cpu
 
+    rows, rejects = skus.read_sku_sheet(Path(request.skus))  # a sheet that cannot be read: said first
     if not layout.is_workdir(request.workdir):  # before anything is written: no run folder for a wrong path
         raise CatalogError(f"workdir {request.workdir} holds no trained adapters (no {layout.ADAPTERS_DIR}/ in it); "
                            f"train first (catalog train --workdir {request.workdir}) or pass the workdir that holds them")
@@ -106,7 +107,6 @@ def generate(request: GenerationRequest, config: GenerateConfig, *,
     #    refused rows go to rejects.csv, the rest go on.
     model = resolve_base_model(config.base_model)
     base_fingerprint = model_fingerprint(model)
-    rows, rejects = skus.read_sku_sheet(Path(request.skus))
     rows, more_rejects = skus.validate_rows(
         rows, class_map,
         # Once per instance, not per row: a sheet has many SKUs of each instance.

@@ -78,6 +78,8 @@ def read_sku_sheet(path: Path) -> tuple[list[SkuRow], list[RejectedRow]]:
 def _read_frame(path: Path) -> tuple[pl.DataFrame, list[int]]:
     """Every column as text (SKUs like "0012" keep their zeros), and each row's line number."""
     suffix = path.suffix.lower()
+    if path.is_dir():
+        raise CatalogError(f"SKU sheet {path} is a folder; give the .csv or .parquet file")
     if suffix not in (".csv", ".parquet"):
         raise CatalogError(f"SKU sheet {path}: must be a .csv or .parquet file")
     if not path.is_file():

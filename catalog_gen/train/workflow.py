@@ -52,10 +52,14 @@ class PhotoSource:
                 object.__setattr__(self, name, Path(getattr(self, name)).expanduser().absolute())
         if self.photos_dir is None and self.products_csv is None:
             raise CatalogError("give a photo source: --photos DIR (laid out <class>/<instance>/) or --products CSV")
+        if self.products_csv is not None and Path(self.products_csv).is_dir():
+            raise CatalogError(f"products CSV {self.products_csv} is a folder; give the .csv file")
         if self.products_csv is not None and not Path(self.products_csv).is_file():
             raise CatalogError(f"products CSV {self.products_csv} does not exist")
         if self.photos_dir is not None:
             folder = Path(self.photos_dir)
+            if folder.is_file():
+                raise CatalogError(f"photo folder {folder} is a file; give the folder that holds the photos")
             if not folder.is_dir():
                 raise CatalogError(f"photo folder {folder} does not exist")
             if not any(folder.iterdir()):
