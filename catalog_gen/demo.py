@@ -16,14 +16,12 @@ demo shows real learning on a CPU; it is not Stable Diffusion (catalog_gen/toy/M
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from catalog_gen import layout
 from catalog_gen.config import GenerateConfig, TrainConfig, build_config, read_recipe
 from catalog_gen.generate.generation import GenerationRequest, generate
-from catalog_gen.report_text import (
-    generation_summary_lines, indent, progress_bar_factory, taxonomy_lines, train_summary_lines,
-)
+from catalog_gen.report_text import generation_summary_lines, indent, taxonomy_lines, train_summary_lines
 from catalog_gen.catalog.sample_data import write_sample_catalogue
 from catalog_gen.models.loading import load_tokenizer, resolve_base_model
 from catalog_gen.review.report import write_report
@@ -33,8 +31,11 @@ DEMO_RECIPE = "toy_demo"
 DEMO_NIGHTLY = "toy_nightly"
 
 
-def run_demo(workdir: Path, class_key: str = "ring", steps: int | None = None) -> Iterator[str]:
-    """Yield report lines as each step finishes (the caller prints them)."""
+def run_demo(workdir: Path, class_key: str = "ring", steps: int | None = None, *,
+             train_progress: Callable | None = None, generate_progress: Callable | None = None,
+             thumbnail_progress: Callable[[int, int], None] | None = None) -> Iterator[str]:
+    """Yield report lines as each step finishes (the caller prints them); the progress callbacks are
+    train_class's, generate's and write_report's."""
     workdir = Path(workdir)
     config = build_config(TrainConfig, read_recipe(DEMO_RECIPE, "train"), {"steps": steps}, origin=DEMO_RECIPE)
 
@@ -58,18 +59,17 @@ def run_demo(workdir: Path, class_key: str = "ring", steps: int | None = None) -
 
     yield (f"4. train class '{class_key}' on the toy world ({config.steps} steps per instance; "
            "a small pretrained model, not Stable Diffusion)")
-    summary = train_class(source, class_key, [], workdir, config, resume=True,
-                          progress=progress_bar_factory(config.steps))
+    summary = train_class(source, class_key, [], workdir, config, resume=True, progress=train_progress)
     yield from indent(train_summary_lines(summary), "   ")
 
     yield "5. nightly generation with quality gates (sample skus.csv; rows without an adapter are rejected)"
     generate_config = build_config(GenerateConfig, read_recipe(DEMO_NIGHTLY, "generate"), {}, origin=DEMO_NIGHTLY)
     request = GenerationRequest(catalogue.skus_csv, workdir, layout.demo_run_folder(workdir),
                                 templates=read_recipe(DEMO_NIGHTLY, "templates"))
-    yield from indent(generation_summary_lines(generate(request, generate_config)), "   ")
+    yield from indent(generation_summary_lines(generate(request, generate_config, progress=generate_progress)), "   ")
 
     yield "6. QA report"
-    report = write_report(request.run_dir)
+    report = write_report(request.run_dir, progress=thumbnail_progress)
     yield f"   {report.skus} SKUs, {report.candidates} candidates -> {report.index}"
     yield (f"done: adapters in {layout.class_adapters_folder(workdir, class_key)}, "
            f"images in {request.run_dir / layout.IMAGES_DIR}")

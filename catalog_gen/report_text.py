@@ -36,27 +36,6 @@ def train_summary_lines(summary) -> list[str]:
     return lines
 
 
-class _Bar:
-    """A tqdm bar per instance showing loss and steps/s."""
-
-    def __init__(self, total: int | None, label: str):
-        from tqdm.auto import tqdm
-
-        self._bar = tqdm(total=total, desc=label, unit="step", dynamic_ncols=True, leave=True)
-
-    def __call__(self, step: int, loss: float, steps_per_second: float) -> None:
-        self._bar.n = step
-        self._bar.set_postfix(loss=f"{loss:.4f}", steps_s=f"{steps_per_second:.2f}", refresh=False)
-        self._bar.refresh()
-
-    def close(self) -> None:
-        self._bar.close()
-
-
-def progress_bar_factory(total_steps: int | None):
-    return lambda job: _Bar(total_steps, job.key)
-
-
 def generation_summary_lines(summary) -> list[str]:
     lines = [f"run folder: {summary.run_dir}",
              f"SKUs: {summary.skus_done} generated, {summary.skus_already_done} already done, "
@@ -70,32 +49,6 @@ def generation_summary_lines(summary) -> list[str]:
     if written:  # name only the files that are there (a run with no SKU to do writes none)
         lines.append(f"manifest: {summary.run_dir / written[0]}" + (f" and {written[1]}" if len(written) > 1 else ""))
     return lines
-
-
-class _GenerationBar:
-    """A tqdm bar over SKUs showing images/s and the pass rate."""
-
-    def __init__(self):
-        import time
-
-        from tqdm.auto import tqdm
-
-        self._bar = tqdm(desc="SKUs", unit="sku", dynamic_ncols=True)
-        self._started = time.perf_counter()
-
-    def __call__(self, summary) -> None:
-        import time
-
-        elapsed = max(time.perf_counter() - self._started, 1e-9)
-        self._bar.total = summary.skus_total - summary.skus_already_done
-        self._bar.n = summary.skus_done + len(summary.errors)
-        rate = summary.passed / summary.candidates if summary.candidates else 0.0
-        self._bar.set_postfix(images_s=f"{summary.candidates / elapsed:.2f}", pass_rate=f"{rate:.0%}", refresh=False)
-        self._bar.refresh()
-
-
-def generation_progress():
-    return _GenerationBar()
 
 
 def indent(lines: Iterable[str], prefix: str = "  ") -> list[str]:

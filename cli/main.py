@@ -75,6 +75,8 @@ def handles_errors(command):
 
 
 Workdir = Annotated[Path, typer.Option("--workdir", "-w", help="Where datasets, adapters and runs are kept.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output (results and errors are still printed). "
+                                     "When stderr is not a terminal, progress is written as plain log lines.")]
 ClassMapOpt = Annotated[str, typer.Option("--class-map", help="Built-in class map name or path to a .toml file.")]
 
 
@@ -132,10 +134,12 @@ def train(
     seed: Annotated[Optional[int], typer.Option(help="Training seed.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoints.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Retrain even finished adapters; drops old checkpoints.")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Train one DreamBooth-LoRA adapter per instance of a class."""
+    from catalog_gen.cli.progress import Bars
     from catalog_gen.config import TrainConfig, build_config, read_recipe
-    from catalog_gen.report_text import progress_bar_factory, train_summary_lines
+    from catalog_gen.report_text import train_summary_lines
     from catalog_gen.train.workflow import PhotoSource, train_class
 
     config = build_config(TrainConfig, read_recipe(recipe, "train"), dict(
@@ -143,8 +147,9 @@ def train(
         prior_preservation=prior_preservation, mixed_precision=mixed_precision, optimizer=optimizer, seed=seed,
     ), origin=f"recipe {recipe}" if recipe else "options")
     source = PhotoSource(photos, products, class_map)
+    bars = Bars(quiet)
     summary = train_class(source, class_key, instance or [], workdir, config, resume=resume, force=force,
-                          progress=progress_bar_factory(config.steps))
+                          progress=bars.training(config.steps), steps_progress=bars.counter("image"))
     for line in train_summary_lines(summary):
         typer.echo(line)
     if summary.failed:
@@ -168,13 +173,15 @@ def generate(
     force: Annotated[bool, typer.Option("--force", help="Redo the whole run folder.")] = False,
     redo_rejected: Annotated[Optional[Path], typer.Option("--redo-rejected", help="Reviewed earlier run: regenerate only its rejected SKUs, with new seeds.")] = None,
     allow_base_mismatch: Annotated[bool, typer.Option("--allow-base-mismatch", help="Apply adapters trained on another base model (recorded per image in the manifest).")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Generate gated, on-style images for every SKU of a sheet (resumable: rerun to finish)."""
     import time
 
     from catalog_gen.config import GenerateConfig, build_config, read_recipe
     from catalog_gen.generate.generation import GenerationRequest, generate as run_generation
-    from catalog_gen.report_text import generation_progress, generation_summary_lines
+    from catalog_gen.cli.progress import Bars
+    from catalog_gen.report_text import generation_summary_lines
 
     config = build_config(GenerateConfig, read_recipe(recipe, "generate"), dict(
         base_model=base_model, scheduler=scheduler, steps=steps, n_images=n_images, seed=seed, base_images=base_images,
@@ -183,7 +190,11 @@ def generate(
     folder = run_dir or layout.default_run_folder(workdir, skus, time.strftime("%Y%m%d"), redo_rejected)
     request = GenerationRequest(skus, workdir, folder, class_map, read_recipe(recipe, "templates"), force,
                                 redo_rejected)
-    summary = run_generation(request, config, progress=generation_progress())
+    progress = Bars(quiet).generation()
+    try:
+        summary = run_generation(request, config, progress=progress)
+    finally:
+        progress.close()
     for line in generation_summary_lines(summary):
         typer.echo(line)
     if summary.errors:
@@ -216,8 +227,10 @@ def eval_command(
     extractor: Annotated[Optional[str], typer.Option(help="KID/FID features: dino | clip | inception (FID Inception-v3)")] = None,
     inception_weights: Annotated[Optional[Path], typer.Option("--inception-weights", help="The FID Inception-v3 weights file (pt_inception-2015-12-05-6726825d.pth); never downloaded.")] = None,
     select_by: Annotated[Optional[str], typer.Option("--select-by", help="Metric that names the best checkpoint.")] = None,
+    quiet: Quiet = False,
 ) -> None:
     """KID / FID / CLIP-I / DINO / CLIP-T for every saved checkpoint of a class's adapters."""
+    from catalog_gen.cli.progress import Bars
     from catalog_gen.config import build_config, read_recipe
     from catalog_gen.evaluate.evaluation import EvalConfig, run_eval
 
@@ -225,7 +238,7 @@ def eval_command(
                      inception_weights=str(inception_weights) if inception_weights else None)
     config = build_config(EvalConfig, read_recipe(recipe, "eval"), overrides,
                           origin=f"recipe {recipe}" if recipe else "options")
-    out = run_eval(workdir, class_key, instance or [], config, class_map)
+    out = run_eval(workdir, class_key, instance or [], config, class_map, progress=Bars(quiet).counter("image set"))
     typer.echo((out / layout.EVAL_SUMMARY).read_text())
     typer.echo(f"results: {out / layout.EVAL_TABLE}, plots and {layout.EVAL_SUMMARY} in {out}")
 
@@ -242,11 +255,12 @@ def sweep_command(
     class_map: ClassMapOpt = "jewelry",
     recipe: Annotated[Optional[str], typer.Option(help="TOML recipe with [train], [eval] and [sweep] sections.")] = None,
     grid: Annotated[Optional[str], typer.Option(help="Grid, e.g. 'steps=100,200 lora_rank=4,16' (replaces [sweep]).")] = None,
+    quiet: Quiet = False,
 ) -> None:
     """Train and evaluate every point of a grid; rerun to finish an interrupted sweep."""
+    from catalog_gen.cli.progress import Bars
     from catalog_gen.config import TrainConfig, build_config, read_recipe
     from catalog_gen.evaluate.evaluation import EvalConfig
-    from catalog_gen.report_text import progress_bar_factory
     from catalog_gen.evaluate.sweep import parse_grid_option, run_sweep
     from catalog_gen.train.workflow import PhotoSource
 
@@ -254,8 +268,9 @@ def sweep_command(
     train_config = build_config(TrainConfig, read_recipe(recipe, "train"), {}, origin=origin)
     eval_config = build_config(EvalConfig, read_recipe(recipe, "eval"), {}, origin=origin)
     axes = parse_grid_option(grid) if grid else read_recipe(recipe, "sweep")
+    bars = Bars(quiet)
     out = run_sweep(PhotoSource(photos, products, class_map), class_key, instance, workdir, name, axes,
-                    train_config, eval_config, progress=progress_bar_factory(None))
+                    train_config, eval_config, progress=bars.training(None), steps_progress=bars.counter("step"))
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # under accelerate launch one process prints the table
@@ -264,32 +279,17 @@ def sweep_command(
     typer.echo(f"results: {out / layout.SWEEP_TABLE}, plots in {out}")
 
 
-def _thumbnail_bar():
-    """A progress(done, total) callback drawing a tqdm bar on stderr while thumbnails are made."""
-    from tqdm import tqdm
-
-    bar = None
-
-    def update(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, desc="thumbnails", unit="image", leave=False)
-        bar.update(done - bar.n)
-        if done >= total:
-            bar.close()
-
-    return update
-
-
 @app.command("report")
 @handles_errors
 def report_command(
     run_dir: Annotated[Path, typer.Argument(help="A run folder (catalog generate).")],
+    quiet: Quiet = False,
 ) -> None:
     """Write RUN_DIR/report/index.html: summary, score plots and every candidate per SKU (opens from disk)."""
+    from catalog_gen.cli.progress import Bars
     from catalog_gen.review.report import write_report
 
-    result = write_report(run_dir, progress=_thumbnail_bar())
+    result = write_report(run_dir, progress=Bars(quiet).fraction("thumbnails", "image"))
     typer.echo(f"report: {result.index} ({result.skus} SKUs, {result.candidates} candidates; "
                f"thumbnails: {result.thumbs_made} made, {result.thumbs_reused} reused)")
 
@@ -301,8 +301,10 @@ def review_command(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1; 0 picks a free one.")] = 8765,
     reviewer: Annotated[Optional[str], typer.Option(help="Name recorded with each decision (default: your user name).")] = None,
     import_file: Annotated[Optional[Path], typer.Option("--import", help="Apply decisions exported from the report page instead of serving.")] = None,
+    quiet: Quiet = False,
 ) -> None:
     """Review a run in the browser: approve / reject each candidate; decisions are saved in the run folder."""
+    from catalog_gen.cli.progress import Bars
     from catalog_gen.review import decisions
     from catalog_gen.review.server import serve
 
@@ -311,7 +313,7 @@ def review_command(
         typer.echo(f"imported {result.applied} decision(s) into {run_dir / layout.DECISIONS_PARQUET}"
                    + (f"; {result.skipped_older} older than decisions already there were skipped" if result.skipped_older else ""))
         return
-    server = serve(run_dir, port, reviewer, progress=_thumbnail_bar())
+    server = serve(run_dir, port, reviewer, progress=Bars(quiet).fraction("thumbnails", "image"))
     typer.echo(f"reviewing {run_dir}: open {server.url}  (Ctrl-C to stop; decisions are saved as you make them)")
     try:
         server.serve_forever()
@@ -327,13 +329,24 @@ def demo(
     workdir: Annotated[Path, typer.Option("--workdir", "-w", help="Where the demo writes everything.")] = Path("catalog-demo"),
     class_key: Annotated[str, typer.Option("--class", help="Class to train in the demo.")] = "ring",
     steps: Annotated[Optional[int], typer.Option(help="Training steps per instance (recipe toy_demo: 300).")] = None,
+    quiet: Quiet = False,
 ) -> None:
     """Run the main job on the built-in defaults: sample data -> taxonomy -> train -> generate -> report, on the
     pretrained toy world (a small jewelry model, not Stable Diffusion), on a CPU."""
-    from catalog_gen.demo import run_demo
+    from catalog_gen.cli.progress import Bars
+    from catalog_gen.config import read_recipe
+    from catalog_gen.demo import DEMO_RECIPE, run_demo
 
-    for line in run_demo(workdir, class_key, steps=steps):
-        typer.echo(line)
+    bars = Bars(quiet)
+    total_steps = steps or read_recipe(DEMO_RECIPE, "train").get("steps")
+    generation = bars.generation()
+    try:
+        for line in run_demo(workdir, class_key, steps=steps, train_progress=bars.training(total_steps),
+                             generate_progress=generation, thumbnail_progress=bars.fraction("thumbnails", "image")):
+            generation.close()  # a finished step's bar ends before its lines are printed
+            typer.echo(line)
+    finally:
+        generation.close()
 
 
 def main() -> None:  # pragma: no cover - console entry point

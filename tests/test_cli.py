@@ -339,7 +339,7 @@ def test_eval_passes_the_inception_extractor_and_weights_file(monkeypatch, tmp_p
 
     seen = []
 
-    def fake_run_eval(workdir, class_key, instances, config, class_map):
+    def fake_run_eval(workdir, class_key, instances, config, class_map, progress=None):
         seen.append(config)
         out = tmp_path / "out"
         out.mkdir(exist_ok=True)
@@ -402,7 +402,8 @@ def test_sweep_parses_the_grid_and_prints_the_table(monkeypatch, tmp_path):
 
     seen = []
 
-    def fake_run_sweep(source, class_key, instance, workdir, name, grid, train, evaluation, progress=None):
+    def fake_run_sweep(source, class_key, instance, workdir, name, grid, train, evaluation, progress=None,
+                       steps_progress=None):
         seen.append((class_key, instance, name, grid, train.base_model))
         out = tmp_path / "sweep"
         out.mkdir(exist_ok=True)

@@ -29,9 +29,12 @@ def source(sample_catalogue) -> PhotoSource:
 def test_eval_scores_every_checkpoint(sample_catalogue, tmp_path):
     train, evaluation = recipe_configs()
     train_class(source(sample_catalogue), "ring", ["band", "slim"], tmp_path, replace(train, steps=20))
-    out = run_eval(tmp_path, "ring", [], evaluation)
+    heard = []
+    out = run_eval(tmp_path, "ring", [], evaluation, progress=lambda *report: heard.append(report))
     table = pl.read_parquet(out / "eval.parquet")
     assert sorted(zip(table["instance"], table["step"])) == [("band", 10), ("band", 20), ("slim", 10), ("slim", 20)]
+    # Per instance: the base model's image set, then each checkpoint's.
+    assert heard == [(f"eval ring/{key}", done, 3) for key in ("band", "slim") for done in range(4)]
     assert set(table["extractor"]) == {"dino"}
     for metric in ("kid_photos", "fid_photos", "kid_base", "fid_base", "clip_i", "dino", "clip_t"):
         assert table[metric].is_finite().all(), metric
@@ -87,8 +90,12 @@ def test_sweep_resumes_a_half_finished_grid(sample_catalogue, tmp_path, monkeypa
     assert len(finished) == 1
     stamp = finished[0].stat().st_mtime_ns
 
-    out = run_sweep(source(sample_catalogue), "ring", "band", tmp_path, "t", grid, train, evaluation)
+    heard = []
+    out = run_sweep(source(sample_catalogue), "ring", "band", tmp_path, "t", grid, train, evaluation,
+                    steps_progress=lambda *report: heard.append(report))
     assert finished[0].stat().st_mtime_ns == stamp, "a finished point was redone"
+    points = [label for label, done, total in heard if label.startswith("sweep t: point")]
+    assert [label.split(" (")[0] for label in points] == ["sweep t: point 1 of 2"] * 2 + ["sweep t: point 2 of 2"] * 2
     table = pl.read_parquet(out / "results.parquet")
     assert sorted(table["axis_steps"]) == [6, 12] and set(table["axis_num_photos"]) == {3}
     assert (out / "steps-kid_photos.png").is_file()

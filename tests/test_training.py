@@ -146,10 +146,12 @@ def test_prior_preservation_draws_class_images_once_per_class(sample_catalogue, 
     monkeypatch.setattr(sampling, "draw", lambda *a, **k: calls.append(len(a[1])) or real_draw(*a, **k))
     config = tiny_config(prior_preservation=True, num_class_images=3, checkpoint_every=0, validation_images=0)
     source = _source(sample_catalogue)
-    summary = train_class(source, "ring", ["band"], tmp_path, config)
+    heard = []
+    summary = train_class(source, "ring", ["band"], tmp_path, config, steps_progress=lambda *r: heard.append(r))
     assert summary.outcomes[0].status == "trained"
     class_images = sorted((tmp_path / "class_images" / "ring").rglob("*.png"))
     assert len(class_images) == 3 and sum(calls) == 3
+    assert heard == [("ring: class images", 0, 3), ("ring: class images", 3, 3)]
     stamps = [p.stat().st_mtime_ns for p in class_images]
 
     summary = train_class(source, "ring", ["signet"], tmp_path, config)
@@ -366,3 +368,18 @@ def test_a_second_train_of_the_same_instance_is_refused_while_the_first_runs(sam
     band, signet = summary.outcomes
     assert band.status == "failed" and "another catalog train is training ring/band" in band.detail
     assert signet.status == "trained"
+
+
+def test_the_training_reporter_hears_when_validation_images_are_drawn(sample_catalogue, tmp_path):
+    heard = []
+
+    class Reporter:
+        def __call__(self, step, loss, rate):
+            heard.append(step)
+
+        def note(self, text):
+            heard.append(text)
+
+    train_class(_source(sample_catalogue), "ring", ["band"], tmp_path, tiny_config(steps=2, checkpoint_every=2),
+                progress=lambda job: Reporter())
+    assert heard == [1, 2, "drawing 1 validation image(s) at step 2"]

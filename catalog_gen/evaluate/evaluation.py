@@ -18,7 +18,7 @@ import dataclasses
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -189,8 +189,10 @@ def score_images(models: EvalModels, config: EvalConfig, images, photo_features,
 
 
 def evaluate_instance(models: EvalModels, config: EvalConfig, workdir: Path, class_spec, instance_key: str,
-                      resolution: int | None = None) -> list[dict]:
-    """One row per saved checkpoint of one instance's adapter."""
+                      resolution: int | None = None,
+                      progress: Callable[[str, int, int], None] | None = None) -> list[dict]:
+    """One row per saved checkpoint of one instance's adapter; progress(label, done, total) per image set
+    drawn (the base model's, then each checkpoint's)."""
     import warnings
 
     from catalog_gen.generate.generation import use_prompt_noun
@@ -215,8 +217,13 @@ def evaluate_instance(models: EvalModels, config: EvalConfig, workdir: Path, cla
         return draw(models.pipeline, prompts, image_seeds, steps=config.steps, resolution=resolution,
                     guidance=config.guidance, batch_size=config.batch_size)
 
+    label = f"eval {key}"
+    if progress is not None:
+        progress(label, 0, len(checkpoints) + 1)
     base_images = render()  # the base model, same prompts and seeds
     base_features = models.extractor.embed_images(base_images).numpy()
+    if progress is not None:
+        progress(label, 1, len(checkpoints) + 1)
     rows = []
     for step, folder in checkpoints:
         with tempfile.TemporaryDirectory() as scratch:
@@ -235,6 +242,8 @@ def evaluate_instance(models: EvalModels, config: EvalConfig, workdir: Path, cla
         rows.append({"class": class_spec.key, "instance": instance_key, "step": step, "extractor": config.extractor,
                      "extractor_model": models.extractor.name,
                      "n_generated": len(images), "n_photos": len(photos), **scores})
+        if progress is not None:
+            progress(label, len(rows) + 1, len(checkpoints) + 1)
     return rows
 
 
@@ -295,8 +304,9 @@ def plot_metric(rows: Sequence[dict], metric: str, x: str, path: Path, group: st
 
 
 def run_eval(workdir: Path, class_key: str, instance_keys: Sequence[str], config: EvalConfig,
-             class_map: str | Path = "jewelry") -> Path:
-    """Evaluate every checkpoint of the class's adapters; return the folder with the results."""
+             class_map: str | Path = "jewelry", progress: Callable[[str, int, int], None] | None = None) -> Path:
+    """Evaluate every checkpoint of the class's adapters; return the folder with the results.
+    progress(label, done, total): per instance, image sets drawn so far (see evaluate_instance)."""
     import polars as pl
 
     from catalog_gen.catalog.class_map import load_class_map
@@ -308,7 +318,8 @@ def run_eval(workdir: Path, class_key: str, instance_keys: Sequence[str], config
         raise CatalogError(f"class '{class_key}': no trained adapters in {workdir}; run catalog train first")
     base_model = read_adapter(adapter_folder(workdir, class_key, instances[0])).record["base_model"]["spec"]
     models = load_eval_models(base_model, config, workdir)
-    rows = [row for key in instances for row in evaluate_instance(models, config, workdir, class_spec, key)]
+    rows = [row for key in instances
+            for row in evaluate_instance(models, config, workdir, class_spec, key, progress=progress)]
     out = layout.eval_folder(workdir, class_key)
     with atomic_path(out / layout.EVAL_TABLE) as tmp:
         pl.DataFrame(rows).write_parquet(tmp)

@@ -85,8 +85,10 @@ def configs_for(point: Mapping[str, Any], train: TrainConfig, evaluation: EvalCo
 
 
 def run_sweep(source, class_key: str, instance_key: str, workdir: Path, name: str, grid: Mapping[str, Sequence[Any]],
-              train: TrainConfig, evaluation: EvalConfig, *, progress=None) -> Path:
-    """Run every unfinished grid point (shared between processes under accelerate), then tabulate."""
+              train: TrainConfig, evaluation: EvalConfig, *, progress=None, steps_progress=None) -> Path:
+    """Run every unfinished grid point (shared between processes under accelerate), then tabulate.
+    `progress` is train_class's per-instance factory; steps_progress(label, done, total) hears
+    "point i of n" and the evaluation of each point."""
     from accelerate import PartialState
 
     from catalog_gen.catalog.class_map import load_class_map
@@ -111,22 +113,29 @@ def run_sweep(source, class_key: str, instance_key: str, workdir: Path, name: st
 
     # 2. This process's unfinished points: train, evaluate the final checkpoint, record.
     models = None
-    for point in points[state.process_index::state.num_processes]:
+    mine = points[state.process_index::state.num_processes]
+    for number, point in enumerate(mine, 1):
         folder = layout.sweep_point_folder(sweep_dir, point_id(point))
+        if steps_progress is not None:
+            steps_progress(f"sweep {name}: point {number} of {len(mine)} ({point_id(point)})", 0, 1)
         if (folder / layout.SWEEP_POINT_RESULT).is_file():
+            if steps_progress is not None:
+                steps_progress(f"sweep {name}: point {number} of {len(mine)} ({point_id(point)})", 1, 1)
             continue
         train_config, eval_config = configs_for(point, train, evaluation)
         summary = train_class(source, class_key, [instance_key], folder, train_config, resume=True,
-                              progress=progress, distributed=False)
+                              progress=progress, steps_progress=steps_progress, distributed=False)
         if summary.failed or not summary.outcomes:
             reason = summary.failed[0].detail if summary.failed else "; ".join(s.reason for s in summary.skipped)
             raise CatalogError(f"sweep point {point}: training failed: {reason}")
         if models is None:  # one base pipeline for every point; reference embeddings cached for the sweep
             models = load_eval_models(train_config.base_model, eval_config, sweep_dir)
         models.pipeline.scheduler = make_scheduler(eval_config.scheduler, models.pipeline.scheduler.config)
-        rows = evaluate_instance(models, eval_config, folder, class_spec, instance_key)
+        rows = evaluate_instance(models, eval_config, folder, class_spec, instance_key, progress=steps_progress)
         atomic_write_json(folder / layout.SWEEP_POINT_RESULT, {"point": point, "lora_alpha": train_config.resolved_lora_alpha,
                                                    "metrics": rows[-1]})
+        if steps_progress is not None:
+            steps_progress(f"sweep {name}: point {number} of {len(mine)} ({point_id(point)})", 1, 1)
     state.wait_for_everyone()
 
     # 3. One table and a plot per axis, from every finished point.

@@ -30,6 +30,9 @@ from catalog_gen.errors import CatalogError
 from catalog_gen.models.loading import BaseModel, load_tokenizer, model_fingerprint, resolve_base_model
 from catalog_gen.storage import atomic_path, exclusive_lock, remove_leftovers
 
+StepsProgress = Callable[[str, int, int], None]
+"""progress(label, done, total) for a long step that is not a training loop."""
+
 
 @dataclass(frozen=True)
 class PhotoSource:
@@ -156,7 +159,7 @@ def prepare_instances(source: PhotoSource, class_key: str, instance_keys: Sequen
 
 
 def ensure_class_images(components, class_key: str, class_prompt: str, config: TrainConfig, workdir: Path,
-                        base_fingerprint: str) -> tuple[Path, ...]:
+                        base_fingerprint: str, steps_progress: StepsProgress | None = None) -> tuple[Path, ...]:
     """Prior-preservation images, drawn once per class and shared by every instance of it.
 
     Images already on disk are reused; only missing ones are drawn (each from its own seed,
@@ -170,12 +173,17 @@ def ensure_class_images(components, class_key: str, class_prompt: str, config: T
     if missing:
         pipeline = pipeline_from_components(components)
         image_seeds = [seeds.class_image(config.seed, int(path.stem)) for path in missing]
+        label = f"{class_key}: class images"
         for start in range(0, len(missing), 4):
+            if steps_progress is not None:
+                steps_progress(label, start, len(missing))
             images = draw(pipeline, [class_prompt] * len(missing[start:start + 4]), image_seeds[start:start + 4],
                           steps=config.class_image_steps, resolution=config.resolution)
             for path, image in zip(missing[start:start + 4], images):
                 with atomic_path(path) as tmp:
                     image.save(tmp, format="PNG")
+        if steps_progress is not None:
+            steps_progress(label, len(missing), len(missing))
     return tuple(wanted)
 
 
@@ -197,9 +205,13 @@ def save_validation_images(components, job, config: TrainConfig, step: int) -> N
 
 def train_class(source: PhotoSource, class_key: str, instance_keys: Sequence[str], workdir: Path,
                 config: TrainConfig, *, resume: bool = False, force: bool = False,
-                progress: Callable | None = None,
+                progress: Callable | None = None, steps_progress: StepsProgress | None = None,
                 distributed: bool = True) -> TrainSummary:
     """Train one adapter per instance of a class. Finished adapters are kept, failures reported.
+
+    `progress(job)` makes each instance's reporter(step, loss, steps_per_second); a reporter may have
+    note(text) (told when validation images are drawn) and close(). `steps_progress(label, done, total)`
+    reports the other long steps (prior-preservation class images).
 
     Under `accelerate launch` the instances are shared out between the processes; with
     distributed=False this process trains them all and never waits for the others (a
@@ -237,7 +249,7 @@ def train_class(source: PhotoSource, class_key: str, instance_keys: Sequence[str
     if config.prior_preservation:
         with state.main_process_first():
             class_images = ensure_class_images(components, class_key, class_spec.class_prompt, config, workdir,
-                                               base_fingerprint)
+                                               base_fingerprint, steps_progress)
 
     # 7. This process's share of the instances.
     for item in prepared[state.process_index::state.num_processes]:
@@ -327,9 +339,13 @@ def _train_one(components, config, job, item, model: BaseModel, base_fingerprint
     workdir = workdir_of_adapter(folder)
     report = progress(job) if progress is not None else None
     try:
-        result = training.fit(
-            components, config, job, fingerprint, resume=resume, progress=report,
-            on_checkpoint=lambda step: save_validation_images(components, job, config, step))
+        def on_checkpoint(step: int) -> None:
+            if config.validation_images and hasattr(report, "note"):  # the bar would look frozen meanwhile
+                report.note(f"drawing {config.validation_images} validation image(s) at step {step}")
+            save_validation_images(components, job, config, step)
+
+        result = training.fit(components, config, job, fingerprint, resume=resume, progress=report,
+                              on_checkpoint=on_checkpoint)
     finally:
         if report is not None and hasattr(report, "close"):
             report.close()
