@@ -25,8 +25,12 @@ STEPS = 300
 # the photos without the token as with it (the LoRA's look reaches every prompt of the class), so a token
 # check would fail working runs; dropping the token from training is caught by CLIP-I instead.
 MARGINS = proof.LearningMargins(clip_i=0.03, dino=0.025, token_dino=None)
-EXPERIMENT = proof.Experiment(overrides=(("steps", STEPS), ("checkpoint_every", STEPS)), images=12,
-                              reference_photos=8)
+# The check's own setting, fixed where the margins were measured (so that tuning the demo's recipe does not
+# move them): lr 5e-3 and DPM++ 20 steps at guidance 4, which learn faster and draw 5x cheaper than the demo's
+# lr 2e-3 and DDPM 100 steps. The check asks whether training moves the images, not how good they look.
+EXPERIMENT = proof.Experiment(overrides=(("steps", STEPS), ("checkpoint_every", STEPS), ("learning_rate", 5e-3)),
+                              images=12, reference_photos=8)
+SAMPLER = proof.Sampler("dpm++", 20, 4.0)
 
 
 # ---------------------------------------------------------------- three ways to break learning
@@ -125,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{STEPS} steps, {EXPERIMENT.images} images per set, one thread.\n")
     print("| run | CLIP-I gain | DINO gain | token gain (DINO) | check |\n|---|---|---|---|---|")
     with one_thread(), tempfile.TemporaryDirectory(prefix="catalog-learning-check-") as scratch:
-        toolkit = proof.load_toolkit()
+        toolkit = proof.load_toolkit(sampler=SAMPLER)
         base = base_images(toolkit, Path(scratch) / "base")
         for name in runs:
             with pytest.MonkeyPatch.context() as monkeypatch:

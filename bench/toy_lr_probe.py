@@ -18,6 +18,8 @@ from catalog_gen.toy import proof
 
 INSTANCES = (("ring", "bold"), ("hoops", "charlotte"))
 SETTINGS = ((2e-3, 300), (1e-3, 600))
+SAMPLER = proof.Sampler("dpm++", 20, 4.0)
+"""The toy_nightly sampler when this probe was measured (it is DDPM 100 / guidance 3 since bench.toy_sampler_probe)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(1)
     started = time.perf_counter()
-    toolkit = proof.load_toolkit()
+    toolkit = proof.load_toolkit(sampler=SAMPLER)
     rows, grids = [], []
     for class_key, instance_key in INSTANCES:
         for lr, steps in SETTINGS:

@@ -30,9 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    toolkit = proof.load_toolkit()
-    default = proof.Experiment()
-    base = proof.base_sets(toolkit, default, proof.train(default, args.out, "learning-ring-bold").token)
+    from bench.toy_claims import CLAIM_SAMPLER, CLAIM_TRAINING
+
+    toolkit = proof.load_toolkit(sampler=CLAIM_SAMPLER)  # the claims part's setting, which it probes
+    default = proof.Experiment(overrides=CLAIM_TRAINING)
+    base = proof.base_sets(toolkit, default, proof.train(default, args.out, "claims-default").token)
     real_draw = sampling.draw
 
     def draw_at_guidance_4(pipeline, prompts, seeds, **settings):
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| run | class drift | DINO to photos | CLIP-I to photos |\n|---|---|---|---|")
     for name, overrides, wrap in (("prior-lr2.5e-3", (("prior_preservation", True), ("learning_rate", 2.5e-3)), False),
                                   ("prior-guidance4", (("prior_preservation", True),), True)):
-        experiment = proof.Experiment(overrides=overrides)
+        experiment = proof.Experiment(overrides=CLAIM_TRAINING + overrides)
         sampling.draw = draw_at_guidance_4 if wrap else real_draw
         try:
             adapter = proof.train(experiment, args.out, name)

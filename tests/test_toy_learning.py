@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.toy_learning_check import BREAKAGES, MARGINS, base_images as draw_base_images, measure, one_thread
+from bench.toy_learning_check import BREAKAGES, MARGINS, SAMPLER, base_images as draw_base_images, measure, one_thread
 from catalog_gen.toy import proof
 
 pytestmark = pytest.mark.slow
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def toolkit():
     with one_thread():  # for the whole module, as the margins were measured
-        yield proof.load_toolkit()
+        yield proof.load_toolkit(sampler=SAMPLER)
 
 
 @pytest.fixture(scope="module")

@@ -43,17 +43,36 @@ class Toolkit:
     guidance: float
 
 
-def load_toolkit(device: str = "cpu") -> Toolkit:
+@dataclass(frozen=True)
+class Sampler:
+    """How images are drawn: scheduler name, inference steps, guidance."""
+
+    scheduler: str
+    steps: int
+    guidance: float
+
+
+def load_toolkit(device: str = "cpu", sampler: Sampler | None = None) -> Toolkit:
+    """The toy pipeline and embedders; images are drawn as the toy_nightly recipe draws them, unless
+    `sampler` says otherwise (the CI learning check keeps the cheaper sampler its margins were set with)."""
     from catalog_gen.quality import embedders
     from catalog_gen.config import GenerateConfig, build_config, read_recipe
     from catalog_gen.models.loading import load_pipeline, resolve_base_model
-    from catalog_gen.models.sampling import make_scheduler
 
     config = build_config(GenerateConfig, read_recipe(NIGHTLY_RECIPE, "generate"), {}, origin=NIGHTLY_RECIPE)
     pipeline = load_pipeline(resolve_base_model(config.base_model), device, config.precision)
-    pipeline.scheduler = make_scheduler(config.scheduler, pipeline.scheduler.config)
-    return Toolkit(pipeline, embedders.load_clip(config.clip_model, device=device),
-                   embedders.load_dino(config.dino_model, device=device), config.steps, config.guidance)
+    toolkit = Toolkit(pipeline, embedders.load_clip(config.clip_model, device=device),
+                      embedders.load_dino(config.dino_model, device=device), config.steps, config.guidance)
+    use_sampler(toolkit, sampler or Sampler(config.scheduler, config.steps, config.guidance))
+    return toolkit
+
+
+def use_sampler(toolkit: Toolkit, sampler: Sampler) -> None:
+    """Draw the toolkit's next images with this sampler."""
+    from catalog_gen.models.sampling import make_scheduler
+
+    toolkit.pipeline.scheduler = make_scheduler(sampler.scheduler, toolkit.pipeline.scheduler.config)
+    toolkit.steps, toolkit.guidance = sampler.steps, sampler.guidance
 
 
 def draw(toolkit: Toolkit, prompts: Sequence[str], seeds: Sequence[int], lora: Path | None = None) -> list:
