@@ -14,8 +14,10 @@ from typing import Any, Mapping
 
 from catalog_gen.errors import CatalogError
 
-OPTIMIZERS = ("adamw8bit", "adamw")
-MIXED_PRECISION = ("no", "fp16", "bf16")
+OPTIMIZERS = ("auto", "adamw8bit", "adamw")
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+AUTO = "auto"
+"""A setting that follows the base model or the device; resolve_for() turns it into a value before use."""
 INFERENCE_PRECISION = ("auto", "fp32", "fp16", "bf16")
 ATTENTION = ("sdpa", "xformers")
 LR_SCHEDULES = ("constant", "cosine", "linear")
@@ -27,8 +29,9 @@ class TrainConfig:
 
     base_model: str = "tiny"
     """Preset name (tiny, sd15-shape), local diffusers folder, or cached hub id."""
-    resolution: int = 512
-    """Training image side in pixels; photos are padded to square, never cropped."""
+    resolution: int | None = None
+    """Training image side in pixels; photos are padded to square, never cropped. None: the base model's
+    native resolution (512 for SD 1.5, 64 for the tiny and toy presets)."""
     steps: int = 200
     """Optimizer steps per instance (seed 004: 200; more over-fits)."""
     learning_rate: float = 1e-4
@@ -51,14 +54,17 @@ class TrainConfig:
     num_class_images: int = 100
     class_image_steps: int = 25
     """Inference steps used to draw the class images once per class."""
-    optimizer: str = "adamw8bit"
+    optimizer: str = AUTO
+    """adamw8bit (bitsandbytes; the T4 recipe), adamw, or auto: adamw8bit on a GPU, adamw on a CPU (where
+    8-bit AdamW is slow)."""
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
-    mixed_precision: str = "no"
-    """fp16 or bf16 autocast for the frozen model; LoRA weights always stay in fp32."""
+    mixed_precision: str = AUTO
+    """fp16 or bf16 autocast for the frozen model (LoRA weights always stay in fp32), no, or auto: fp16 on a
+    GPU, no on a CPU."""
     gradient_checkpointing: bool = False
     attention: str = "sdpa"
     cache_latents: bool = True
@@ -82,8 +88,10 @@ class TrainConfig:
         check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
         check_choice("attention", self.attention, ATTENTION)
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        for name in ("resolution", "steps", "batch_size", "lora_rank", "class_image_steps", "validation_steps"):
+        for name in ("steps", "batch_size", "lora_rank", "class_image_steps", "validation_steps"):
             check_positive(name, getattr(self, name))
+        if self.resolution is not None:
+            check_positive("resolution", self.resolution)
         for name in ("learning_rate", "text_encoder_lr", "prior_loss_weight"):
             check_positive(name, getattr(self, name))
         if self.lora_alpha is not None:
@@ -91,7 +99,7 @@ class TrainConfig:
         for name in ("warmup_steps", "checkpoint_every", "keep_checkpoints", "validation_images", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise CatalogError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.resolution % 8:
+        if self.resolution is not None and self.resolution % 8:
             raise CatalogError(f"resolution must be a multiple of 8 (the VAE downsamples 8x), got {self.resolution}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise CatalogError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
@@ -103,6 +111,13 @@ class TrainConfig:
             raise CatalogError(f"max_photos must be >= 1, got {self.max_photos}")
         if self.min_photos is not None and self.min_photos < 1:
             raise CatalogError(f"min_photos must be >= 1, got {self.min_photos}")
+
+    def resolve_for(self, native_resolution: int, on_gpu: bool) -> "TrainConfig":
+        """The settings left to the base model and the device, made concrete (what adapter.json records)."""
+        return dataclasses.replace(
+            self, resolution=self.resolution or native_resolution,
+            optimizer=("adamw8bit" if on_gpu else "adamw") if self.optimizer == AUTO else self.optimizer,
+            mixed_precision=("fp16" if on_gpu else "no") if self.mixed_precision == AUTO else self.mixed_precision)
 
     @property
     def resolved_lora_alpha(self) -> float:
@@ -198,7 +213,8 @@ class GenerateConfig:
     """Nightly generation and quality-gate settings."""
 
     base_model: str = "tiny"
-    resolution: int = 512
+    resolution: int | None = None
+    """Image side in pixels; None: the base model's native resolution."""
     scheduler: str = "dpm++"
     """ddpm, ddim, pndm, lms, euler or dpm++."""
     steps: int = 25
@@ -214,8 +230,11 @@ class GenerateConfig:
     negative_prompt: str = "blurry, lowres, watermark, text, cropped, deformed"
     template: str = "{instance_prompt}"
     """Prompt template; SKU sheet columns and token, instance, noun, instance_prompt are variables."""
-    clip_model: str = "openai/clip-vit-base-patch32"
-    dino_model: str = "facebook/dino-vits16"
+    clip_model: str = AUTO
+    """The gates' CLIP (CLIP-I, CLIP-T): a preset, folder or cached hub id; auto: the base model's own
+    (toy-clip for toy, tiny-clip for tiny, openai/clip-vit-base-patch32 for a real model)."""
+    dino_model: str = AUTO
+    """The gates' DINO: as clip_model (toy-dino, tiny-dino, facebook/dino-vits16)."""
     embedder_backend: str = "torch"
     """torch or onnx (exported once, run on onnxruntime)."""
     precision: str = "auto"
@@ -245,16 +264,25 @@ class GenerateConfig:
         check_choice("scheduler", self.scheduler, tuple(SCHEDULERS))
         check_choice("embedder_backend", self.embedder_backend, ("torch", "onnx"))
         check_choice("precision", self.precision, INFERENCE_PRECISION)
-        for name in ("resolution", "steps", "batch_size", "n_images", "calibration_ratio"):
+        for name in ("steps", "batch_size", "n_images", "calibration_ratio"):
             check_positive(name, getattr(self, name))
+        if self.resolution is not None:
+            check_positive("resolution", self.resolution)
         for name in ("max_extra", "seed", "guidance", "min_pixel_std", "base_images"):
             if getattr(self, name) < 0:
                 raise CatalogError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.resolution % 8:
+        if self.resolution is not None and self.resolution % 8:
             raise CatalogError(f"resolution must be a multiple of 8, got {self.resolution}")
         for name in ("min_clip_i", "min_dino", "min_clip_t", "memorisation_dino"):
             if not -1.0 <= getattr(self, name) <= 1.0:
                 raise CatalogError(f"{name} is a cosine similarity threshold in [-1, 1], got {getattr(self, name)}")
+
+    def resolve_for(self, native_resolution: int, embedders: tuple[str, str]) -> "GenerateConfig":
+        """The settings left to the base model made concrete (what run.json records)."""
+        return dataclasses.replace(
+            self, resolution=self.resolution or native_resolution,
+            clip_model=embedders[0] if self.clip_model == AUTO else self.clip_model,
+            dino_model=embedders[1] if self.dino_model == AUTO else self.dino_model)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -23,7 +23,7 @@ from catalog_gen.config import GenerateConfig, TrainConfig, build_config, read_r
 from catalog_gen.generate.generation import GenerationRequest, generate
 from catalog_gen.report_text import generation_summary_lines, indent, taxonomy_lines, train_summary_lines
 from catalog_gen.catalog.sample_data import write_sample_catalogue
-from catalog_gen.models.loading import load_tokenizer, resolve_base_model
+from catalog_gen.models.loading import load_tokenizer, native_resolution, resolve_base_model
 from catalog_gen.review.report import write_report
 from catalog_gen.train.workflow import PhotoSource, assign_photos, prepare_instances, train_class
 
@@ -49,7 +49,9 @@ def run_demo(workdir: Path, class_key: str = "ring", steps: int | None = None, *
     yield from indent(taxonomy_lines(assign_photos(source)), "   ")
 
     yield "3. intake and rare identifier tokens"
-    tokenizer = load_tokenizer(resolve_base_model(config.base_model))
+    model = resolve_base_model(config.base_model)
+    config = config.resolve_for(native_resolution(model), on_gpu=False)  # the demo runs on the CPU
+    tokenizer = load_tokenizer(model)
     for class_spec in assign_photos(source).class_map.classes.values():
         prepared, _ = prepare_instances(source, class_spec.key, [], workdir, config.resolution, tokenizer)
         for item in prepared:

@@ -134,3 +134,26 @@ def test_fingerprinting_writes_nothing_into_the_model_folder_or_the_hub_cache(ti
     cached = sorted(p.relative_to(repo) for p in repo.rglob("*"))
     assert model_fingerprint(BaseModel("someone/tiny", snapshot, "hf-cache")) == first
     assert sorted(p.relative_to(repo) for p in repo.rglob("*")) == cached
+
+
+def test_native_resolution_and_embedders_follow_the_base_model(tiny_model, tmp_path):
+    import json
+    import shutil
+
+    from catalog_gen.config import GenerateConfig
+    from catalog_gen.models.loading import REAL_EMBEDDERS, BaseModel, default_embedders, native_resolution
+
+    assert native_resolution(tiny_model) == 64 and default_embedders(tiny_model) == ("tiny-clip", "tiny-dino")
+    # A real model folder: SD 2.1's layout, 96 x 8 = 768 px; the gates get the real CLIP and DINO.
+    folder = tmp_path / "sd21"
+    shutil.copytree(tiny_model.path, folder)
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    (folder / "unet" / "config.json").write_text(json.dumps({**unet, "sample_size": 96}))
+    vae = json.loads((folder / "vae" / "config.json").read_text())
+    (folder / "vae" / "config.json").write_text(json.dumps({**vae, "block_out_channels": [8, 16, 32, 32]}))
+    real = BaseModel(str(folder), folder, "local")
+    assert native_resolution(real) == 768 and default_embedders(real) == REAL_EMBEDDERS
+    config = GenerateConfig().resolve_for(native_resolution(real), default_embedders(real))
+    assert (config.resolution, config.clip_model, config.dino_model) == (768, *REAL_EMBEDDERS)
+    pinned = GenerateConfig(resolution=512, clip_model="toy-clip").resolve_for(768, REAL_EMBEDDERS)
+    assert (pinned.resolution, pinned.clip_model, pinned.dino_model) == (512, "toy-clip", REAL_EMBEDDERS[1])

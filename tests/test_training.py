@@ -383,3 +383,16 @@ def test_the_training_reporter_hears_when_validation_images_are_drawn(sample_cat
     train_class(_source(sample_catalogue), "ring", ["band"], tmp_path, tiny_config(steps=2, checkpoint_every=2),
                 progress=lambda job: Reporter())
     assert heard == [1, 2, "drawing 1 validation image(s) at step 2"]
+
+
+def test_without_a_recipe_the_defaults_follow_the_base_model_and_the_device(sample_catalogue, tmp_path):
+    """TrainConfig() on the 64 px tiny preset, on this CPU: 64 px (not 512), AdamW (not 8-bit), no autocast."""
+    summary = train_class(_source(sample_catalogue), "ring", ["band"], tmp_path,
+                          replace(TrainConfig(), steps=2, checkpoint_every=0, validation_images=0))
+    assert summary.outcomes[0].status == "trained"
+    recipe = read_adapter(tmp_path / "adapters" / "ring" / "band").record["recipe"]
+    assert (recipe["resolution"], recipe["optimizer"], recipe["mixed_precision"]) == (64, "adamw", "no")
+    # On a GPU the same "auto" settings become the T4 recipe's.
+    on_gpu = TrainConfig().resolve_for(512, on_gpu=True)
+    assert (on_gpu.resolution, on_gpu.optimizer, on_gpu.mixed_precision) == (512, "adamw8bit", "fp16")
+    assert TrainConfig(resolution=128, optimizer="adamw").resolve_for(512, on_gpu=True).resolution == 128

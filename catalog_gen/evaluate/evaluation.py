@@ -56,8 +56,10 @@ class EvalConfig:
     """Pipeline dtype: auto (fp16 on CUDA, fp32 elsewhere), fp32, fp16 or bf16."""
     extractor: str = "dino"
     """Features for KID / FID: dino, clip or inception (the FID Inception-v3; needs its weights file)."""
-    clip_model: str = "openai/clip-vit-base-patch32"
-    dino_model: str = "facebook/dino-vits16"
+    clip_model: str = "auto"
+    """CLIP for CLIP-I / CLIP-T; auto: the base model's own (as GenerateConfig.clip_model)."""
+    dino_model: str = "auto"
+    """DINO; auto: the base model's own (as GenerateConfig.dino_model)."""
     inception_weights: str = ""
     """The FID Inception-v3 weights file (.pth state dict or .safetensors); empty: $CATALOG_GEN_INCEPTION_WEIGHTS,
     then $TORCH_HOME/hub/checkpoints/pt_inception-2015-12-05-6726825d.pth. Never downloaded."""
@@ -99,7 +101,7 @@ class EvalModels:
 
 def load_eval_models(base_model: str, config: EvalConfig, workdir: Path, device="cpu") -> EvalModels:
     from catalog_gen.quality import embedders
-    from catalog_gen.models.loading import load_pipeline, resolve_base_model
+    from catalog_gen.models.loading import default_embedders, load_pipeline, resolve_base_model
     from catalog_gen.models.sampling import make_scheduler
 
     inception = None
@@ -107,10 +109,12 @@ def load_eval_models(base_model: str, config: EvalConfig, workdir: Path, device=
         from catalog_gen.quality.inception import load_fid_inception
 
         inception = load_fid_inception(config.inception_weights, device=str(device))
-    pipeline = load_pipeline(resolve_base_model(base_model), device, config.precision)
+    model = resolve_base_model(base_model)
+    pipeline = load_pipeline(model, device, config.precision)
     pipeline.scheduler = make_scheduler(config.scheduler, pipeline.scheduler.config)
-    clip = embedders.load_clip(config.clip_model, device=str(device))
-    dino = embedders.load_dino(config.dino_model, device=str(device))
+    own_clip, own_dino = default_embedders(model)
+    clip = embedders.load_clip(own_clip if config.clip_model == "auto" else config.clip_model, device=str(device))
+    dino = embedders.load_dino(own_dino if config.dino_model == "auto" else config.dino_model, device=str(device))
     # Every set (photos, base images, checkpoint images) is resized the same way, in floating
     # point: uint8 rounding after a bicubic resize shifts KID / FID (clean-fid's finding).
     for embedder in (clip, dino):

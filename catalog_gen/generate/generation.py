@@ -90,7 +90,7 @@ def generate(request: GenerationRequest, config: GenerateConfig, *,
     from accelerate import PartialState
 
     from catalog_gen.catalog.class_map import load_class_map
-    from catalog_gen.models.loading import model_fingerprint, resolve_base_model
+    from catalog_gen.models.loading import default_embedders, model_fingerprint, native_resolution, resolve_base_model
     from catalog_gen.train.workflow import use_cpu
 
     rows, rejects = skus.read_sku_sheet(Path(request.skus))  # a sheet that cannot be read: said first
@@ -106,6 +106,7 @@ def generate(request: GenerationRequest, config: GenerateConfig, *,
     # 1. Read and check the SKU sheet against the class map, the adapters and this run's base model;
     #    refused rows go to rejects.csv, the rest go on.
     model = resolve_base_model(config.base_model)
+    config = config.resolve_for(native_resolution(model), default_embedders(model))  # "auto" -> this model's
     base_fingerprint = model_fingerprint(model)
     rows, more_rejects = skus.validate_rows(
         rows, class_map,

@@ -50,6 +50,31 @@ def resolve_base_model(spec: str, cache_dir: Path | None = None) -> BaseModel:
     return model
 
 
+REAL_EMBEDDERS = ("openai/clip-vit-base-patch32", "facebook/dino-vits16")
+"""The gates' CLIP and DINO for a real base model (the DreamBooth paper's CLIP-I / DINO models)."""
+
+
+def native_resolution(model: BaseModel) -> int:
+    """The image side the base model was trained at: a preset's own, else the UNet's sample size times
+    the VAE's downsampling (SD 1.x: 64 x 8 = 512; SD 2.1: 96 x 8 = 768)."""
+    import json
+
+    if model.source == "preset":
+        return PRESETS[model.spec].resolution
+    try:
+        unet = json.loads((model.path / "unet" / "config.json").read_text())
+        vae = json.loads((model.path / "vae" / "config.json").read_text())
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CatalogError(f"base model '{model.spec}': cannot read its native resolution from unet/ and vae/ "
+                           f"config.json ({error}); set resolution in the recipe") from None
+
+
+def default_embedders(model: BaseModel) -> tuple[str, str]:
+    """The CLIP and DINO models for this base when the recipe says "auto": a preset's own, else REAL_EMBEDDERS."""
+    return PRESETS[model.spec].embedders if model.source == "preset" else REAL_EMBEDDERS
+
+
 def looks_like_hub_id(spec: str) -> bool:
     parts = spec.split("/")
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))

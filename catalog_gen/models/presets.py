@@ -49,6 +49,8 @@ class Preset:
     build: Callable[[Path], None]
     version: Callable[[], str] | None = None
     """A tag of what the build copies (the toy world's weight hashes), so new weights get a new folder."""
+    embedders: tuple[str, str] = ("tiny-clip", "tiny-dino")
+    """The CLIP and DINO models the gates use with this base when a recipe names none."""
 
 
 def cache_root() -> Path:
@@ -186,11 +188,11 @@ def _toy_world_tag() -> str:
 
 PRESETS: dict[str, Preset] = {
     "toy": Preset("toy", "the pretrained toy world: a small SD that draws jewelry, 64 px (NOT Stable Diffusion; "
-                  "catalog_gen/toy/MODEL_CARD.md)", 64, _copy_toy_world, _toy_world_tag),
+                  "catalog_gen/toy/MODEL_CARD.md)", 64, _copy_toy_world, _toy_world_tag, ("toy-clip", "toy-dino")),
     "tiny": Preset("tiny", "tiny SD-style model, 64 px, trains on a CPU (demo and tests)", 64,
                    lambda out_dir: _build(out_dir, _TINY)),
     "sd15-shape": Preset(
         "sd15-shape", "Stable Diffusion 1.5 architecture with random weights (benchmarks)", 512,
-        lambda out_dir: _build(out_dir, _SD15)
+        lambda out_dir: _build(out_dir, _SD15)  # random towers: its images are noise, real CLIP would add nothing
     ),
 }

@@ -27,7 +27,8 @@ from catalog_gen.layout import (TRAIN_LOCK, adapter_folder, checkpoint_folder, c
 from catalog_gen.train.checkpoints import VALIDATION_DIR, checkpoint_name, list_checkpoints
 from catalog_gen.config import TrainConfig
 from catalog_gen.errors import CatalogError
-from catalog_gen.models.loading import BaseModel, load_tokenizer, model_fingerprint, resolve_base_model
+from catalog_gen.models.loading import (BaseModel, load_tokenizer, model_fingerprint, native_resolution,
+                                       resolve_base_model)
 from catalog_gen.storage import atomic_path, exclusive_lock, remove_leftovers
 
 StepsProgress = Callable[[str, int, int], None]
@@ -227,6 +228,8 @@ def train_class(source: PhotoSource, class_key: str, instance_keys: Sequence[str
     # 1. Resolve the base model (a preset is built once, by the first process).
     with state.main_process_first():
         model = resolve_base_model(config.base_model)
+        # Settings left to the model and the device (resolution, optimizer, precision) become values here.
+        config = config.resolve_for(native_resolution(model), on_gpu=is_cuda(state.device))
         base_fingerprint = model_fingerprint(model)
         tokenizer = load_tokenizer(model)
         # 2-4. Photos -> instances -> clean training sets -> rare tokens.
@@ -316,6 +319,11 @@ class _ThisProcessOnly:
 
     def wait_for_everyone(self) -> None:
         pass
+
+
+def is_cuda(device) -> bool:
+    """CUDA is where 8-bit AdamW and fp16 autocast (the "auto" defaults on a GPU) are supported."""
+    return getattr(device, "type", str(device)) == "cuda"
 
 
 def use_cpu() -> bool:
