@@ -134,6 +134,7 @@ def train(
     seed: Annotated[Optional[int], typer.Option(help="Training seed.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoints.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Retrain even finished adapters; drops old checkpoints.")] = False,
+    token: Annotated[Optional[list[str]], typer.Option("--token", help="INSTANCE=TOKEN: this instance's identifier token, chosen by hand (repeatable; checked like a picked one). The class map's `token = ...` does the same.")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Train one DreamBooth-LoRA adapter per instance of a class."""
@@ -147,9 +148,16 @@ def train(
         prior_preservation=prior_preservation, mixed_precision=mixed_precision, optimizer=optimizer, seed=seed,
     ), origin=f"recipe {recipe}" if recipe else "options")
     source = PhotoSource(photos, products, class_map)
+    chosen = {}
+    for item in token or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise CatalogError(f"--token {item!r}: expected INSTANCE=TOKEN, e.g. --token band=zwx")
+        chosen[key.strip()] = value.strip()
     bars = Bars(quiet)
     summary = train_class(source, class_key, instance or [], workdir, config, resume=resume, force=force,
-                          progress=bars.training(config.steps), steps_progress=bars.counter("image"))
+                          progress=bars.training(config.steps), steps_progress=bars.counter("image"),
+                          chosen_tokens=chosen)
     for line in train_summary_lines(summary):
         typer.echo(line)
     if summary.failed:

@@ -490,3 +490,12 @@ def test_version_and_help_text_shown_as_written():
     assert result.exit_code == 0 and result.stdout.startswith("catalog-gen ")
     result = runner.invoke(app, ["eval", "--help"])
     assert result.exit_code == 0 and "[eval] section" in result.stdout  # not eaten as markup
+
+
+def test_train_takes_tokens_chosen_by_hand(fake_train, sample_catalogue):
+    fake = fake_train()
+    result = _train(sample_catalogue, "--token", "band=qvj", "--token", " bold = qzv ")
+    assert result.exit_code == 0, result.output
+    assert fake.calls[0]["chosen_tokens"] == {"band": "qvj", "bold": "qzv"}
+    result = _train(sample_catalogue, "--token", "band")
+    assert result.exit_code == EXIT_BAD_INPUT and "expected INSTANCE=TOKEN" in result.stderr

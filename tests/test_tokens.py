@@ -195,3 +195,59 @@ def test_missing_token_file_and_bad_save(tmp_path):
     with pytest.raises(CatalogError, match="used by both"):
         save_token_file(tmp_path / "t.json", {"a/b": "xva", "a/c": "xva"})
     assert not (tmp_path / "t.json").exists()
+
+
+# ---------------------------------------------------------------- tokens chosen by hand
+
+def test_a_chosen_token_wins_is_checked_and_is_unique(tokenizer, catalogue):
+    picked = assign_tokens(catalogue, tokenizer)
+    mine = candidate_tokens(tokenizer)[-1]  # a good identifier, perhaps another instance's pick
+    chosen = assign_tokens(catalogue, tokenizer, picked, chosen={"ring/band": mine})
+    assert chosen["ring/band"] == mine and len(set(chosen.values())) == len(chosen)
+    unchanged = {k for k in picked if picked[k] != mine and k != "ring/band"}
+    assert all(chosen[k] == picked[k] for k in unchanged)  # nobody else moves (but a holder of `mine`)
+    with pytest.raises(CatalogError, match="ring/band: identifier token 'cat' is an English word"):
+        assign_tokens(catalogue, tokenizer, chosen={"ring/band": "cat"})
+    with pytest.raises(CatalogError, match="ring/bold: identifier token '.*' is already chosen for ring/band"):
+        assign_tokens(catalogue, tokenizer, chosen={"ring/band": mine, "ring/bold": mine})
+
+
+@pytest.fixture(scope="module")
+def byte_level_tokenizer(tmp_path_factory):
+    """A CLIP-format tokenizer with no merges at all: every token is one byte."""
+    from transformers import CLIPTokenizer
+
+    from catalog_gen.models import bpe
+
+    folder = tmp_path_factory.mktemp("byte-tokenizer")
+    for name, data in bpe.tokenizer_files([]).items():
+        (folder / name).write_bytes(data)
+    return CLIPTokenizer.from_pretrained(folder)
+
+
+def test_a_tokenizer_without_merges_asks_for_tokens_by_hand_and_takes_them(byte_level_tokenizer):
+    from catalog_gen.catalog.tokens import NoBpeMerges
+
+    instances = [("ring", "band"), ("ring", "bold")]
+    with pytest.raises(NoBpeMerges, match=r"set each instance's token by hand.*no token yet for ring/band, ring/bold"):
+        assign_tokens(instances, byte_level_tokenizer)
+    # Every word is spelt in bytes here: a hand-chosen token is held to the rules that do not need merges.
+    chosen = assign_tokens(instances, byte_level_tokenizer, chosen={"ring/band": "qzv", "ring/bold": "qvj"})
+    assert chosen == {"ring/band": "qzv", "ring/bold": "qvj"}
+    with pytest.raises(CatalogError, match="ring/band: identifier token 'cat' is an English word"):
+        assign_tokens(instances, byte_level_tokenizer, chosen={"ring/band": "cat", "ring/bold": "qvj"})
+
+
+def test_a_class_map_can_set_an_instance_token(tmp_path, tokenizer):
+    from catalog_gen.train.workflow import assign_catalogue_tokens
+
+    text = load_class_map("jewelry").source.read_text()
+    path = tmp_path / "jewelry.toml"
+    mine = candidate_tokens(tokenizer)[-3]
+    path.write_text(text.replace('[classes.ring.instances.band]\n', f'[classes.ring.instances.band]\ntoken = "{mine}"\n'))
+    class_map = load_class_map(path)
+    assert class_map.get_instance("ring", "band").token == mine
+    assert assign_catalogue_tokens(tmp_path / "work", class_map, tokenizer)["ring/band"] == mine
+    path.write_text(text.replace('[classes.ring.instances.band]\n', '[classes.ring.instances.band]\ntoken = 7\n'))
+    with pytest.raises(CatalogError, match="token"):
+        load_class_map(path)

@@ -396,3 +396,20 @@ def test_without_a_recipe_the_defaults_follow_the_base_model_and_the_device(samp
     on_gpu = TrainConfig().resolve_for(512, on_gpu=True)
     assert (on_gpu.resolution, on_gpu.optimizer, on_gpu.mixed_precision) == (512, "adamw8bit", "fp16")
     assert TrainConfig(resolution=128, optimizer="adamw").resolve_for(512, on_gpu=True).resolution == 128
+
+
+def test_a_token_chosen_by_hand_is_trained_with_and_kept(sample_catalogue, tmp_path, tokenizer):
+    import json
+
+    from catalog_gen.catalog.tokens import candidate_tokens
+
+    mine = candidate_tokens(tokenizer)[-2]
+    summary = train_class(_source(sample_catalogue), "ring", ["band"], tmp_path,
+                          tiny_config(steps=1, checkpoint_every=0, validation_images=0), chosen_tokens={"band": mine})
+    record = read_adapter(tmp_path / "adapters" / "ring" / "band").record
+    assert summary.outcomes[0].status == "trained" and record["token"] == mine
+    assert f"{mine} " in record["instance_prompt"]
+    assert json.loads((tmp_path / "tokens.json").read_text())["ring/band"] == mine
+    with pytest.raises(CatalogError, match="unknown instance"):
+        train_class(_source(sample_catalogue), "ring", ["band"], tmp_path, tiny_config(steps=1),
+                    chosen_tokens={"hexagon": mine})

@@ -30,6 +30,8 @@ class InstanceSpec:
     key: str
     name: str
     keywords: tuple[str, ...]
+    token: str | None = None
+    """The identifier token chosen by hand (`token = "..."`); None: one is picked from the tokenizer."""
 
 
 @dataclass(frozen=True)
@@ -147,9 +149,10 @@ def _parse_class(key: str, raw: Any, at: str) -> ClassSpec:
     for ikey, iraw in raw_instances.items():
         iat = f"{at[:-1]}.instances.{ikey}]"
         _check_key(ikey, iraw, iat)
-        _only(iraw, {"name", "keywords"}, iat)
+        _only(iraw, {"name", "keywords", "token"}, iat)
         iname = _get(iraw, "name", str, iat) if "name" in iraw else ikey.replace("_", " ")
-        instances[ikey] = InstanceSpec(ikey, iname, _keywords(iraw, iat))
+        itoken = _get(iraw, "token", str, iat) if "token" in iraw else None
+        instances[ikey] = InstanceSpec(ikey, iname, _keywords(iraw, iat), itoken)
     _no_shared_keywords({k: i.keywords for k, i in instances.items()}, f"{at} instances")
     return ClassSpec(key, _get(raw, "noun", str, at), class_prompt, instance_prompt,
                      _keywords(raw, at), MappingProxyType(instances))

@@ -66,18 +66,25 @@ class TokenRules:
             raise CatalogError(f"token rules: max_english_zipf must be > 0, got {self.max_english_zipf!r}")
 
 
+class NoBpeMerges(CatalogError):
+    """The tokenizer has no merged tokens to pick a rare identifier from (a byte-level or foreign one)."""
+
+
 def _rare_from(tokenizer: Any, vocab: Mapping[str, int], rules: TokenRules) -> int:
     """First id that counts as rare: the start of the last rare_fraction of the merge ids."""
     specials = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
     merge_ids = [i for token, i in vocab.items() if i >= _BYTE_TOKENS and token not in specials]
     if not merge_ids:
-        raise CatalogError("tokenizer has no BPE merges; is it a CLIP tokenizer?")
+        raise NoBpeMerges("its tokenizer has no BPE merges (is it a CLIP tokenizer?), so no rare identifier token "
+                          "can be picked from it; set each instance's token by hand (class map `token = \"...\"` "
+                          "or catalog train --token INSTANCE=TOKEN)")
     span = max(merge_ids) - _BYTE_TOKENS + 1
     return _BYTE_TOKENS + int(span * (1 - rules.rare_fraction))
 
 
-def _violation(token: str, tokenizer: Any, rare_from: int, rules: TokenRules) -> str | None:
-    """Why `token` is not a usable identifier, or None. Cheap checks first."""
+def _violation(token: str, tokenizer: Any, rare_from: int | None, rules: TokenRules) -> str | None:
+    """Why `token` is not a usable identifier, or None. Cheap checks first. rare_from None: the tokenizer
+    has no merges, so the one-token and rarity checks cannot apply."""
     if not token:
         return "is empty"
     if rules.alphabetic_only and not re.fullmatch(r"[a-z]+", token):
@@ -91,6 +98,8 @@ def _violation(token: str, tokenizer: Any, rare_from: int, rules: TokenRules) ->
     zipf = wordfreq.zipf_frequency(token, "en")
     if zipf >= rules.max_english_zipf:
         return f"is an English word (zipf frequency {zipf:.2f} >= {rules.max_english_zipf})"
+    if rare_from is None:  # a tokenizer without merges spells every word in bytes: nothing more to check
+        return None
     ids = tokenizer.encode(token, add_special_tokens=False)
     if len(ids) != 1:
         pieces = " ".join(tokenizer.convert_ids_to_tokens(ids))
@@ -118,9 +127,18 @@ def check_token(token: str, tokenizer: Any, rules: TokenRules = TokenRules()) ->
     """Raise CatalogError naming the token and the rule it breaks (for user-supplied tokens)."""
     if not isinstance(token, str):
         raise CatalogError(f"identifier token {token!r} must be a string")
-    problem = _violation(token, tokenizer, _rare_from(tokenizer, tokenizer.get_vocab(), rules), rules)
+    problem = _violation(token, tokenizer, _rare_from_or_none(tokenizer, rules), rules)
     if problem:
         raise CatalogError(f"identifier token '{token}' {problem}")
+
+
+def _rare_from_or_none(tokenizer: Any, rules: TokenRules) -> int | None:
+    """The rare-id boundary; None for a tokenizer without merges, where a hand-chosen token is held to the
+    rules that do not depend on merges (letters, length, not a word, not a known identifier)."""
+    try:
+        return _rare_from(tokenizer, tokenizer.get_vocab(), rules)
+    except NoBpeMerges:
+        return None
 
 
 def _instance_key(class_key: str, instance_key: str) -> str:
@@ -140,29 +158,49 @@ def assign_tokens(
     tokenizer: Any,
     existing: Mapping[str, str] | None = None,
     rules: TokenRules = TokenRules(),
+    chosen: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """"class/instance" -> token for every instance, unique across the catalogue.
 
-    Every still-valid entry of `existing` is kept, also for instances not asked about this time
-    (an instance held back for too few photos keeps its token for when it returns), so the
-    result is the new contents of the token file. Entries that break the rules, or repeat a
-    token already kept, are dropped and their instances get new tokens.
+    `chosen` ("class/instance" -> token) are tokens set by hand: each is checked like a picked one and
+    wins over what `existing` held for that instance; two instances may not share one. Every other
+    still-valid entry of `existing` is kept, also for instances not asked about this time (an instance
+    held back for too few photos keeps its token for when it returns), so the result is the new contents
+    of the token file. Entries that break the rules, or repeat a token already kept, are dropped and
+    their instances get new tokens.
     """
-    # 1. Validate the request.
+    # 1. Validate the request, and the tokens chosen by hand.
     keys = [_instance_key(c, i) for c, i in instances]
     if len(set(keys)) != len(keys):
         repeated = sorted({k for k in keys if keys.count(k) > 1})
         raise CatalogError(f"instances listed more than once: {', '.join(repeated)}")
-    # 2. Keep what is still valid, in key order so a repeated token goes to the same key each run.
-    rare_from = _rare_from(tokenizer, tokenizer.get_vocab(), rules)
     tokens: dict[str, str] = {}
+    for key, token in sorted((chosen or {}).items()):
+        try:
+            check_token(token, tokenizer, rules)
+        except CatalogError as error:
+            raise CatalogError(f"{key}: {error}") from None
+        owner = next((k for k, t in tokens.items() if t == token), None)
+        if owner is not None:
+            raise CatalogError(f"{key}: identifier token '{token}' is already chosen for {owner}")
+        tokens[key] = token
+    # 2. Keep what is still valid, in key order so a repeated token goes to the same key each run.
+    try:
+        rare_from, no_merges = _rare_from(tokenizer, tokenizer.get_vocab(), rules), None
+    except NoBpeMerges as error:  # hand-chosen tokens (and earlier ones) still work; picking new ones cannot
+        rare_from, no_merges = None, error
     for key, token in sorted((existing or {}).items()):
+        if key in tokens:
+            continue
         if token not in tokens.values() and _violation(token, tokenizer, rare_from, rules) is None:
             tokens[key] = token
     # 3. New instances probe the candidate list from a slot given by their own key's hash.
     needed = sorted(k for k in keys if k not in tokens)
     if not needed:
         return dict(sorted(tokens.items()))
+    if no_merges is not None:
+        more = f" and {len(needed) - 5} more" if len(needed) > 5 else ""
+        raise NoBpeMerges(f"{no_merges}; no token yet for {', '.join(needed[:5])}{more}")
     candidates = candidate_tokens(tokenizer, rules)
     taken = set(tokens.values())
     free = [c for c in candidates if c not in taken]

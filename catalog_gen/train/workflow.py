@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from catalog_gen import seeds
 from catalog_gen.catalog import intake, taxonomy, tokens
@@ -113,18 +113,24 @@ def assign_photos(source: PhotoSource, min_photos: int | None = None) -> taxonom
     return taxonomy.assign_from_products(Path(source.products_csv), source.photo_root, class_map, min_photos)
 
 
-def assign_catalogue_tokens(workdir: Path, class_map: taxonomy.ClassMap, tokenizer) -> dict[str, str]:
-    """Tokens for every instance of the catalogue, kept stable in the workdir (layout.tokens_file)."""
+def assign_catalogue_tokens(workdir: Path, class_map: taxonomy.ClassMap, tokenizer,
+                            extra_tokens: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Tokens for every instance of the catalogue, kept stable in the workdir (layout.tokens_file). Tokens set
+    by hand (the class map's `token`, then `extra_tokens` "class/instance" -> token) win over kept ones."""
     path = tokens_file(workdir)
     existing = tokens.load_token_file(path) if path.exists() else {}
-    assigned = tokens.assign_tokens(class_map.instance_keys(), tokenizer, existing)
+    chosen = {f"{c}/{i}": spec.token for c, cls in class_map.classes.items()
+              for i, spec in cls.instances.items() if spec.token is not None}
+    chosen.update(extra_tokens or {})
+    assigned = tokens.assign_tokens(class_map.instance_keys(), tokenizer, existing, chosen=chosen)
     if assigned != existing:
         tokens.save_token_file(path, assigned)
     return assigned
 
 
 def prepare_instances(source: PhotoSource, class_key: str, instance_keys: Sequence[str], workdir: Path,
-                      resolution: int, tokenizer, min_photos: int | None = None) -> tuple[list[PreparedInstance], list]:
+                      resolution: int, tokenizer, min_photos: int | None = None,
+                      chosen_tokens: Mapping[str, str] | None = None) -> tuple[list[PreparedInstance], list]:
     """Steps 2-4 of training: assign photos, run intake per instance, pick tokens."""
     assigned = assign_photos(source, min_photos)
     class_map = assigned.class_map
@@ -132,7 +138,10 @@ def prepare_instances(source: PhotoSource, class_key: str, instance_keys: Sequen
     for key in instance_keys:
         class_map.get_instance(class_key, key)
     wanted = list(instance_keys) or list(class_spec.instances)
-    token_of = assign_catalogue_tokens(workdir, class_map, tokenizer)
+    for key in chosen_tokens or {}:
+        class_map.get_instance(class_key, key)  # an unknown instance is named, not ignored
+    token_of = assign_catalogue_tokens(workdir, class_map, tokenizer,
+                                       {f"{class_key}/{key}": token for key, token in (chosen_tokens or {}).items()})
     minimum = min_photos or class_map.min_photos
     groups = assigned.groups()
     skipped = [s for s in assigned.skipped if s.kind != "too_few_photos" or s.item.startswith(f"{class_key}/")]
@@ -207,8 +216,11 @@ def save_validation_images(components, job, config: TrainConfig, step: int) -> N
 def train_class(source: PhotoSource, class_key: str, instance_keys: Sequence[str], workdir: Path,
                 config: TrainConfig, *, resume: bool = False, force: bool = False,
                 progress: Callable | None = None, steps_progress: StepsProgress | None = None,
-                distributed: bool = True) -> TrainSummary:
+                chosen_tokens: Mapping[str, str] | None = None, distributed: bool = True) -> TrainSummary:
     """Train one adapter per instance of a class. Finished adapters are kept, failures reported.
+
+    `chosen_tokens` (instance key -> token) sets identifier tokens by hand, over the class map's and the
+    workdir's tokens.json; each is checked as a picked one is (one token, not a word, unique).
 
     `progress(job)` makes each instance's reporter(step, loss, steps_per_second); a reporter may have
     note(text) (told when validation images are drawn) and close(). `steps_progress(label, done, total)`
@@ -233,8 +245,11 @@ def train_class(source: PhotoSource, class_key: str, instance_keys: Sequence[str
         base_fingerprint = model_fingerprint(model)
         tokenizer = load_tokenizer(model)
         # 2-4. Photos -> instances -> clean training sets -> rare tokens.
-        prepared, skipped = prepare_instances(source, class_key, instance_keys, workdir, config.resolution,
-                                              tokenizer, config.min_photos)
+        try:
+            prepared, skipped = prepare_instances(source, class_key, instance_keys, workdir, config.resolution,
+                                                  tokenizer, config.min_photos, chosen_tokens)
+        except tokens.NoBpeMerges as error:
+            raise CatalogError(f"base model '{config.base_model}': {error}") from None
     # The other processes redo the intake after the main one and swap the dataset folders;
     # nobody reads them for training until every process is done writing.
     state.wait_for_everyone()
