@@ -157,3 +157,22 @@ def test_native_resolution_and_embedders_follow_the_base_model(tiny_model, tmp_p
     assert (config.resolution, config.clip_model, config.dino_model) == (768, *REAL_EMBEDDERS)
     pinned = GenerateConfig(resolution=512, clip_model="toy-clip").resolve_for(768, REAL_EMBEDDERS)
     assert (pinned.resolution, pinned.clip_model, pinned.dino_model) == (512, "toy-clip", REAL_EMBEDDERS[1])
+
+
+def test_a_download_of_only_what_the_loader_reads_loads(tiny_model, tmp_path):
+    """The README's `hf download ... --include` line leaves out safety_checker/ and feature_extractor/, which
+    SD 1.5's model_index.json still lists."""
+    import json
+    import shutil
+
+    from catalog_gen.models.loading import BaseModel, load_pipeline
+
+    folder = tmp_path / "sd15-layout"
+    shutil.copytree(tiny_model.path, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"],
+                 feature_extractor=["transformers", "CLIPImageProcessor"])
+    (folder / "model_index.json").write_text(json.dumps(index))
+    assert not (folder / "safety_checker").exists() and not (folder / "feature_extractor").exists()
+    pipeline = load_pipeline(BaseModel(str(folder), folder, "local"))
+    assert pipeline.safety_checker is None and pipeline.feature_extractor is None

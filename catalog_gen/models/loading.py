@@ -176,7 +176,10 @@ def load_pipeline(model: BaseModel, device="cpu", precision: str = "auto"):
             **_dtype_argument(inference_dtype(precision, device)),
             use_safetensors=True,
             local_files_only=True,
+            # Neither is used (the gates judge the images), so a download may leave both folders out:
+            # README's `hf download --include` line fetches only what this loader reads.
             safety_checker=None,
+            feature_extractor=None,
             requires_safety_checker=False,
         )
     pipeline.set_progress_bar_config(disable=True)
