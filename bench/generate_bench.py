@@ -156,7 +156,7 @@ def bench_config(args: argparse.Namespace) -> GenerateConfig:
     from catalog_gen.models.presets import PRESETS
 
     resolution = args.resolution or (PRESETS[args.preset].resolution if args.preset in PRESETS else 512)
-    overrides = {"base_model": args.preset, "resolution": resolution, "steps": args.steps,
+    overrides = {"base_model": args.preset, "resolution": resolution, "inference_steps": args.steps,
                  "clip_model": args.clip, "dino_model": args.dino}
     return build_config(GenerateConfig, read_recipe(args.recipe, "generate"), overrides, origin=args.recipe)
 
@@ -289,7 +289,7 @@ def report(results: dict, args: argparse.Namespace) -> str:
              f"| command | `{results['command']}` |",
              f"| host | {results['environment']} |",
              f"| device | {results['device']} |",
-             f"| recipe | {args.recipe}: {config.base_model}, {config.resolution} px, {config.scheduler} {config.steps} "
+             f"| recipe | {args.recipe}: {config.base_model}, {config.resolution} px, {config.scheduler} {config.inference_steps} "
              f"steps, guidance {config.guidance}, batch {config.batch_size}, negative prompt "
              f"{'yes' if config.negative_prompt else 'no'}, embedders {config.clip_model} + {config.dino_model} "
              f"({config.embedder_backend}) |"]
@@ -319,7 +319,7 @@ def per_image_table(result: dict, config: GenerateConfig, device: str) -> list[s
         ratio = row["draw_s"] / row["floor_s"]
         turns = [d / f for d, f in zip(row["runs_s"]["draw"], row["runs_s"]["floor"])]
         spread = statistics.quantiles(turns, n=4) if len(turns) > 1 else turns * 3
-        lines.append(f"| {config.base_model} | {config.resolution} | {device} | {config.steps} | {row['batch']} "
+        lines.append(f"| {config.base_model} | {config.resolution} | {device} | {config.inference_steps} | {row['batch']} "
                      f"| {row['draw_s']:.4g} | {row['floor_s']:.4g} | {ratio:.2f} "
                      f"| {'met' if ratio <= TARGET_RATIO else 'NOT met'} "
                      f"| {spread[1]:.2f} [{spread[0]:.2f}, {spread[2]:.2f}] | {row['floor_no_lora_s']:.4g} "
@@ -458,7 +458,7 @@ def measure_per_image(job: dict) -> dict:
             finally:
                 pipeline.enable_lora()
 
-        runs = {"draw": lambda: draw(pipeline, prompts, seeds, steps=config.steps, resolution=config.resolution,
+        runs = {"draw": lambda: draw(pipeline, prompts, seeds, steps=config.inference_steps, resolution=config.resolution,
                                      guidance=config.guidance, negative_prompt=negative, batch_size=batch),
                 "floor": lambda: floor_once(pipeline, inputs), "floor_no_lora": floor_without_lora}
         print(f"[per-image] batch {batch}: draw / floor / floor without LoRA in turns ...", flush=True)
@@ -517,7 +517,7 @@ def floor_inputs(pipeline, config: GenerateConfig, prompts: list[str], seeds: li
                      config.resolution // pipeline.vae_scale_factor), generator=g)
         for g in generators]).to(pipeline.device, dtype=pipeline.unet.dtype)
     text = encode_text(pipeline, prompts, config.negative_prompt or None)
-    pipeline.scheduler.set_timesteps(config.steps, device=pipeline.device)
+    pipeline.scheduler.set_timesteps(config.inference_steps, device=pipeline.device)
     return {"latents": latents, "doubled": torch.cat([latents] * 2), "text": text,
             "timesteps": pipeline.scheduler.timesteps.clone()}
 
@@ -694,7 +694,7 @@ def loop_candidates(pipeline, models, config: GenerateConfig, row, prompt: str, 
         seeds = [seed_of.candidate(row.sku, i, seed_of.sku_run_seed(config.seed, row.seed, 0))
                  for i in range(len(found), len(found) + wanted)]
         t0 = time.perf_counter()
-        images = draw(pipeline, [prompt] * wanted, seeds, steps=config.steps, resolution=config.resolution,
+        images = draw(pipeline, [prompt] * wanted, seeds, steps=config.inference_steps, resolution=config.resolution,
                       guidance=config.guidance, negative_prompt=config.negative_prompt or None,
                       batch_size=config.batch_size)
         clock["draw"] += time.perf_counter() - t0

@@ -194,12 +194,19 @@ def _recipe_path(path: Path | str) -> Path:
     raise CatalogError(f"recipe '{path}' not found (neither a file nor a built-in recipe in pipelines/)")
 
 
+RENAMED = {"steps": "inference_steps"}
+"""Settings renamed so that one name means one thing everywhere ([generate] and [eval] `steps` were denoising
+steps, [train] `steps` training steps): an old recipe's key is named with its new name."""
+
+
 def build_config(cls, recipe: Mapping[str, Any], overrides: Mapping[str, Any], origin: str = "recipe"):
     """Merge recipe values under command-line overrides (None means 'not given') and validate once."""
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(recipe) - known)
     if unknown:
-        raise CatalogError(f"{origin}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        renamed = [f"{old} is now {RENAMED[old]}" for old in unknown if RENAMED.get(old) in known]
+        hint = f" ({'; '.join(renamed)})" if renamed else ""
+        raise CatalogError(f"{origin}: unknown setting(s) {', '.join(unknown)}{hint}; known: {', '.join(sorted(known))}")
     merged = dict(recipe)
     merged.update({key: value for key, value in overrides.items() if value is not None})
     try:
@@ -217,7 +224,8 @@ class GenerateConfig:
     """Image side in pixels; None: the base model's native resolution."""
     scheduler: str = "dpm++"
     """ddpm, ddim, pndm, lms, euler or dpm++."""
-    steps: int = 25
+    inference_steps: int = 25
+    """Denoising steps per image (`steps` is training's, in [train])."""
     guidance: float = 7.5
     batch_size: int = 4
     """Candidates drawn per UNet batch (does not change any image)."""
@@ -264,7 +272,7 @@ class GenerateConfig:
         check_choice("scheduler", self.scheduler, tuple(SCHEDULERS))
         check_choice("embedder_backend", self.embedder_backend, ("torch", "onnx"))
         check_choice("precision", self.precision, INFERENCE_PRECISION)
-        for name in ("steps", "batch_size", "n_images", "calibration_ratio"):
+        for name in ("inference_steps", "batch_size", "n_images", "calibration_ratio"):
             check_positive(name, getattr(self, name))
         if self.resolution is not None:
             check_positive("resolution", self.resolution)

@@ -127,7 +127,7 @@ def train(
     steps: Annotated[Optional[int], typer.Option(help="Training steps per instance (default: the recipe's, else 200).")] = None,
     resolution: Annotated[Optional[int], typer.Option(help="Training resolution in pixels (default: the recipe's, else the base model's native size: 512 for SD 1.5, 64 for tiny and toy).")] = None,
     learning_rate: Annotated[Optional[float], typer.Option("--learning-rate", help="LoRA learning rate.")] = None,
-    rank: Annotated[Optional[int], typer.Option(help="LoRA rank.")] = None,
+    lora_rank: Annotated[Optional[int], typer.Option("--lora-rank", help="LoRA rank (recipe key lora_rank).")] = None,
     prior_preservation: Annotated[Optional[bool], typer.Option("--prior-preservation/--no-prior-preservation")] = None,
     mixed_precision: Annotated[Optional[str], typer.Option("--mixed-precision", help="auto | no | fp16 | bf16 (default auto: fp16 on a CUDA GPU, no on a CPU).")] = None,
     optimizer: Annotated[Optional[str], typer.Option(help="auto | adamw8bit | adamw (default auto: adamw8bit on a CUDA GPU, adamw on a CPU).")] = None,
@@ -144,7 +144,7 @@ def train(
     from catalog_gen.train.workflow import PhotoSource, train_class
 
     config = build_config(TrainConfig, read_recipe(recipe, "train"), dict(
-        base_model=base_model, steps=steps, resolution=resolution, learning_rate=learning_rate, lora_rank=rank,
+        base_model=base_model, steps=steps, resolution=resolution, learning_rate=learning_rate, lora_rank=lora_rank,
         prior_preservation=prior_preservation, mixed_precision=mixed_precision, optimizer=optimizer, seed=seed,
     ), origin=f"recipe {recipe}" if recipe else "options")
     source = PhotoSource(photos, products, class_map)
@@ -174,7 +174,7 @@ def generate(
     recipe: Annotated[Optional[str], typer.Option(help="TOML recipe path or built-in name (pipelines/).")] = None,
     base_model: Annotated[Optional[str], typer.Option("--base-model", help="Preset, local folder or cached hub id (default: the recipe's, else tiny). Without a recipe the image size is the model's native one and the gates use its own CLIP and DINO (toy-clip for toy, openai/clip-vit-base-patch32 and facebook/dino-vits16 for a real model).")] = None,
     scheduler: Annotated[Optional[str], typer.Option(help="ddpm | ddim | pndm | lms | euler | dpm++")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Inference steps.")] = None,
+    inference_steps: Annotated[Optional[int], typer.Option("--inference-steps", help="Denoising steps per image (recipe key inference_steps; --steps is training's, on train).")] = None,
     n_images: Annotated[Optional[int], typer.Option("--n-images", help="Images kept per SKU (k).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Run seed.")] = None,
     base_images: Annotated[Optional[int], typer.Option("--base-images", help="Per SKU, also draw this many images with the base model alone (same prompts and seeds as the first candidates) for the report.")] = None,
@@ -192,7 +192,8 @@ def generate(
     from catalog_gen.report_text import generation_summary_lines
 
     config = build_config(GenerateConfig, read_recipe(recipe, "generate"), dict(
-        base_model=base_model, scheduler=scheduler, steps=steps, n_images=n_images, seed=seed, base_images=base_images,
+        base_model=base_model, scheduler=scheduler, inference_steps=inference_steps, n_images=n_images, seed=seed,
+        base_images=base_images,
         allow_base_mismatch=True if allow_base_mismatch else None,
     ), origin=f"recipe {recipe}" if recipe else "options")
     folder = run_dir or layout.default_run_folder(workdir, skus, time.strftime("%Y%m%d"), redo_rejected)

@@ -6,6 +6,7 @@ what was printed; taxonomy, sample-data and demo run the real library (they are 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -103,7 +104,7 @@ def test_train_recipe_file_and_every_option(fake_train, sample_catalogue, tmp_pa
     recipe = _write_recipe(tmp_path / "mine.toml", base_model="tiny", resolution=64, steps=11, lora_rank=2,
                            optimizer="adamw", checkpoint_every=5, seed=3)
     fake = fake_train()
-    result = _train(sample_catalogue, "--recipe", str(recipe), "--rank", "8", "--learning-rate", "0.002",
+    result = _train(sample_catalogue, "--recipe", str(recipe), "--lora-rank", "8", "--learning-rate", "0.002",
                     "--seed", "9", "--resolution", "128", "--mixed-precision", "bf16", "--prior-preservation",
                     "--resume", "--force")
 
@@ -307,10 +308,10 @@ def fake_generate(monkeypatch):
 
 def test_generate_merges_recipe_and_templates_under_options(fake_generate, tmp_path):
     result = runner.invoke(app, ["generate", "--skus", str(tmp_path / "skus.csv"), "--workdir", str(tmp_path),
-                                 "--run-dir", str(tmp_path / "run"), "--recipe", "tiny_nightly", "--steps", "3"])
+                                 "--run-dir", str(tmp_path / "run"), "--recipe", "tiny_nightly", "--inference-steps", "3"])
     assert result.exit_code == 0, result.output
     request, config = fake_generate[0]
-    assert config.steps == 3 and config.clip_model == "tiny-clip" and config.resolution == 64
+    assert config.inference_steps == 3 and config.clip_model == "tiny-clip" and config.resolution == 64
     assert request.run_dir == tmp_path / "run" and "ring" in request.templates
     assert "candidates: 4, passed the gates: 3, kept: 3" in result.stdout
 
@@ -499,3 +500,23 @@ def test_train_takes_tokens_chosen_by_hand(fake_train, sample_catalogue):
     assert fake.calls[0]["chosen_tokens"] == {"band": "qvj", "bold": "qzv"}
     result = _train(sample_catalogue, "--token", "band")
     assert result.exit_code == EXIT_BAD_INPUT and "expected INSTANCE=TOKEN" in result.stderr
+
+
+def test_one_name_means_one_thing_on_every_command_and_recipe(tmp_path):
+    """`steps` is training steps everywhere; denoising steps are `inference_steps` (generate, eval, sweep axis)."""
+    from catalog_gen.config import GenerateConfig, TrainConfig
+    from catalog_gen.evaluate.evaluation import EvalConfig
+    from catalog_gen.evaluate.sweep import AXES
+
+    assert "steps" in {f.name for f in dataclasses.fields(TrainConfig)}
+    for config in (GenerateConfig, EvalConfig):
+        names = {f.name for f in dataclasses.fields(config)}
+        assert "inference_steps" in names and "steps" not in names
+    assert all(axis == field for axis, (_, field) in AXES.items())  # a grid axis is its recipe key
+    help_text = runner.invoke(app, ["generate", "--help"]).stdout
+    assert "--inference-steps" in help_text and "\n  --steps" not in help_text
+    assert "--lora-rank" in runner.invoke(app, ["train", "--help"]).stdout
+    recipe = tmp_path / "old.toml"
+    recipe.write_text('[generate]\nsteps = 20\n')
+    result = runner.invoke(app, ["generate", "--skus", str(tmp_path / "s.csv"), "--recipe", str(recipe)])
+    assert result.exit_code == EXIT_BAD_INPUT and "steps is now inference_steps" in result.stderr

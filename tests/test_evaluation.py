@@ -72,7 +72,7 @@ def test_grid_parsing_and_points():
 
 def test_sweep_resumes_a_half_finished_grid(sample_catalogue, tmp_path, monkeypatch):
     train, evaluation = recipe_configs()
-    grid = {"steps": [6, 12], "num_photos": [3]}
+    grid = {"steps": [6, 12], "max_photos": [3]}
     import catalog_gen.evaluate.sweep
 
     real_write = catalog_gen.evaluate.sweep.atomic_write_json
@@ -97,9 +97,9 @@ def test_sweep_resumes_a_half_finished_grid(sample_catalogue, tmp_path, monkeypa
     points = [label for label, done, total in heard if label.startswith("sweep t: point")]
     assert [label.split(" (")[0] for label in points] == ["sweep t: point 1 of 2"] * 2 + ["sweep t: point 2 of 2"] * 2
     table = pl.read_parquet(out / "results.parquet")
-    assert sorted(table["axis_steps"]) == [6, 12] and set(table["axis_num_photos"]) == {3}
+    assert sorted(table["axis_steps"]) == [6, 12] and set(table["axis_max_photos"]) == {3}
     assert (out / "steps-kid_photos.png").is_file()
-    assert "| num_photos | steps | lora_alpha | kid_photos |" in (out / "results.md").read_text()
+    assert "| max_photos | steps | lora_alpha | kid_photos |" in (out / "results.md").read_text()
     assert set(table["lora_alpha"]) == {4.0}  # recorded per point: alpha follows the recipe's rank 4
     for result in (out / "points").glob("*/result.json"):
         record = json.loads(result.read_text())

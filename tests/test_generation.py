@@ -172,7 +172,7 @@ def test_changed_settings_refuse_the_run_folder(finished_run, sheet, workdir):
 
     run_dir, _ = finished_run
     with pytest.raises(CatalogError, match="different settings"):
-        run(sheet, workdir, run_dir, nightly(steps=3))
+        run(sheet, workdir, run_dir, nightly(inference_steps=3))
 
 
 def test_unloading_the_adapter_leaves_the_base_model_unchanged(workdir, tiny_model):

@@ -49,7 +49,7 @@ class EvalConfig:
     images_per_prompt: int = 4
     seed: int = 0
     scheduler: str = "dpm++"
-    steps: int = 25
+    inference_steps: int = 25
     guidance: float = 7.5
     batch_size: int = 4
     precision: str = "auto"
@@ -80,7 +80,7 @@ class EvalConfig:
         check_choice("precision", self.precision, INFERENCE_PRECISION)
         check_choice("extractor", self.extractor, EXTRACTORS)
         check_choice("select_by", self.select_by, tuple(METRICS))
-        for name in ("images_per_prompt", "steps", "batch_size", "kid_subsets", "kid_subset_size"):
+        for name in ("images_per_prompt", "inference_steps", "batch_size", "kid_subsets", "kid_subset_size"):
             check_positive(name, getattr(self, name))
 
     def to_dict(self) -> dict[str, Any]:
@@ -218,7 +218,7 @@ def evaluate_instance(models: EvalModels, config: EvalConfig, workdir: Path, cla
     text = models.clip.embed_texts([use_prompt_noun(p, adapter.token, class_spec.noun) for p in prompts]).numpy()
 
     def render():
-        return draw(models.pipeline, prompts, image_seeds, steps=config.steps, resolution=resolution,
+        return draw(models.pipeline, prompts, image_seeds, steps=config.inference_steps, resolution=resolution,
                     guidance=config.guidance, batch_size=config.batch_size)
 
     label = f"eval {key}"
@@ -270,7 +270,7 @@ def summary_markdown(rows: Sequence[dict], config: EvalConfig, title: str) -> st
     lines = [f"# {title}", "",
              f"Extractor for KID/FID: **{config.extractor}** ({extractor_models}), images resized bicubic in "
              "floating point; "
-             f"{len(config.prompts)} prompts x {config.images_per_prompt} seeds, {config.scheduler} {config.steps} steps.",
+             f"{len(config.prompts)} prompts x {config.images_per_prompt} seeds, {config.scheduler} {config.inference_steps} steps.",
              "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in sorted(rows, key=lambda r: (r["instance"], r["step"])):
         lines.append("| " + " | ".join(_cell(row[c]) for c in columns) + " |")

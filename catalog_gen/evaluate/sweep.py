@@ -30,9 +30,9 @@ AXES = {
     "steps": ("train", "steps"),
     "lora_rank": ("train", "lora_rank"),
     "learning_rate": ("train", "learning_rate"),
-    "num_photos": ("train", "max_photos"),
+    "max_photos": ("train", "max_photos"),
     "prior_preservation": ("train", "prior_preservation"),
-    "inference_steps": ("eval", "steps"),
+    "inference_steps": ("eval", "inference_steps"),
     "scheduler": ("eval", "scheduler"),
 }
 

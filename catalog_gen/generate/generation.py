@@ -538,7 +538,7 @@ def _draw(context: _Context, prompts, image_seeds):
     from catalog_gen.models.sampling import draw
 
     config = context.config
-    return draw(context.pipeline, prompts, image_seeds, steps=config.steps, resolution=config.resolution,
+    return draw(context.pipeline, prompts, image_seeds, steps=config.inference_steps, resolution=config.resolution,
                 guidance=config.guidance, negative_prompt=config.negative_prompt or None,
                 batch_size=config.batch_size)
 
@@ -555,7 +555,7 @@ def _png_text(context: _Context, sku: str, prompt: str, seed: int, adapter) -> d
     config = context.config
     lora = f", Lora hash: {adapter.record['weights_sha256'][:16]}" if adapter is not None else ""
     # A1111-style "parameters" so other tools read it, plus our own keys.
-    return {"parameters": f"{prompt}\nNegative prompt: {config.negative_prompt}\nSteps: {config.steps}, "
+    return {"parameters": f"{prompt}\nNegative prompt: {config.negative_prompt}\nSteps: {config.inference_steps}, "
                           f"Sampler: {config.scheduler}, CFG scale: {config.guidance}, Seed: {seed}, "
                           f"Size: {config.resolution}x{config.resolution}, Model hash: {context.base_fingerprint}{lora}",
             "sku": sku, "prompt": prompt, "seed": str(seed), "base_model": config.base_model,

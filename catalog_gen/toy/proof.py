@@ -62,8 +62,8 @@ def load_toolkit(device: str = "cpu", sampler: Sampler | None = None) -> Toolkit
     config = build_config(GenerateConfig, read_recipe(NIGHTLY_RECIPE, "generate"), {}, origin=NIGHTLY_RECIPE)
     pipeline = load_pipeline(resolve_base_model(config.base_model), device, config.precision)
     toolkit = Toolkit(pipeline, embedders.load_clip(config.clip_model, device=device),
-                      embedders.load_dino(config.dino_model, device=device), config.steps, config.guidance)
-    use_sampler(toolkit, sampler or Sampler(config.scheduler, config.steps, config.guidance))
+                      embedders.load_dino(config.dino_model, device=device), config.inference_steps, config.guidance)
+    use_sampler(toolkit, sampler or Sampler(config.scheduler, config.inference_steps, config.guidance))
     return toolkit
 
 
