@@ -26,6 +26,7 @@ def test_a_good_candidate_passes():
 
 @pytest.mark.parametrize("field, value, gate, text", [
     ("clip_i", 0.69, "clip_i", "CLIP-I 0.690 < 0.700"),
+    ("clip_i", 0.69996, "clip_i", "CLIP-I 0.69996 < 0.70000"),  # not "0.700 < 0.700"
     ("dino", 0.2, "dino", "DINO 0.200 < 0.500"),
     ("clip_t", 0.1, "clip_t", "CLIP-T 0.100 < 0.200"),
     ("max_train_dino", 0.99, "memorised", "near copy of a training photo"),
@@ -102,3 +103,11 @@ def test_generate_config_rejects_bad_values():
         GenerateConfig(min_clip_i=1.5)
     with pytest.raises(CatalogError, match="n_images"):
         GenerateConfig(n_images=0)
+
+
+def test_a_failing_score_never_reads_as_equal_to_its_threshold():
+    from catalog_gen.quality.gates import score_and_threshold_text
+
+    assert score_and_threshold_text(0.91949, 0.9195) == ("0.91949", "0.91950")
+    assert score_and_threshold_text(0.5, 0.7) == ("0.500", "0.700")
+    assert score_and_threshold_text(0.7, 0.7) == ("0.700", "0.700")  # equal passes, and reads equal

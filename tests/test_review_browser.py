@@ -106,11 +106,13 @@ def test_keyboard_review_is_saved_and_survives_reload(browser, run_dir):
         browser.get(server.url)
         mode = "return window.catalogReview && window.catalogReview.mode()"
         wait_for(lambda: browser.execute_script(mode) == "server", "the page to reach the server")
-        press(browser, "a")                          # RG-1 #0 approved, on to #1
-        press(browser, "r", "3")                     # RG-1 #1 rejected: artefact, on to #2
-        press(browser, "j")                          # next card: the <script> SKU, #0
+        wait_for(lambda: browser.find_element("id", "reviewer").get_attribute("value") == "tester",
+                 "the name given to catalog review --reviewer in the name box")
+        press(browser, "a")                          # RG-1 #0 approved; a decision does not move on
+        press(browser, "j", "r", "3")                # RG-1 #1 rejected: artefact
+        press(browser, "j", "j")                     # RG-1 #2, then the next card: the <script> SKU, #0
         press(browser, "r", "6", "smudge", Keys.ENTER)  # rejected: other, with a note
-        press(browser, "a", "u")                     # approve #1, then undo it
+        press(browser, "j", "a", "u")                # approve #1, then undo it
         wait_for(lambda: browser.execute_script("return window.catalogReview.pending()") == 0, "saves")
         wait_for(lambda: review.load_decisions(run_dir).height == 3, "three rows on disk")
 
@@ -125,7 +127,9 @@ def test_keyboard_review_is_saved_and_survives_reload(browser, run_dir):
         browser.refresh()
         wait_for(lambda: browser.execute_script(mode) == "server", "the reloaded page")
         wait_for(lambda: states(browser) == {"approved": 1, "rejected": 2}, "decisions shown after reload")
-        assert browser.find_element("id", "progress-text").text.startswith("3 / 18 reviewed")
+        # Progress counts the 5 kept candidates; the three decided here were dropped by the gates.
+        assert browser.find_element("id", "progress-text").text == (
+            "0 / 5 kept reviewed \u00b7 0 approved \u00b7 0 rejected \u00b7 3 dropped by the gates decided")
         assert "smudge" in browser.execute_script(
             "return document.querySelectorAll('.card')[1].querySelector('.cand .state').textContent")
         assert wait_for(lambda: images_loaded(browser), "images")
@@ -173,3 +177,48 @@ def test_static_page_filters_keeps_and_exports_decisions(browser, run_dir, tmp_p
     row = review.load_decisions(run_dir).row(0, named=True)
     assert row["decision"] == "approve" and row["reviewer"] == "carol"
     assert page_errors(browser) == []
+
+
+def test_sort_and_the_score_legend(browser, run_dir):
+    from selenium.webdriver.support.ui import Select
+
+    from catalog_gen.review.report import write_report
+
+    browser.get(write_report(run_dir).index.as_uri())
+    cards = "return Array.from(document.querySelectorAll('.card')).filter(c => !c.hidden).map(c => c.dataset.sku)"
+    sheet_order = browser.execute_script(cards)
+    assert Select(browser.find_element("id", "f-sort")).first_selected_option.text == "Sheet order"
+    Select(browser.find_element("id", "f-sort")).select_by_visible_text("SKU (A-Z)")
+    by_name = browser.execute_script(cards)
+    expected = browser.execute_script(
+        "return arguments[0].slice().sort((a, b) => a.localeCompare(b, undefined, {numeric: true}))", sheet_order)
+    assert by_name == expected != sheet_order
+    legend = browser.find_element("css selector", ".legend").get_attribute("textContent")
+    assert "CLIP-I" in legend and "DINO" in legend and "prompt" in legend
+    assert "reference photos" in browser.find_element("css selector", "table.scores th").get_attribute("title")
+    assert page_errors(browser) == []
+
+
+def test_a_phone_width_page_does_not_scroll_sideways(browser, run_dir):
+    from catalog_gen.review.report import write_report
+
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                            {"width": 390, "height": 844, "deviceScaleFactor": 3, "mobile": True})
+    try:
+        browser.get(write_report(run_dir).index.as_uri())
+        width = browser.execute_script("return document.documentElement.clientWidth")
+        assert width == 390
+        wide = browser.execute_script("return Array.from(document.querySelectorAll('body *')).filter(e => e.getBoundingClientRect().right > 391).map(e => e.tagName + '.' + e.className + '#' + e.id)")
+        assert browser.execute_script("return document.documentElement.scrollWidth") <= width, wide
+        header = browser.execute_script("return document.querySelector('header.top').getBoundingClientRect().height")
+        assert header <= 844 / 3, f"the header takes {header:.0f} px of an 844 px screen"
+        # Every pass-rate cell can be reached: inside the screen, or inside a table that scrolls by itself.
+        reachable = browser.execute_script("""
+            return Array.from(document.querySelectorAll('td.rate')).every(td => {
+              const table = td.closest('table');
+              return td.getBoundingClientRect().right <= innerWidth
+                || (getComputedStyle(table).overflowX === 'auto' && table.getBoundingClientRect().right <= innerWidth);
+            })""")
+        assert reachable
+    finally:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})

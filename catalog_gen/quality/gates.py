@@ -84,6 +84,16 @@ def image_statistics(pixels: np.ndarray) -> tuple[float, bool]:
     return (float(np.nanstd(pixels)) if finite else 0.0), finite
 
 
+def score_and_threshold_text(value: float, minimum: float) -> tuple[str, str]:
+    """Both as text with 3 decimals, or with as many more (up to 6) as it takes for a failing score not to
+    read as equal to its threshold ("0.919 < 0.919")."""
+    for digits in (3, 4, 5, 6):
+        shown, limit = f"{value:.{digits}f}", f"{minimum:.{digits}f}"
+        if shown != limit or value == minimum:
+            break
+    return shown, limit
+
+
 def decide(scores: Scores, thresholds: Thresholds) -> Verdict:
     """Which gates a candidate fails, each with the number that failed it."""
     failures: list[tuple[str, str]] = []
@@ -96,7 +106,8 @@ def decide(scores: Scores, thresholds: Thresholds) -> Verdict:
               ("clip_t", scores.clip_t, thresholds.clip_t, "CLIP-T"))
     for gate, value, minimum, label in checks:
         if not np.isfinite(value) or value < minimum:
-            failures.append((gate, f"{label} {value:.3f} < {minimum:.3f}"))
+            shown, limit = score_and_threshold_text(value, minimum)
+            failures.append((gate, f"{label} {shown} < {limit}"))
     if scores.max_train_dino >= thresholds.memorisation_dino:
         failures.append(("memorised", f"near copy of a training photo (DINO {scores.max_train_dino:.3f} "
                                       f">= {thresholds.memorisation_dino:.3f})"))

@@ -32,11 +32,20 @@ from urllib.parse import quote
 
 from catalog_gen import layout
 from catalog_gen.errors import CatalogError
+from catalog_gen.quality.gates import score_and_threshold_text
 from catalog_gen.storage import atomic_path, atomic_write_bytes, atomic_write_text, sha256_file
 
 THUMB_PX = 320
 METRICS = (("clip_i", "CLIP-I"), ("dino", "DINO"), ("clip_t", "CLIP-T"))
-SORTS = (("sku", "SKU (A-Z)"), ("margin:asc", "Margin to threshold, low to high"),
+METRIC_HELP = {
+    "clip_i": "CLIP-I: how much the image looks like the product's reference photos (CLIP image embeddings, "
+              "mean cosine similarity)",
+    "dino": "DINO: likeness to the reference photos in shape and detail (DINO image embeddings, mean cosine "
+            "similarity; tells two products of one kind apart better than CLIP-I)",
+    "clip_t": "CLIP-T: how well the image matches its prompt (CLIP text-image cosine similarity)",
+}
+"""What each score means, shown on the page (tooltips and the summary's legend)."""
+SORTS = (("sheet", "Sheet order"), ("sku", "SKU (A-Z)"), ("margin:asc", "Margin to threshold, low to high"),
          *((f"{key.replace('_', '')}:{way}", f"{label} {'low to high' if way == 'asc' else 'high to low'}")
            for key, label in METRICS for way in ("asc", "desc")))
 
@@ -242,8 +251,12 @@ def _summary_html(summary: Mapping[str, Any], plots: Sequence[tuple[str, str]]) 
                   + ", ".join(f"<code>{e(sku)}</code>" for sku in summary["error_skus"]) + "</p>")
     images = "".join(f'<figure><img src="{e(src)}" alt="{e(alt)}"><figcaption>{e(alt)}</figcaption></figure>'
                      for src, alt in plots)
+    legend = "".join(f"<dt>{label}</dt><dd>{e(METRIC_HELP[key].split(': ', 1)[1])}</dd>" for key, label in METRICS)
+    legend += ("<dt>&ge; value</dt><dd>the gate's threshold for that score; a candidate passes when it clears "
+               "every one (CLIP-I and DINO are calibrated per product from its own photos)</dd>")
     return f"""<section class="summary"><details open><summary>Summary</summary>
 <div class="stats">{stat}</div>{errors}
+<dl class="legend">{legend}</dl>
 <div class="tables">{rate_table("Pass rate by class", summary["by_class"])}
 {rate_table("Pass rate by instance", summary["by_instance"])}{gate_table}</div>
 <div class="plots">{images}</div>
@@ -287,7 +300,7 @@ def _card_html(n: int, card: Mapping[str, Any], assets: _Assets, counter) -> str
     errors = "".join(f'<p class="error">{e(reason)}</p>' for reason in card["errors"])
     search = f'{card["sku"]} {card.get("prompt") or ""}'.lower()
     n_cand = len(card["candidates"])
-    return f"""<article class="card" id="sku-{n}" data-order="{n}" data-class="{e(card['class'])}" data-instance="{e(card['class'] + '/' + card['instance'])}" data-search="{e(search)}" data-error="{1 if card['errors'] else 0}">
+    return f"""<article class="card" id="sku-{n}" data-order="{n}" data-sku="{e(card['sku'])}" data-class="{e(card['class'])}" data-instance="{e(card['class'] + '/' + card['instance'])}" data-search="{e(search)}" data-error="{1 if card['errors'] else 0}">
 <header class="card-head"><h2>{e(card['sku'])}</h2><span class="tag">{e(card['class'])} / {e(card['instance'])}</span>
 <span class="kept-count">kept {card['kept']} of {n_cand} candidate{'' if n_cand == 1 else 's'}</span></header>
 {f'<p class="prompt"><span class="label">Prompt</span> {e(card["prompt"])}</p>' if card.get("prompt") else ""}{errors}
@@ -330,9 +343,12 @@ def _candidate_html(card: Mapping[str, Any], row: Mapping[str, Any], assets: _As
     for key, title in METRICS:
         value, minimum = number(row.get(key)), number(row.get(f"threshold_{key}"))
         low = value is None or (minimum is not None and value < minimum)
-        shown = "&ndash;" if value is None else f"{value:.3f}"
-        limit = "" if minimum is None else f"&ge; {minimum:.3f}"
-        scores += f'<tr class="{"low" if low else "ok"}"><th>{title}</th><td>{shown}</td><td class="thr">{limit}</td></tr>'
+        shown, limit = (score_and_threshold_text(value, minimum) if value is not None and minimum is not None
+                        else ("" if value is None else f"{value:.3f}", "" if minimum is None else f"{minimum:.3f}"))
+        shown = shown or "&ndash;"
+        limit = f"&ge; {limit}" if limit else ""
+        scores += (f'<tr class="{"low" if low else "ok"}"><th title="{e(METRIC_HELP[key])}">{title}</th>'
+                   f'<td>{shown}</td><td class="thr">{limit}</td></tr>')
         data += f' data-{key.replace("_", "")}="{"" if value is None else f"{value:.6g}"}"'
     gap = margin(row)
     reason = f'<p class="reason">{e(row.get("reason"))}</p>' if row.get("reason") else ""
@@ -354,7 +370,8 @@ def _overlays_html() -> str:
     reasons = "".join(f'<button type="button" data-reason="{e(code)}"><kbd>{n}</kbd> {e(label)}</button>'
                       for n, (code, label) in enumerate(REASON_CODES.items(), 1))
     keys = [("j / &darr; / &rarr;", "next candidate"), ("k / &uarr; / &larr;", "previous candidate"),
-            ("a", "approve"), ("r, then 1-6", "reject with a reason (6: other, type a note, Enter)"),
+            ("a", "approve (stays on the candidate; j moves on)"),
+            ("r, then 1-6", "reject with a reason (6: other, type a note, Enter; stays on it too)"),
             ("u", "undo the last decision"), ("Enter / o", "full image"), ("Esc", "close"), ("?", "this help")]
     rows = "".join(f"<tr><td><kbd>{k}</kbd></td><td>{what}</td></tr>" for k, what in keys)
     return f"""<div id="lightbox" class="overlay" hidden><figure><img id="lightbox-img" alt=""><figcaption id="lightbox-caption"></figcaption></figure></div>

@@ -57,12 +57,16 @@
     for (const card of cards) {
       const list = $('.cands', card);
       const cands = $$('.cand', list);
-      cands.sort(key === 'sku' ? (a, b) => +a.dataset.candidate - +b.dataset.candidate : byValue);
+      const byNumber = (a, b) => +a.dataset.candidate - +b.dataset.candidate;
+      cands.sort(key === 'sheet' || key === 'sku' ? byNumber : byValue);
       cands.forEach(c => list.appendChild(c));
     }
     const ordered = cards.slice();
-    if (key === 'sku') {
+    if (key === 'sheet') {
       ordered.sort((a, b) => +a.dataset.order - +b.dataset.order);
+    } else if (key === 'sku') {
+      ordered.sort((a, b) => a.dataset.sku.localeCompare(b.dataset.sku, undefined, {numeric: true})
+                             || (+a.dataset.order - +b.dataset.order));
     } else {
       ordered.sort((a, b) => {
         const x = $('.cand', a), y = $('.cand', b);

@@ -79,14 +79,19 @@
       : '\u2717 Rejected: ' + (REASONS.get(row.reason_code) || row.reason_code) + (row.note ? ' \u2013 ' + row.note : '');
     el.title = `${row.decision} by ${row.reviewer || '?'} at ${row.decided_at || '?'}`;
   }
+  // Progress is over the kept candidates: those are what export and the next night act on; a reviewer
+  // need not look at the ones the gates dropped (deciding them is counted apart).
+  const keptKeys = new Set(Array.from(tiles).filter(([, el]) => el.dataset.kept === '1').map(([key]) => key));
   function progress() {
-    let approved = 0, rejected = 0;
+    let approved = 0, rejected = 0, others = 0;
     for (const [key, row] of decisions) {
       if (!tiles.has(key)) continue;
+      if (!keptKeys.has(key)) { others += 1; continue; }
       if (row.decision === 'approve') approved += 1; else rejected += 1;
     }
-    const done = approved + rejected, total = tiles.size;
-    $('#progress-text').textContent = `${done} / ${total} reviewed \u00b7 ${approved} approved \u00b7 ${rejected} rejected`;
+    const done = approved + rejected, total = keptKeys.size;
+    $('#progress-text').textContent = `${done} / ${total} kept reviewed \u00b7 ${approved} approved \u00b7 ${rejected} rejected`
+      + (others ? ` \u00b7 ${others} dropped by the gates decided` : '');
     $('#progress-bar').style.width = (total ? 100 * done / total : 0) + '%';
   }
   function renderAll() { tiles.forEach(render); progress(); report.applyFilters(); }
@@ -147,7 +152,12 @@
   }
   async function refresh() {
     if (mode === 'static' || sending || queue.length) return;
-    try { const state = await api('GET'); mode = 'server'; setAll(state.decisions); }
+    try {
+      const state = await api('GET');
+      mode = 'server';
+      if (!reviewer() && state.reviewer) reviewerInput.value = state.reviewer;  // catalog review --reviewer
+      setAll(state.decisions);
+    }
     catch (err) { mode = 'offline'; }
     showMode();
   }
@@ -177,7 +187,7 @@
     if (!item) return;
     setCurrent(el);
     record({sku: item.sku, candidate: item.candidate, decision, reason_code: reasonCode || null, note: note || null});
-    move(1);
+    // No automatic move: a decision then j is always the next candidate (the help says so).
     report.applyFilters();  // under a "not reviewed" filter the decided one leaves the list
     toast(decision === 'approve' ? 'Approved' : 'Rejected: ' + REASONS.get(reasonCode));
   }
