@@ -32,6 +32,7 @@ DEMO_NIGHTLY = "toy_nightly"
 
 
 def run_demo(workdir: Path, class_key: str = "ring", steps: int | None = None, *,
+             inference_steps: int | None = None,
              train_progress: Callable | None = None, generate_progress: Callable | None = None,
              thumbnail_progress: Callable[[int, int], None] | None = None) -> Iterator[str]:
     """Yield report lines as each step finishes (the caller prints them); the progress callbacks are
@@ -65,7 +66,8 @@ def run_demo(workdir: Path, class_key: str = "ring", steps: int | None = None, *
     yield from indent(train_summary_lines(summary), "   ")
 
     yield "5. nightly generation with quality gates (sample skus.csv; rows without an adapter are rejected)"
-    generate_config = build_config(GenerateConfig, read_recipe(DEMO_NIGHTLY, "generate"), {}, origin=DEMO_NIGHTLY)
+    generate_config = build_config(GenerateConfig, read_recipe(DEMO_NIGHTLY, "generate"),
+                                   {"inference_steps": inference_steps}, origin=DEMO_NIGHTLY)
     request = GenerationRequest(catalogue.skus_csv, workdir, layout.demo_run_folder(workdir),
                                 templates=read_recipe(DEMO_NIGHTLY, "templates"))
     yield from indent(generation_summary_lines(generate(request, generate_config, progress=generate_progress)), "   ")

@@ -338,6 +338,7 @@ def demo(
     workdir: Annotated[Path, typer.Option("--workdir", "-w", help="Where the demo writes everything.")] = Path("catalog-demo"),
     class_key: Annotated[str, typer.Option("--class", help="Class to train in the demo.")] = "ring",
     steps: Annotated[Optional[int], typer.Option(help="Training steps per instance (recipe toy_demo: 300).")] = None,
+    inference_steps: Annotated[Optional[int], typer.Option("--inference-steps", help="Denoising steps per image (recipe toy_nightly: 100; fewer is faster and rougher).")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Run the main job on the built-in defaults: sample data -> taxonomy -> train -> generate -> report, on the
@@ -350,7 +351,8 @@ def demo(
     total_steps = steps or read_recipe(DEMO_RECIPE, "train").get("steps")
     generation = bars.generation()
     try:
-        for line in run_demo(workdir, class_key, steps=steps, train_progress=bars.training(total_steps),
+        for line in run_demo(workdir, class_key, steps=steps, inference_steps=inference_steps,
+                             train_progress=bars.training(total_steps),
                              generate_progress=generation, thumbnail_progress=bars.fraction("thumbnails", "image")):
             generation.close()  # a finished step's bar ends before its lines are printed
             typer.echo(line)

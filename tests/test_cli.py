@@ -163,9 +163,9 @@ def test_library_error_exits_2_with_its_message(fake_train, sample_catalogue):
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    (["--optimizer", "sgd"], "optimizer must be one of adamw8bit, adamw; got 'sgd'"),
+    (["--optimizer", "sgd"], "optimizer must be one of auto, adamw8bit, adamw; got 'sgd'"),
     (["--steps", "0"], "steps must be > 0, got 0"),
-    (["--mixed-precision", "fp32"], "mixed_precision must be one of no, fp16, bf16; got 'fp32'"),
+    (["--mixed-precision", "fp32"], "mixed_precision must be one of auto, no, fp16, bf16; got 'fp32'"),
     (["--resolution", "100"], "resolution must be a multiple of 8"),
     (["--learning-rate", "-1"], "learning_rate must be > 0, got -1.0"),
 ])
@@ -262,7 +262,7 @@ def one_torch_thread():
 @pytest.mark.slow
 def test_demo_runs_end_to_end_on_a_few_steps(tmp_path, tiny_model, one_torch_thread):
     workdir = tmp_path / "demo"
-    result = runner.invoke(app, ["demo", "--workdir", str(workdir), "--steps", "2"])
+    result = runner.invoke(app, ["demo", "--workdir", str(workdir), "--steps", "2", "--inference-steps", "4"])
     assert result.exit_code == 0, result.output
 
     adapters = workdir / "adapters" / "ring"
@@ -278,6 +278,9 @@ def test_demo_runs_end_to_end_on_a_few_steps(tmp_path, tiny_model, one_torch_thr
     assert (workdir / "tokens.json").is_file() and (workdir / "sample" / "products.csv").is_file()
     manifest = workdir / "runs" / "demo" / "manifest.parquet"
     assert manifest.is_file() and "5. nightly generation" in result.stdout
+    import json
+
+    assert json.loads((manifest.parent / "run.json").read_text())["generate"]["inference_steps"] == 4
     assert "sheet rows rejected (rejects.csv)" in result.stdout
     report = workdir / "runs" / "demo" / "report" / "index.html"
     assert report.is_file() and f"-> {report}" in result.stdout and "catalog review" in result.stdout
