@@ -280,7 +280,7 @@ def test_demo_runs_end_to_end_on_a_few_steps(tmp_path, tiny_model, one_torch_thr
     assert manifest.is_file() and "5. nightly generation" in result.stdout
     import json
 
-    assert json.loads((manifest.parent / "run.json").read_text())["generate"]["inference_steps"] == 4
+    assert json.loads((manifest.parent / "run.json").read_text())["settings"]["generate"]["inference_steps"] == 4
     assert "sheet rows rejected (rejects.csv)" in result.stdout
     report = workdir / "runs" / "demo" / "report" / "index.html"
     assert report.is_file() and f"-> {report}" in result.stdout and "catalog review" in result.stdout
