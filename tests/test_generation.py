@@ -400,7 +400,7 @@ def test_base_images_share_prompt_and_seed_with_their_candidates(base_run, finis
     pipeline.scheduler = make_scheduler(config.scheduler, pipeline.scheduler.config)
     groups = [group for _, group in firsts.group_by("instance", maintain_order=True)]
     expected = [image for group in groups for image in draw(
-        pipeline, group["prompt"].to_list(), group["seed"].to_list(), steps=config.steps, resolution=config.resolution,
+        pipeline, group["prompt"].to_list(), group["seed"].to_list(), steps=config.inference_steps, resolution=config.resolution,
         guidance=config.guidance, negative_prompt=config.negative_prompt, batch_size=config.batch_size)]
     rows = [row for group in groups for row in group.iter_rows(named=True)]
     for row, wanted in zip(rows, expected, strict=True):
