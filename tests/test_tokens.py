@@ -201,11 +201,13 @@ def test_missing_token_file_and_bad_save(tmp_path):
 
 def test_a_chosen_token_wins_is_checked_and_is_unique(tokenizer, catalogue):
     picked = assign_tokens(catalogue, tokenizer)
-    mine = candidate_tokens(tokenizer)[-1]  # a good identifier, perhaps another instance's pick
+    mine = next(t for t in reversed(candidate_tokens(tokenizer)) if t not in picked.values())
     chosen = assign_tokens(catalogue, tokenizer, picked, chosen={"ring/band": mine})
     assert chosen["ring/band"] == mine and len(set(chosen.values())) == len(chosen)
-    unchanged = {k for k in picked if picked[k] != mine and k != "ring/band"}
-    assert all(chosen[k] == picked[k] for k in unchanged)  # nobody else moves (but a holder of `mine`)
+    assert all(chosen[k] == picked[k] for k in picked if k != "ring/band")  # nobody else moves
+    held = picked["ring/bold"]  # another instance's kept token is not taken from it
+    with pytest.raises(CatalogError, match=f"ring/band: identifier token '{held}' is already ring/bold's"):
+        assign_tokens(catalogue, tokenizer, picked, chosen={"ring/band": held})
     with pytest.raises(CatalogError, match="ring/band: identifier token 'cat' is an English word"):
         assign_tokens(catalogue, tokenizer, chosen={"ring/band": "cat"})
     with pytest.raises(CatalogError, match="ring/bold: identifier token '.*' is already chosen for ring/band"):

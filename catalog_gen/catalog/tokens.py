@@ -189,9 +189,13 @@ def assign_tokens(
         rare_from, no_merges = _rare_from(tokenizer, tokenizer.get_vocab(), rules), None
     except NoBpeMerges as error:  # hand-chosen tokens (and earlier ones) still work; picking new ones cannot
         rare_from, no_merges = None, error
+    chosen_by = {token: key for key, token in tokens.items()}
     for key, token in sorted((existing or {}).items()):
         if key in tokens:
             continue
+        if token in chosen_by:  # taking a kept token away would silently retrain that instance under a new one
+            raise CatalogError(f"{chosen_by[token]}: identifier token '{token}' is already {key}'s (tokens.json); "
+                               "choose another")
         if token not in tokens.values() and _violation(token, tokenizer, rare_from, rules) is None:
             tokens[key] = token
     # 3. New instances probe the candidate list from a slot given by their own key's hash.
