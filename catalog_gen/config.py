@@ -194,6 +194,11 @@ def _recipe_path(path: Path | str) -> Path:
     raise CatalogError(f"recipe '{path}' not found (neither a file nor a built-in recipe in pipelines/)")
 
 
+def resolve_embedders(clip_model: str, dino_model: str, own: tuple[str, str]) -> tuple[str, str]:
+    """The CLIP and DINO to load: each one asked for, or for "auto" the base model's own (`own`)."""
+    return (own[0] if clip_model == AUTO else clip_model, own[1] if dino_model == AUTO else dino_model)
+
+
 RENAMED = {"steps": "inference_steps"}
 """Settings renamed so that one name means one thing everywhere ([generate] and [eval] `steps` were denoising
 steps, [train] `steps` training steps): an old recipe's key is named with its new name."""
@@ -287,10 +292,9 @@ class GenerateConfig:
 
     def resolve_for(self, native_resolution: int, embedders: tuple[str, str]) -> "GenerateConfig":
         """The settings left to the base model made concrete (what run.json records)."""
-        return dataclasses.replace(
-            self, resolution=self.resolution or native_resolution,
-            clip_model=embedders[0] if self.clip_model == AUTO else self.clip_model,
-            dino_model=embedders[1] if self.dino_model == AUTO else self.dino_model)
+        clip_model, dino_model = resolve_embedders(self.clip_model, self.dino_model, embedders)
+        return dataclasses.replace(self, resolution=self.resolution or native_resolution,
+                                   clip_model=clip_model, dino_model=dino_model)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

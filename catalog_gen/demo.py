@@ -51,10 +51,10 @@ def run_demo(workdir: Path, class_key: str = "ring", steps: int | None = None, *
 
     yield "3. intake and rare identifier tokens"
     model = resolve_base_model(config.base_model)
-    config = config.resolve_for(native_resolution(model), on_gpu=False)  # the demo runs on the CPU
+    resolution = config.resolution or native_resolution(model)  # train_class resolves the rest for its device
     tokenizer = load_tokenizer(model)
     for class_spec in assign_photos(source).class_map.classes.values():
-        prepared, _ = prepare_instances(source, class_spec.key, [], workdir, config.resolution, tokenizer)
+        prepared, _ = prepare_instances(source, class_spec.key, [], workdir, resolution, tokenizer)
         for item in prepared:
             yield (f"   {item.class_key + '/' + item.instance_key:<20} token '{item.token}'  "
                    f"{len(item.photos)} photos kept, {len(item.refused)} refused")

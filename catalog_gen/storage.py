@@ -114,7 +114,8 @@ def remove_leftovers(folder: Path, prefix: str = ".", keep: tuple[str, ...] = ()
     keeps every other writer of the folder out. Returns what was removed."""
     removed = []
     for path in sorted(Path(folder).iterdir()) if Path(folder).is_dir() else ():
-        if not path.name.startswith(prefix) or not path.name.startswith(".") or path.name.startswith(keep or (("\0",))):
+        hidden_leftover = path.name.startswith(".") and path.name.startswith(prefix)
+        if not hidden_leftover or (keep and path.name.startswith(keep)):
             continue
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)

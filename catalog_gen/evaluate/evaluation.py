@@ -28,7 +28,7 @@ from catalog_gen import layout
 from catalog_gen.train.adapters import AdapterInfo, read_adapter
 from catalog_gen.layout import adapter_folder
 from catalog_gen.train.checkpoints import list_checkpoints
-from catalog_gen.config import INFERENCE_PRECISION, check_choice, check_positive, check_field_types
+from catalog_gen.config import AUTO, INFERENCE_PRECISION, check_choice, check_field_types, check_positive, resolve_embedders
 from catalog_gen.errors import CatalogError
 from catalog_gen.storage import atomic_path, atomic_write_text
 
@@ -56,9 +56,9 @@ class EvalConfig:
     """Pipeline dtype: auto (fp16 on CUDA, fp32 elsewhere), fp32, fp16 or bf16."""
     extractor: str = "dino"
     """Features for KID / FID: dino, clip or inception (the FID Inception-v3; needs its weights file)."""
-    clip_model: str = "auto"
+    clip_model: str = AUTO
     """CLIP for CLIP-I / CLIP-T; auto: the base model's own (as GenerateConfig.clip_model)."""
-    dino_model: str = "auto"
+    dino_model: str = AUTO
     """DINO; auto: the base model's own (as GenerateConfig.dino_model)."""
     inception_weights: str = ""
     """The FID Inception-v3 weights file (.pth state dict or .safetensors); empty: $CATALOG_GEN_INCEPTION_WEIGHTS,
@@ -112,9 +112,9 @@ def load_eval_models(base_model: str, config: EvalConfig, workdir: Path, device=
     model = resolve_base_model(base_model)
     pipeline = load_pipeline(model, device, config.precision)
     pipeline.scheduler = make_scheduler(config.scheduler, pipeline.scheduler.config)
-    own_clip, own_dino = default_embedders(model)
-    clip = embedders.load_clip(own_clip if config.clip_model == "auto" else config.clip_model, device=str(device))
-    dino = embedders.load_dino(own_dino if config.dino_model == "auto" else config.dino_model, device=str(device))
+    clip_model, dino_model = resolve_embedders(config.clip_model, config.dino_model, default_embedders(model))
+    clip = embedders.load_clip(clip_model, device=str(device))
+    dino = embedders.load_dino(dino_model, device=str(device))
     # Every set (photos, base images, checkpoint images) is resized the same way, in floating
     # point: uint8 rounding after a bicubic resize shifts KID / FID (clean-fid's finding).
     for embedder in (clip, dino):

@@ -116,11 +116,11 @@ def run_sweep(source, class_key: str, instance_key: str, workdir: Path, name: st
     mine = points[state.process_index::state.num_processes]
     for number, point in enumerate(mine, 1):
         folder = layout.sweep_point_folder(sweep_dir, point_id(point))
-        if steps_progress is not None:
-            steps_progress(f"sweep {name}: point {number} of {len(mine)} ({point_id(point)})", 0, 1)
+        label = f"sweep {name}: point {number} of {len(mine)} ({point_id(point)})"
+        report = steps_progress or (lambda *_: None)
+        report(label, 0, 1)
         if (folder / layout.SWEEP_POINT_RESULT).is_file():
-            if steps_progress is not None:
-                steps_progress(f"sweep {name}: point {number} of {len(mine)} ({point_id(point)})", 1, 1)
+            report(label, 1, 1)
             continue
         train_config, eval_config = configs_for(point, train, evaluation)
         summary = train_class(source, class_key, [instance_key], folder, train_config, resume=True,
@@ -134,8 +134,7 @@ def run_sweep(source, class_key: str, instance_key: str, workdir: Path, name: st
         rows = evaluate_instance(models, eval_config, folder, class_spec, instance_key, progress=steps_progress)
         atomic_write_json(folder / layout.SWEEP_POINT_RESULT, {"point": point, "lora_alpha": train_config.resolved_lora_alpha,
                                                    "metrics": rows[-1]})
-        if steps_progress is not None:
-            steps_progress(f"sweep {name}: point {number} of {len(mine)} ({point_id(point)})", 1, 1)
+        report(label, 1, 1)
     state.wait_for_everyone()
 
     # 3. One table and a plot per axis, from every finished point.
