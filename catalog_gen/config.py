@@ -21,12 +21,17 @@ AUTO = "auto"
 INFERENCE_PRECISION = ("auto", "fp32", "fp16", "bf16")
 ATTENTION = ("sdpa", "xformers")
 LR_SCHEDULES = ("constant", "cosine", "linear")
+METHODS = ("dreambooth-lora", "textual-inversion", "pivotal")
+"""Fine-tuning methods `catalog train --method` runs (catalog_gen.train.methods says what each trains)."""
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """DreamBooth-LoRA hyperparameters for one adapter per instance."""
+    """Fine-tuning hyperparameters for one adapter per instance (DreamBooth-LoRA unless `method` says otherwise)."""
 
+    method: str = "dreambooth-lora"
+    """dreambooth-lora (a LoRA bound to a rare existing token), textual-inversion (new token embeddings only)
+    or pivotal (new token embeddings and a LoRA, trained together)."""
     base_model: str = "tiny"
     """Preset name (tiny, sd15-shape), local diffusers folder, or cached hub id."""
     resolution: int | None = None
@@ -81,9 +86,17 @@ class TrainConfig:
     """Override the class map's minimum photo count per instance."""
     max_photos: int | None = None
     """Train on only the first N usable photos (the sweeps' number-of-photos axis)."""
+    embedding_vectors: int = 1
+    """textual-inversion, pivotal: embedding vectors learned per instance (its token and token_1, token_2, ...)."""
+    embedding_lr: float = 5e-4
+    """textual-inversion, pivotal: learning rate of the new token embeddings."""
+    embedding_fraction: float = 0.5
+    """pivotal: the embeddings train for this fraction of the steps, then freeze while the LoRA goes on (the
+    diffusers advanced scripts' train_text_encoder_ti_frac)."""
 
     def __post_init__(self) -> None:
         check_field_types(self)
+        check_choice("method", self.method, METHODS)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
         check_choice("attention", self.attention, ATTENTION)
@@ -92,7 +105,7 @@ class TrainConfig:
             check_positive(name, getattr(self, name))
         if self.resolution is not None:
             check_positive("resolution", self.resolution)
-        for name in ("learning_rate", "text_encoder_lr", "prior_loss_weight"):
+        for name in ("learning_rate", "text_encoder_lr", "prior_loss_weight", "embedding_vectors", "embedding_lr"):
             check_positive(name, getattr(self, name))
         if self.lora_alpha is not None:
             check_positive("lora_alpha", self.lora_alpha)
@@ -111,6 +124,11 @@ class TrainConfig:
             raise CatalogError(f"max_photos must be >= 1, got {self.max_photos}")
         if self.min_photos is not None and self.min_photos < 1:
             raise CatalogError(f"min_photos must be >= 1, got {self.min_photos}")
+        if not 0.0 < self.embedding_fraction <= 1.0:
+            raise CatalogError(f"embedding_fraction must be in (0, 1], got {self.embedding_fraction}")
+        if self.method == "textual-inversion" and self.train_text_encoder:
+            raise CatalogError("method textual-inversion trains token embeddings only; train_text_encoder "
+                               "(a text-encoder LoRA) needs method pivotal or dreambooth-lora")
 
     def resolve_for(self, native_resolution: int, on_gpu: bool) -> "TrainConfig":
         """The settings left to the base model and the device, made concrete (what adapter.json records)."""

@@ -124,6 +124,7 @@ def train(
     class_map: ClassMapOpt = "jewelry",
     recipe: Annotated[Optional[str], typer.Option(help="TOML recipe path or built-in name (pipelines/).")] = None,
     base_model: Annotated[Optional[str], typer.Option("--base-model", help="Preset, local folder or cached hub id (default: the recipe's, else tiny).")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", help="dreambooth-lora | textual-inversion | pivotal (default: the recipe's, else dreambooth-lora).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Training steps per instance (default: the recipe's, else 200).")] = None,
     resolution: Annotated[Optional[int], typer.Option(help="Training resolution in pixels (default: the recipe's, else the base model's native size: 512 for SD 1.5, 64 for tiny and toy).")] = None,
     learning_rate: Annotated[Optional[float], typer.Option("--learning-rate", help="LoRA learning rate.")] = None,
@@ -134,17 +135,17 @@ def train(
     seed: Annotated[Optional[int], typer.Option(help="Training seed.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoints.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Retrain even finished adapters; drops old checkpoints.")] = False,
-    token: Annotated[Optional[list[str]], typer.Option("--token", help="INSTANCE=TOKEN: this instance's identifier token, chosen by hand (repeatable; checked like a picked one). The class map's `token = ...` does the same.")] = None,
+    token: Annotated[Optional[list[str]], typer.Option("--token", help="INSTANCE=TOKEN: this instance's identifier token, chosen by hand (repeatable; checked like a picked one). The class map's `token = ...` does the same. For textual-inversion and pivotal, the new token to learn (default <class-instance>); it must not be in the vocabulary.")] = None,
     quiet: Quiet = False,
 ) -> None:
-    """Train one DreamBooth-LoRA adapter per instance of a class."""
+    """Train one adapter per instance of a class (DreamBooth-LoRA unless --method says otherwise)."""
     from catalog_gen.cli.progress import Bars
     from catalog_gen.config import TrainConfig, build_config, read_recipe
     from catalog_gen.report_text import train_summary_lines
     from catalog_gen.train.workflow import PhotoSource, train_class
 
     config = build_config(TrainConfig, read_recipe(recipe, "train"), dict(
-        base_model=base_model, steps=steps, resolution=resolution, learning_rate=learning_rate, lora_rank=lora_rank,
+        method=method, base_model=base_model, steps=steps, resolution=resolution, learning_rate=learning_rate, lora_rank=lora_rank,
         prior_preservation=prior_preservation, mixed_precision=mixed_precision, optimizer=optimizer, seed=seed,
     ), origin=f"recipe {recipe}" if recipe else "options")
     source = PhotoSource(photos, products, class_map)

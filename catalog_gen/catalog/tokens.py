@@ -255,3 +255,34 @@ def save_token_file(path: Path, tokens: Mapping[str, str]) -> None:
     """Write tokens as a sorted JSON object, atomically."""
     path = Path(path)
     atomic_write_json(path, _validate_token_map(dict(tokens), f"token file {path}"))
+
+
+# New tokens: what textual inversion and pivotal tuning learn. Unlike a rare identifier, such a token is
+# added to the tokenizer with an embedding of its own, so it must not exist yet.
+
+def new_token_for(class_key: str, instance_key: str) -> str:
+    """The placeholder an instance's learned embedding is named by: "<ring-band>" (the convention of the
+    diffusers textual-inversion examples, and readable in a prompt)."""
+    _instance_key(class_key, instance_key)
+    return f"<{class_key}-{instance_key}>"
+
+
+def new_token_names(placeholder: str, vectors: int) -> list[str]:
+    """The tokens of a `vectors`-vector embedding, as diffusers' load_textual_inversion names them."""
+    return [placeholder] + [f"{placeholder}_{index}" for index in range(1, vectors)]
+
+
+def check_new_token(placeholder: str, tokenizer: Any, vectors: int, item: str) -> None:
+    """Refuse a placeholder that cannot be added as new tokens: a vocabulary entry already, or one that
+    prompts and A1111's bundled-embedding keys cannot carry (spaces, dots)."""
+    if not isinstance(placeholder, str) or not placeholder:
+        raise CatalogError(f"{item}: new token {placeholder!r} must be a non-empty string")
+    if any(c.isspace() for c in placeholder) or "." in placeholder or not placeholder.isprintable():
+        raise CatalogError(f"{item}: new token '{placeholder}' must be one printable word without spaces or dots")
+    vocab = tokenizer.get_vocab()
+    for name in new_token_names(placeholder, vectors):
+        for spelling in (name, name + END_OF_WORD):
+            if spelling in vocab:
+                raise CatalogError(f"{item}: new token '{name}' is already in the tokenizer's vocabulary (id "
+                                   f"{vocab[spelling]}); textual inversion needs a token of its own, e.g. "
+                                   f"'<{placeholder.strip('<>')}-ti>'")

@@ -25,7 +25,7 @@ import numpy as np
 from catalog_gen import seeds
 from catalog_gen.quality import metrics
 from catalog_gen import layout
-from catalog_gen.train.adapters import AdapterInfo, read_adapter
+from catalog_gen.train.adapters import AdapterInfo, AdapterWeights, attach, detach, read_adapter
 from catalog_gen.layout import adapter_folder
 from catalog_gen.train.checkpoints import list_checkpoints
 from catalog_gen.config import AUTO, INFERENCE_PRECISION, check_choice, check_field_types, check_positive, resolve_embedders
@@ -170,6 +170,17 @@ def checkpoint_as_adapter_file(checkpoint: Path, out_dir: Path, adapter: Adapter
     return path
 
 
+def checkpoint_weights(checkpoint: Path, scratch: Path, adapter: AdapterInfo) -> AdapterWeights:
+    """What a checkpoint of `adapter`'s run puts on a pipeline: its LoRA as a file in `scratch` (read while
+    scratch exists), and its token embeddings for textual inversion and pivotal tuning."""
+    from catalog_gen.train.checkpoints import checkpoint_lora
+    from catalog_gen.train.embeddings import EMBEDDINGS_KEY
+
+    lora = checkpoint_as_adapter_file(checkpoint, scratch, adapter) if adapter.has_lora else None
+    embeddings = checkpoint_lora(checkpoint)[0].get(EMBEDDINGS_KEY) if adapter.embeddings_file else None
+    return AdapterWeights(lora, embeddings, tuple(adapter.tokens))
+
+
 def score_images(models: EvalModels, config: EvalConfig, images, photo_features, base_features, text,
                  reference_clip, reference_dino) -> dict[str, float]:
     """KID / FID against the photos and the base model's images, and the three DreamBooth scores."""
@@ -231,12 +242,11 @@ def evaluate_instance(models: EvalModels, config: EvalConfig, workdir: Path, cla
     rows = []
     for step, folder in checkpoints:
         with tempfile.TemporaryDirectory() as scratch:
-            weights = checkpoint_as_adapter_file(folder, Path(scratch), adapter)
-            models.pipeline.load_lora_weights(scratch, weight_name=weights.name, adapter_name="eval_checkpoint")
+            attached = attach(models.pipeline, checkpoint_weights(folder, Path(scratch), adapter), "eval_checkpoint")
         try:
             images = render()
         finally:
-            models.pipeline.unload_lora_weights()
+            detach(models.pipeline, attached)
         with warnings.catch_warnings():
             # Small catalogues: KID shrinks its subsets and FID's covariance is singular. Both
             # are expected here and recorded in the row (n_photos, n_generated) instead.

@@ -29,7 +29,7 @@ import numpy as np
 from catalog_gen import layout, seeds
 from catalog_gen.generate import skus
 from catalog_gen.quality import gates
-from catalog_gen.train.adapters import load_adapter_weights, read_adapter
+from catalog_gen.train.adapters import adapter_weights, attach, detach, read_adapter
 from catalog_gen.generate import manifest
 from catalog_gen.generate.planner import SkuState, Slot, candidates_wanted, plan_batch
 from catalog_gen.generate.redo import next_redo_round, rejected_in
@@ -296,15 +296,15 @@ def _run_instance(context: _Context, class_spec, instance_key: str, rows: Sequen
     # The base model's comparison images come first: loading the adapter changes the pipeline's UNet.
     rows = _draw_base_images(context, instance, rows, summary, sku_done)
     try:
-        _attach_adapter(context, instance)
+        attached = attach(context.pipeline, adapter_weights(instance.adapter), "sku_adapter")
     except Exception as error:
         _record_errors(context, rows, f"adapter {key}: {error}", summary)
         return
     try:
         _run_skus(context, instance, rows, summary, sku_done)
     finally:
-        # Adapter out, peft layers and all: the next instance starts from the pure base model.
-        context.pipeline.unload_lora_weights()
+        # Adapter out, peft layers and new tokens and all: the next instance starts from the pure base model.
+        detach(context.pipeline, attached)
 
 
 def _load_instance(context: _Context, class_spec, instance_key: str, request: GenerationRequest) -> _Instance:
@@ -318,10 +318,6 @@ def _load_instance(context: _Context, class_spec, instance_key: str, request: Ge
         thresholds = gates.calibrate(thresholds, reference_clip, reference_dino, context.config.calibration_ratio)
     template = request.templates.get(class_spec.key, context.config.template)
     return _Instance(class_spec, adapter, template, thresholds, reference_clip, reference_dino)
-
-
-def _attach_adapter(context: _Context, instance: _Instance) -> None:
-    context.pipeline.load_lora_weights(load_adapter_weights(instance.adapter), adapter_name="sku_adapter")
 
 
 def _draw_base_images(context: _Context, instance: _Instance, rows: Sequence[skus.SkuRow],
@@ -553,14 +549,14 @@ def _score(context: _Context, images, text_embedding, reference_clip, reference_
 def _png_text(context: _Context, sku: str, prompt: str, seed: int, adapter) -> dict[str, str]:
     """The generation parameters every PNG of a run carries; adapter None: drawn by the base model alone."""
     config = context.config
-    lora = f", Lora hash: {adapter.record['weights_sha256'][:16]}" if adapter is not None else ""
+    lora = f", Lora hash: {adapter.weights_hash[:16]}" if adapter is not None else ""
     # A1111-style "parameters" so other tools read it, plus our own keys.
     return {"parameters": f"{prompt}\nNegative prompt: {config.negative_prompt}\nSteps: {config.inference_steps}, "
                           f"Sampler: {config.scheduler}, CFG scale: {config.guidance}, Seed: {seed}, "
                           f"Size: {config.resolution}x{config.resolution}, Model hash: {context.base_fingerprint}{lora}",
             "sku": sku, "prompt": prompt, "seed": str(seed), "base_model": config.base_model,
             "base_model_hash": context.base_fingerprint,
-            "adapter_hash": adapter.record["weights_sha256"] if adapter is not None else "none (base model alone)"}
+            "adapter_hash": adapter.weights_hash if adapter is not None else "none (base model alone)"}
 
 
 def _save_png(path: Path, image, text: Mapping[str, str]) -> None:

@@ -1,8 +1,15 @@
 """The finished adapter folder: WORKDIR/adapters/<class>/<instance>/
 
-    pytorch_lora_weights.safetensors   diffusers format (StableDiffusionPipeline.load_lora_weights)
-    <class>_<instance>.kohya.safetensors  kohya format for AUTOMATIC1111 / ComfyUI
-    adapter.json                       resolved recipe, token, prompts, base model and hashes,
+    pytorch_lora_weights.safetensors   the LoRA, diffusers format (StableDiffusionPipeline.load_lora_weights);
+                                       dreambooth-lora and pivotal
+    <class>_<instance>.kohya.safetensors  the LoRA, kohya format for AUTOMATIC1111 / ComfyUI; pivotal's
+                                       carries its embeddings too (A1111's bundle_emb keys)
+    learned_embeds.safetensors         textual-inversion: {token: (vectors, dim)}, the file diffusers'
+                                       train_textual_inversion.py writes; load_textual_inversion and A1111
+                                       (which names the embedding after the file) read it
+    <class>_<instance>_emb.safetensors pivotal: {"clip_l": (vectors, dim)}, as the diffusers advanced
+                                       scripts write it (load_textual_inversion(state_dict["clip_l"], token=[...]))
+    adapter.json                       method, resolved recipe, token(s), prompts, base model and hashes,
                                        library versions, photos with hashes, loss curve, timings
 
 The folder is assembled under a temporary name and renamed into place, and adapter.json
@@ -20,12 +27,24 @@ from typing import Any
 from catalog_gen.errors import CatalogError
 from catalog_gen.layout import ADAPTER_JSON, workdir_of_adapter
 from catalog_gen.train.lora_files import DIFFUSERS_WEIGHTS_NAME, save_diffusers_lora, save_kohya_lora
-from catalog_gen.storage import atomic_directory, atomic_write_json, sha256_file
+from catalog_gen.storage import atomic_directory, atomic_write_json, sha256_bytes, sha256_file
+
+TEXTUAL_INVERSION_NAME = "learned_embeds.safetensors"
+PIVOTAL_EMBEDDINGS_KEY = "clip_l"
+"""The key the diffusers advanced scripts give SD 1.x's (CLIP-L) embeddings; SDXL adds clip_g."""
 
 @dataclass(frozen=True)
 class AdapterInfo:
     folder: Path
     record: dict[str, Any]
+
+    @property
+    def method(self) -> str:
+        return self.record.get("method", "dreambooth-lora")  # adapters from before there were methods
+
+    @property
+    def has_lora(self) -> bool:
+        return self.record.get("files", {}).get("diffusers") is not None
 
     @property
     def diffusers_file(self) -> Path:
@@ -36,8 +55,23 @@ class AdapterInfo:
         return self.folder / self.record["files"]["kohya"]
 
     @property
+    def embeddings_file(self) -> Path | None:
+        name = self.record.get("files", {}).get("embeddings")
+        return self.folder / name if name else None
+
+    @property
     def token(self) -> str:
         return self.record["token"]
+
+    @property
+    def tokens(self) -> list[str]:
+        """Every token the prompt's `token` stands for: itself, or a multi-vector embedding's token, token_1..."""
+        return list(self.record.get("tokens") or [self.token])
+
+    @property
+    def weights_hash(self) -> str:
+        """One hash naming the trained weights (the LoRA file's, else the embeddings file's), for PNG metadata."""
+        return self.record.get("weights_sha256") or self.record["embeddings_sha256"]
 
     @property
     def photo_paths(self) -> list[Path]:
@@ -63,30 +97,48 @@ def library_versions() -> dict[str, str]:
     return found
 
 
+def embeddings_file_name(method: str, class_key: str, instance_key: str) -> str:
+    return TEXTUAL_INVERSION_NAME if method == "textual-inversion" else f"{class_key}_{instance_key}_emb.safetensors"
+
+
 def write_adapter(folder: Path, fit_result, record: dict[str, Any], class_key: str, instance_key: str) -> AdapterInfo:
-    """Write both LoRA files and adapter.json as one atomic folder, all three from the fit's LoRA configs
-    (rank and alpha have one source: the config the LoRA was trained with)."""
-    kohya_name = kohya_file_name(class_key, instance_key)
+    """Write the method's weight files and adapter.json as one atomic folder. The LoRA files come from the
+    fit's LoRA configs (rank and alpha have one source: the config the LoRA was trained with)."""
+    from safetensors.torch import save_file
+
+    method = record["method"]
+    files: dict[str, str | None] = {"diffusers": None, "kohya": None, "embeddings": None}
+    hashes: dict[str, str] = {}
     unet_config, text_config = fit_result.unet_lora_config, fit_result.text_encoder_lora_config
-    alpha = float(unet_config["lora_alpha"])
-    text_alpha = float(text_config["lora_alpha"]) if text_config else None
     with atomic_directory(folder) as staging:
-        diffusers_file = save_diffusers_lora(staging, fit_result.unet_layers, fit_result.text_encoder_layers,
-                                             fit_result.unet_lora_config, fit_result.text_encoder_lora_config)
-        save_kohya_lora(staging / kohya_name, diffusers_file, alpha, text_alpha, metadata={
-            "ss_network_module": "networks.lora",
-            "ss_network_dim": unet_config["r"],
-            "ss_network_alpha": alpha,
-            "ss_output_name": f"{class_key}_{instance_key}",
-            "ss_tag_frequency": json.dumps({record["instance_prompt"]: 1}),
-            "catalog_gen_token": record["token"],
-        })
+        embeddings = fit_result.embeddings
+        if embeddings is not None:
+            files["embeddings"] = embeddings_file_name(method, class_key, instance_key)
+            key = record["token"] if method == "textual-inversion" else PIVOTAL_EMBEDDINGS_KEY
+            save_file({key: embeddings.contiguous()}, str(staging / files["embeddings"]),
+                      metadata={"tokens": json.dumps(list(fit_result.tokens))})
+            hashes["embeddings_sha256"] = sha256_file(staging / files["embeddings"])
+        if fit_result.unet_layers is not None:
+            kohya_name = kohya_file_name(class_key, instance_key)
+            alpha = float(unet_config["lora_alpha"])
+            text_alpha = float(text_config["lora_alpha"]) if text_config else None
+            diffusers_file = save_diffusers_lora(staging, fit_result.unet_layers, fit_result.text_encoder_layers,
+                                                 unet_config, text_config)
+            save_kohya_lora(staging / kohya_name, diffusers_file, alpha, text_alpha, metadata={
+                "ss_network_module": "networks.lora",
+                "ss_network_dim": unet_config["r"],
+                "ss_network_alpha": alpha,
+                "ss_output_name": f"{class_key}_{instance_key}",
+                "ss_tag_frequency": json.dumps({record["instance_prompt"]: 1}),
+                "catalog_gen_token": record["token"],
+            }, bundled_embeddings={record["token"]: embeddings} if embeddings is not None else None)
+            files.update(diffusers=DIFFUSERS_WEIGHTS_NAME, kohya=kohya_name)
+            hashes.update(weights_sha256=sha256_file(diffusers_file), kohya_sha256=sha256_file(staging / kohya_name))
         full = {
             **record,
             "lora": {"unet": unet_config, "text_encoder": text_config},
-            "files": {"diffusers": DIFFUSERS_WEIGHTS_NAME, "kohya": kohya_name},
-            "weights_sha256": sha256_file(diffusers_file),
-            "kohya_sha256": sha256_file(staging / kohya_name),
+            "files": files,
+            **hashes,
         }
         atomic_write_json(staging / ADAPTER_JSON, full)
     return AdapterInfo(folder, full)
@@ -101,8 +153,12 @@ def read_adapter(folder: Path) -> AdapterInfo:
     except ValueError as error:
         raise CatalogError(f"{meta}: not valid JSON ({error})") from error
     info = AdapterInfo(Path(folder), record)
-    if not info.diffusers_file.is_file():
+    if "files" not in record:
+        raise CatalogError(f"{meta}: names no weight files; retrain it")
+    if info.has_lora and not info.diffusers_file.is_file():
         raise CatalogError(f"adapter {folder}: {DIFFUSERS_WEIGHTS_NAME} is missing")
+    if info.embeddings_file is not None and not info.embeddings_file.is_file():
+        raise CatalogError(f"adapter {folder}: {info.embeddings_file.name} is missing")
     return info
 
 
@@ -112,23 +168,108 @@ def load_adapter_weights(info: AdapterInfo) -> dict:
     Read as safetensors only (never a pickle, whatever the file holds), and only if the bytes are the
     ones adapter.json recorded: a weights file swapped or damaged after training is refused. The
     bytes hashed are the bytes parsed, so nothing can change between the check and the load."""
+    return _checked_safetensors(info, info.diffusers_file, "weights_sha256")
+
+
+def load_embeddings(info: AdapterInfo):
+    """The adapter's learned token embeddings, (len(info.tokens), dim), checked like load_adapter_weights."""
+    tensors = _checked_safetensors(info, info.embeddings_file, "embeddings_sha256")
+    if len(tensors) != 1:
+        raise CatalogError(f"adapter {info.folder}: {info.embeddings_file.name} holds {len(tensors)} tensors, "
+                           "expected one embedding")
+    vectors = next(iter(tensors.values()))
+    if vectors.ndim != 2 or len(vectors) != len(info.tokens):
+        raise CatalogError(f"adapter {info.folder}: {info.embeddings_file.name} has shape {tuple(vectors.shape)}, "
+                           f"expected {len(info.tokens)} vectors for tokens {info.tokens}")
+    return vectors
+
+
+def _checked_safetensors(info: AdapterInfo, path: Path, hash_key: str) -> dict:
+    """Read as safetensors only (never a pickle, whatever the file holds), and only if the bytes are the ones
+    adapter.json recorded: a weights file swapped or damaged after training is refused. The bytes hashed
+    are the bytes parsed, so nothing can change between the check and the load."""
     from safetensors import SafetensorError
     from safetensors.torch import load as load_safetensors
 
-    from catalog_gen.storage import sha256_bytes
-
-    data = info.diffusers_file.read_bytes()
-    recorded, found = info.record.get("weights_sha256"), sha256_bytes(data)
+    data = path.read_bytes()
+    recorded, found = info.record.get(hash_key), sha256_bytes(data)
     if recorded is None:
-        raise CatalogError(f"adapter {info.folder}: {ADAPTER_JSON} records no weights_sha256; retrain it")
+        raise CatalogError(f"adapter {info.folder}: {ADAPTER_JSON} records no {hash_key}; retrain it")
     if found != recorded:
-        raise CatalogError(f"adapter {info.folder}: {DIFFUSERS_WEIGHTS_NAME} has sha256 {found}, but "
+        raise CatalogError(f"adapter {info.folder}: {path.name} has sha256 {found}, but "
                            f"{ADAPTER_JSON} records {recorded}; the file changed after training")
     try:
         return load_safetensors(data)
     except SafetensorError as error:
-        raise CatalogError(f"adapter {info.folder}: {DIFFUSERS_WEIGHTS_NAME} is not a safetensors file "
-                           f"({error})") from error
+        raise CatalogError(f"adapter {info.folder}: {path.name} is not a safetensors file ({error})") from error
+
+
+@dataclass(frozen=True)
+class AdapterWeights:
+    """What goes onto a pipeline for one instance: a LoRA state dict, token embeddings, or both."""
+
+    lora: dict | Path | None
+    """A diffusers-format LoRA: its tensors, or a file (which keeps its metadata: rank, alpha)."""
+    embeddings: Any = None
+    """(len(tokens), dim) tensor, or None."""
+    tokens: tuple[str, ...] = ()
+
+
+def adapter_weights(info: AdapterInfo) -> AdapterWeights:
+    """A finished adapter's weights, every file hash-checked."""
+    return AdapterWeights(load_adapter_weights(info) if info.has_lora else None,
+                          load_embeddings(info) if info.embeddings_file is not None else None, tuple(info.tokens))
+
+
+@dataclass
+class Attached:
+    """What attach() changed, so detach() can put back the very same objects."""
+
+    lora: bool
+    tokenizer: Any = None
+    embedding: Any = None
+    vocab_size: int | None = None
+
+
+def attach(pipeline, weights: AdapterWeights, adapter_name: str) -> Attached:
+    """Put an instance's weights on a diffusers pipeline with diffusers' own loaders (load_lora_weights,
+    load_textual_inversion). On failure whatever was put on is taken off again."""
+    attached = Attached(lora=False)
+    try:
+        if isinstance(weights.lora, Path):
+            pipeline.load_lora_weights(str(weights.lora.parent), weight_name=weights.lora.name,
+                                       adapter_name=adapter_name)
+            attached.lora = True
+        elif weights.lora is not None:
+            pipeline.load_lora_weights(weights.lora, adapter_name=adapter_name)
+            attached.lora = True
+        if weights.embeddings is not None:
+            import copy
+
+            # load_textual_inversion grows the tokenizer and swaps in a larger embedding module. It is given a
+            # copy of the tokenizer, and the original embedding module is kept, so detach restores both exactly
+            # (diffusers' unload_textual_inversion rebuilds them instead).
+            text_encoder = pipeline.text_encoder
+            attached.tokenizer, attached.embedding = pipeline.tokenizer, text_encoder.get_input_embeddings()
+            attached.vocab_size = text_encoder.config.vocab_size
+            pipeline.tokenizer = copy.deepcopy(pipeline.tokenizer)
+            pipeline.load_textual_inversion(weights.embeddings if len(weights.tokens) > 1 else weights.embeddings[0],
+                                            token=list(weights.tokens) if len(weights.tokens) > 1 else weights.tokens[0],
+                                            tokenizer=pipeline.tokenizer, text_encoder=text_encoder)
+    except Exception:
+        detach(pipeline, attached)
+        raise
+    return attached
+
+
+def detach(pipeline, attached: Attached) -> None:
+    """Take attach()'s weights off: the pipeline is the base model again, module for module."""
+    if attached.lora:
+        pipeline.unload_lora_weights()
+    if attached.tokenizer is not None:
+        pipeline.text_encoder.set_input_embeddings(attached.embedding)
+        pipeline.text_encoder.config.vocab_size = attached.vocab_size
+        pipeline.tokenizer = attached.tokenizer
 
 
 def finished_adapter(folder: Path, fingerprint: str, steps: int) -> AdapterInfo | None:

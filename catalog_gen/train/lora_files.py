@@ -68,10 +68,14 @@ def diffusers_to_kohya(state_dict: Mapping[str, torch.Tensor], alpha: float, tex
 
 
 def save_kohya_lora(path: Path, diffusers_file: Path, alpha: float, text_encoder_alpha: float | None,
-                    metadata: Mapping[str, str]) -> Path:
+                    metadata: Mapping[str, str], bundled_embeddings: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """bundled_embeddings (token -> (n, dim)): textual-inversion embeddings carried inside the LoRA file under
+    A1111's `bundle_emb.<token>.string_to_param.*` keys, so one file brings both (pivotal tuning)."""
     from safetensors.torch import load_file, save_file
 
     kohya = diffusers_to_kohya(load_file(str(diffusers_file)), alpha, text_encoder_alpha)
+    for token, vectors in (bundled_embeddings or {}).items():
+        kohya[f"bundle_emb.{token}.string_to_param.*"] = vectors.contiguous()
     # ss_* keys are what kohya-trained files carry; A1111's extra-networks page shows them.
     with atomic_path(path) as tmp:
         save_file(kohya, str(tmp), metadata={str(k): str(v) for k, v in metadata.items()})

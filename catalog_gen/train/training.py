@@ -1,10 +1,10 @@
-"""DreamBooth-LoRA training of one adapter per product instance.
+"""Fine-tuning of one adapter per product instance: DreamBooth-LoRA, textual inversion, pivotal tuning.
 
 The flow follows a setup -> load -> fit split:
     load_components()  the frozen base model, once per process, reused by every instance
-    train_instance()   1. encode photos and prompts once   2. add a fresh LoRA
-                       3. resume from the latest checkpoint   4. fit()   5. save the adapter
-    fit()              the loop: noise, denoise, loss, step, checkpoint
+    fit()              1. encode photos and prompts once   2. add what the method trains (a fresh LoRA,
+                       new token embeddings or both)   3. resume from the latest checkpoint   4. the loop:
+                       noise, denoise, loss, step, checkpoint
 
 Resume is exact because nothing in the loop depends on hidden state: every random draw
 (which photos, the noise, the timesteps, LoRA dropout) comes from a generator seeded by
@@ -32,6 +32,7 @@ from catalog_gen.config import TrainConfig
 from catalog_gen import seeds
 from catalog_gen.errors import CatalogError
 from catalog_gen.models.loading import BaseModel
+from catalog_gen.train import embeddings, methods
 
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -51,6 +52,8 @@ class InstanceJob:
     checkpoint_dir: Path
     class_images: tuple[Path, ...] = ()
     """Prior-preservation images of the class (empty without prior preservation)."""
+    initializer: str = ""
+    """Text whose token embeddings new tokens start from (the class noun); textual inversion and pivotal."""
 
     @property
     def key(self) -> str:
@@ -75,14 +78,18 @@ class Components:
 class FitResult:
     """The trained LoRA tensors and what it took to make them."""
 
-    unet_layers: dict[str, torch.Tensor]
+    unet_layers: dict[str, torch.Tensor] | None
+    """The UNet's LoRA tensors (None: the method trains no LoRA)."""
     text_encoder_layers: dict[str, torch.Tensor] | None
-    unet_lora_config: dict
+    unet_lora_config: dict | None
     text_encoder_lora_config: dict | None
     state: TrainingState
     resumed_from: int | None
     steps_per_second: float
     checkpoints: list[int] = field(default_factory=list)
+    embeddings: torch.Tensor | None = None
+    """The learned token embeddings, one row per token of `tokens` (textual inversion, pivotal)."""
+    tokens: tuple[str, ...] = ()
 
 
 def weight_dtype_for(config: TrainConfig, device: torch.device) -> torch.dtype:
@@ -202,8 +209,12 @@ def training_fingerprint(config: TrainConfig, job: InstanceJob, base_fingerprint
     """What a checkpoint must share with the run that resumes it. `steps` is left out on purpose,
     so a finished run can be extended; checkpoint and validation settings change no weights."""
     ignored = {"checkpoint_every", "keep_checkpoints", "validation_images", "validation_steps", "base_model"}
-    if config.lr_schedule == "constant":
-        ignored.add("steps")  # a decaying schedule depends on the total, a constant one does not
+    ignored |= methods.method_of(config).unused
+    if config.method == "dreambooth-lora":
+        ignored.add("method")  # the only method before there were others: its adapters stay recognised
+    if config.lr_schedule == "constant" and config.method != "pivotal":
+        ignored.add("steps")  # a decaying schedule depends on the total, a constant one does not; nor does
+        #                       pivotal's, whose embeddings stop at a fraction of it
     settings = {k: v for k, v in config.to_dict().items() if k not in ignored}
     payload = json.dumps({"settings": settings, "base": base_fingerprint, "photos": list(photo_hashes),
                           "class_images": len(job.class_images), "token": job.token,
@@ -301,10 +312,8 @@ def _trainable(module: torch.nn.Module, prefix: str) -> dict[str, torch.nn.Param
     return found
 
 
-def _make_optimizer(config: TrainConfig, unet_params, text_params) -> torch.optim.Optimizer:
-    groups = [{"params": unet_params, "lr": config.learning_rate}]
-    if text_params:
-        groups.append({"params": text_params, "lr": config.text_encoder_lr})
+def _make_optimizer(config: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    """One parameter group per trained part, each {"params": [...], "lr": its base learning rate}."""
     kwargs = dict(betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.adam_weight_decay,
                   eps=config.adam_epsilon)
     if config.optimizer == "adamw8bit":
@@ -330,7 +339,27 @@ def fit(components: Components, config: TrainConfig, job: InstanceJob, fingerpri
 
 def _fit(components: Components, config: TrainConfig, job: InstanceJob, fingerprint: str, *, resume: bool,
          progress: Callable | None, on_checkpoint: Callable[[int], None] | None) -> FitResult:
+    method = methods.method_of(config)
+    if not method.new_tokens:
+        return _fit_with(components, config, job, fingerprint, None, resume=resume, progress=progress,
+                         on_checkpoint=on_checkpoint)
+    # New tokens: the tokenizer and the text encoder know them only inside this block.
+    from catalog_gen.catalog.tokens import new_token_names
+
+    names = new_token_names(job.token, config.embedding_vectors)
+    start = embeddings.initial_vectors(components.text_encoder, components.tokenizer, job.initializer or job.token,
+                                       len(names))
+    vectors = torch.nn.Parameter(start.to(components.device))
+    with embeddings.new_tokens_applied(components, names, vectors):
+        return _fit_with(components, config, job, fingerprint, (names, vectors), resume=resume,
+                         progress=progress, on_checkpoint=on_checkpoint)
+
+
+def _fit_with(components: Components, config: TrainConfig, job: InstanceJob, fingerprint: str,
+              new_tokens: tuple[list[str], torch.nn.Parameter] | None, *, resume: bool,
+              progress: Callable | None, on_checkpoint: Callable[[int], None] | None) -> FitResult:
     device = components.device
+    method = methods.method_of(config)
     # 1. Encode every photo and prompt once: the encoders are frozen, so this is exact.
     #    (cache_latents=false re-encodes the drawn photos every step instead: same numbers, more time.)
     photos = torch.stack([load_image_tensor(p, config.resolution) for p in job.photos])
@@ -349,21 +378,36 @@ def _fit(components: Components, config: TrainConfig, job: InstanceJob, fingerpr
             mean, std = mean[picks], std[picks]
         return sample_latents(components, mean, std, generator)
 
-    prompt_ids = tokenize(components, [job.instance_prompt, job.class_prompt])
-    cached_text = None if config.train_text_encoder else encode_prompts(components, [job.instance_prompt, job.class_prompt])
+    instance_prompt = embeddings.expand_prompt(job.instance_prompt, new_tokens[0]) if new_tokens else job.instance_prompt
+    prompt_ids = tokenize(components, [instance_prompt, job.class_prompt])
+    # The text embeddings can be cached unless something inside the text encoder learns.
+    text_learns = config.train_text_encoder or new_tokens is not None
+    cached_text = None if text_learns else encode_prompts(components, [instance_prompt, job.class_prompt])
 
-    # 2. A fresh LoRA on the frozen base model.
-    unet_lora_config, text_lora_config = _add_lora(components, config, job.instance_key)
+    # 2. What the method trains: a fresh LoRA on the frozen base model, new token embeddings, or both.
+    unet_lora_config = text_lora_config = None
+    if method.lora:
+        unet_lora_config, text_lora_config = _add_lora(components, config, job.instance_key)
     # What a checkpoint needs to stand on its own (evaluated or converted without the finished adapter):
     # the resolved recipe and the LoRA configs, the same objects the adapter files are written from.
-    lora_configs = {"unet": lora_config_record(unet_lora_config),
+    lora_configs = {"unet": lora_config_record(unet_lora_config) if unet_lora_config else None,
                     "text_encoder": lora_config_record(text_lora_config) if text_lora_config else None}
-    checkpoint_record = {"recipe": config.to_dict(), "lora_configs": lora_configs}
-    unet_params = _trainable(components.unet, "unet.")
-    text_params = _trainable(components.text_encoder, "text_encoder.") if config.train_text_encoder else {}
-    trainable = {**unet_params, **text_params}
-    optimizer = _make_optimizer(config, list(unet_params.values()), list(text_params.values()))
+    checkpoint_record = {"recipe": config.to_dict(), "lora_configs": lora_configs, "method": config.method,
+                         "tokens": list(new_tokens[0]) if new_tokens else []}
+    vectors = new_tokens[1] if new_tokens else None
+    unet_params = _trainable(components.unet, "unet.") if method.lora else {}
+    text_params = ({name: p for name, p in _trainable(components.text_encoder, "text_encoder.").items()
+                    if p is not vectors} if config.train_text_encoder else {})
+    embedding_params = {embeddings.EMBEDDINGS_KEY: vectors} if vectors is not None else {}
+    trainable = {**unet_params, **text_params, **embedding_params}
+    # Parameter groups with their base learning rates; the embeddings' is 0 once embedding_steps are done.
+    groups = [{"params": list(part.values()), "lr": lr} for part, lr in
+              ((unet_params, config.learning_rate), (text_params, config.text_encoder_lr),
+               (embedding_params, config.embedding_lr)) if part]
+    base_lrs = [group["lr"] for group in groups]
+    optimizer = _make_optimizer(config, groups)
     scaler = torch.amp.GradScaler("cuda") if config.mixed_precision == "fp16" else None
+    embedding_until = methods.embedding_steps(config)
 
     # 3. Carry on from the newest complete checkpoint.
     state, resumed_from = TrainingState(), None
@@ -403,8 +447,12 @@ def _fit(components: Components, config: TrainConfig, job: InstanceJob, fingerpr
         target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
 
         lr_scale = learning_rate_at(step, config, 1.0)
-        for group, base in zip(optimizer.param_groups, (config.learning_rate, config.text_encoder_lr)):
+        for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base * lr_scale
+        if embedding_params and step >= embedding_until:
+            # Pivotal's second phase: the embeddings hold still (AdamW scales its whole update, weight decay
+            # included, by the learning rate) while the LoRA goes on.
+            optimizer.param_groups[-1]["lr"] = 0.0
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             if cached_text is not None:
                 text = cached_text[text_index]
@@ -437,7 +485,7 @@ def _fit(components: Components, config: TrainConfig, job: InstanceJob, fingerpr
     from catalog_gen.train.lora_files import peft_layers
 
     return FitResult(
-        unet_layers=peft_layers(components.unet),
+        unet_layers=peft_layers(components.unet) if method.lora else None,
         text_encoder_layers=peft_layers(components.text_encoder) if config.train_text_encoder else None,
         unet_lora_config=lora_configs["unet"],
         text_encoder_lora_config=lora_configs["text_encoder"],
@@ -445,6 +493,8 @@ def _fit(components: Components, config: TrainConfig, job: InstanceJob, fingerpr
         resumed_from=resumed_from,
         steps_per_second=ran / max(time.perf_counter() - session_started, 1e-9) if ran else 0.0,
         checkpoints=checkpoints_written,
+        embeddings=vectors.detach().float().cpu().clone() if vectors is not None else None,
+        tokens=tuple(new_tokens[0]) if new_tokens else (),
     )
 
 

@@ -130,8 +130,12 @@ def assign_catalogue_tokens(workdir: Path, class_map: taxonomy.ClassMap, tokeniz
 
 def prepare_instances(source: PhotoSource, class_key: str, instance_keys: Sequence[str], workdir: Path,
                       resolution: int, tokenizer, min_photos: int | None = None,
-                      chosen_tokens: Mapping[str, str] | None = None) -> tuple[list[PreparedInstance], list]:
-    """Steps 2-4 of training: assign photos, run intake per instance, pick tokens."""
+                      chosen_tokens: Mapping[str, str] | None = None,
+                      new_token_vectors: int | None = None) -> tuple[list[PreparedInstance], list]:
+    """Steps 2-4 of training: assign photos, run intake per instance, pick tokens.
+
+    new_token_vectors set (textual inversion, pivotal): each instance's token is a new one, "<class-instance>"
+    or the chosen one, checked to be absent from the vocabulary, instead of a rare token from tokens.json."""
     assigned = assign_photos(source, min_photos)
     class_map = assigned.class_map
     class_spec = class_map.get_class(class_key)
@@ -140,8 +144,18 @@ def prepare_instances(source: PhotoSource, class_key: str, instance_keys: Sequen
     wanted = list(instance_keys) or list(class_spec.instances)
     for key in chosen_tokens or {}:
         class_map.get_instance(class_key, key)  # an unknown instance is named, not ignored
-    token_of = assign_catalogue_tokens(workdir, class_map, tokenizer,
-                                       {f"{class_key}/{key}": token for key, token in (chosen_tokens or {}).items()})
+    if new_token_vectors is None:
+        token_of = assign_catalogue_tokens(workdir, class_map, tokenizer,
+                                           {f"{class_key}/{key}": token for key, token in (chosen_tokens or {}).items()})
+    else:
+        token_of = {}
+        for key in wanted:
+            token = (chosen_tokens or {}).get(key) or tokens.new_token_for(class_key, key)
+            tokens.check_new_token(token, tokenizer, new_token_vectors, f"{class_key}/{key}")
+            token_of[f"{class_key}/{key}"] = token
+        if len(set(token_of.values())) < len(token_of):
+            raise CatalogError(f"class '{class_key}': two instances were given the same new token "
+                               f"({', '.join(sorted(token_of.values()))})")
     minimum = min_photos or class_map.min_photos
     groups = assigned.groups()
     skipped = [s for s in assigned.skipped if s.kind != "too_few_photos" or s.item.startswith(f"{class_key}/")]
@@ -233,7 +247,7 @@ def train_class(source: PhotoSource, class_key: str, instance_keys: Sequence[str
 
     from accelerate import PartialState
 
-    from catalog_gen.train import training
+    from catalog_gen.train import methods, training
 
     state = PartialState(cpu=use_cpu()) if distributed else _ThisProcessOnly(PartialState(cpu=use_cpu()).device)
     workdir = Path(workdir)
@@ -246,8 +260,10 @@ def train_class(source: PhotoSource, class_key: str, instance_keys: Sequence[str
         tokenizer = load_tokenizer(model)
         # 2-4. Photos -> instances -> clean training sets -> rare tokens.
         try:
-            prepared, skipped = prepare_instances(source, class_key, instance_keys, workdir, config.resolution,
-                                                  tokenizer, config.min_photos, chosen_tokens)
+            method = methods.method_of(config)
+            prepared, skipped = prepare_instances(
+                source, class_key, instance_keys, workdir, config.resolution, tokenizer, config.min_photos,
+                chosen_tokens, new_token_vectors=config.embedding_vectors if method.new_tokens else None)
         except tokens.NoBpeMerges as error:
             raise CatalogError(f"base model '{config.base_model}': {error}") from None
     # The other processes redo the intake after the main one and swap the dataset folders;
@@ -278,7 +294,8 @@ def train_class(source: PhotoSource, class_key: str, instance_keys: Sequence[str
         job = training.InstanceJob(
             class_key, item.instance_key, item.token,
             class_spec.instance_prompt_for(item.instance_key, item.token), class_spec.class_prompt,
-            item.photos, checkpoint_folder(workdir, class_key, item.instance_key), class_images)
+            item.photos, checkpoint_folder(workdir, class_key, item.instance_key), class_images,
+            initializer=class_spec.noun)
         fingerprint = training.training_fingerprint(config, job, base_fingerprint, item.photo_hashes)
         folder = adapter_folder(workdir, class_key, item.instance_key)
         try:
@@ -375,7 +392,9 @@ def _train_one(components, config, job, item, model: BaseModel, base_fingerprint
     record = {
         "class": job.class_key,
         "instance": job.instance_key,
+        "method": config.method,
         "token": job.token,
+        "tokens": list(result.tokens) or [job.token],
         "instance_prompt": job.instance_prompt,
         "class_prompt": job.class_prompt,
         "base_model": {"spec": model.spec, "source": model.source, "path": str(model.path),

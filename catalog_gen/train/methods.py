@@ -1,0 +1,50 @@
+"""What each fine-tuning method trains, in one place (`catalog train --method`).
+
+    dreambooth-lora    a LoRA on the UNet (text encoder optional), bound to a rare token the vocabulary
+                       already has; the seeds' default (004)
+    textual-inversion  new token embeddings only; the base model is untouched (seed 002)
+    pivotal            new token embeddings and a LoRA trained together, the embeddings for the first
+                       `embedding_fraction` of the steps (seed 000; the diffusers advanced scripts)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from catalog_gen.config import METHODS, TrainConfig
+
+LORA_SETTINGS = frozenset({"lora_rank", "lora_alpha", "lora_dropout", "learning_rate", "train_text_encoder",
+                           "text_encoder_lr"})
+EMBEDDING_SETTINGS = frozenset({"embedding_vectors", "embedding_lr", "embedding_fraction"})
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    lora: bool
+    """Trains a LoRA (UNet, and the text encoder with train_text_encoder)."""
+    new_tokens: bool
+    """Learns new token embeddings; its token is new to the vocabulary, not a rare existing one."""
+    unused: frozenset[str]
+    """Recipe settings that change nothing this method trains (left out of its training fingerprint)."""
+
+
+_ALL = {
+    "dreambooth-lora": Method("dreambooth-lora", lora=True, new_tokens=False, unused=EMBEDDING_SETTINGS),
+    "textual-inversion": Method("textual-inversion", lora=False, new_tokens=True,
+                                unused=LORA_SETTINGS | {"embedding_fraction"}),
+    "pivotal": Method("pivotal", lora=True, new_tokens=True, unused=frozenset()),
+}
+assert tuple(_ALL) == METHODS, "config.METHODS and the methods described here must be the same list"
+
+
+def method_of(config: TrainConfig) -> Method:
+    return _ALL[config.method]
+
+
+def embedding_steps(config: TrainConfig) -> int:
+    """Steps during which the new embeddings learn: all of them for textual inversion, the first
+    embedding_fraction for pivotal (at least one)."""
+    if config.method == "pivotal":
+        return max(1, round(config.steps * config.embedding_fraction))
+    return config.steps

@@ -1,0 +1,226 @@
+"""Textual inversion and pivotal tuning end to end on the tiny preset: what each trains and writes, exact
+resume with the learned tokens, loading in plain diffusers, and attach/detach leaving the base model."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import crash_in_training_step
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from catalog_gen.config import TrainConfig, build_config, read_recipe
+from catalog_gen.errors import CatalogError
+from catalog_gen.train.adapters import adapter_weights, attach, detach, read_adapter
+from catalog_gen.train.checkpoints import list_checkpoints
+from catalog_gen.train.workflow import train_class
+from test_training import _source, tiny_config
+
+pytestmark = pytest.mark.slow
+
+
+def method_config(method: str, **overrides) -> TrainConfig:
+    # embedding_lr high enough that 6 steps move the tiny model's embeddings visibly.
+    return tiny_config(**{"method": method, "embedding_lr": 5e-2, **overrides})
+
+
+@pytest.fixture(scope="module")
+def trained(sample_catalogue, tmp_path_factory):
+    """ring/band with each method; textual inversion with two vectors, to cover multi-vector tokens."""
+    found = {}
+    for method, extra in (("textual-inversion", {"embedding_vectors": 2}), ("pivotal", {})):
+        workdir = tmp_path_factory.mktemp(method)
+        summary = train_class(_source(sample_catalogue), "ring", ["band"], workdir, method_config(method, **extra))
+        assert [o.status for o in summary.outcomes] == ["trained"], summary.outcomes
+        found[method] = read_adapter(workdir / "adapters" / "ring" / "band")
+    return found
+
+
+def _image(pipeline, prompt: str) -> np.ndarray:
+    from catalog_gen.models.sampling import draw
+
+    return np.asarray(draw(pipeline, [prompt], [3], steps=3, resolution=64)[0]).astype(np.int16)
+
+
+def _initial_vector(tiny_model, noun: str) -> torch.Tensor:
+    from catalog_gen.models.loading import load_tokenizer
+    from transformers import CLIPTextModel
+
+    tokenizer = load_tokenizer(tiny_model)
+    encoder = CLIPTextModel.from_pretrained(tiny_model.path, subfolder="text_encoder")
+    ids = tokenizer(noun, add_special_tokens=False).input_ids
+    return encoder.get_input_embeddings().weight[ids].mean(dim=0).detach()
+
+
+def test_textual_inversion_learns_new_tokens_and_nothing_else(trained, tiny_model):
+    info = trained["textual-inversion"]
+    record = info.record
+    assert record["method"] == "textual-inversion" and info.token == "<ring-band>"
+    assert info.tokens == ["<ring-band>", "<ring-band>_1"]
+    assert "<ring-band>" in record["instance_prompt"]
+    assert record["files"] == {"diffusers": None, "kohya": None, "embeddings": "learned_embeds.safetensors"}
+    assert not info.has_lora and not (info.folder / "pytorch_lora_weights.safetensors").exists()
+    vectors = load_file(str(info.embeddings_file))
+    assert list(vectors) == ["<ring-band>"] and vectors["<ring-band>"].shape[0] == 2
+    # Both vectors started at the class noun's embedding and moved from it.
+    start = _initial_vector(tiny_model, "ring")
+    assert all(not torch.allclose(row, start, atol=1e-4) for row in vectors["<ring-band>"])
+    assert len(record["loss_curve"]) == 6
+    # Every checkpoint holds the embeddings and nothing of a LoRA.
+    for _, folder in list_checkpoints(info.folder.parents[2] / "checkpoints" / "ring" / "band"):
+        assert list(load_file(str(folder / "lora.safetensors"))) == ["token_embeddings"]
+
+
+def test_textual_inversion_loads_in_plain_diffusers_and_detach_restores_the_base(trained, tiny_model):
+    from catalog_gen.models.loading import load_pipeline
+
+    info = trained["textual-inversion"]
+    prompt = info.record["instance_prompt"]
+    pipeline = load_pipeline(tiny_model)
+    base = _image(pipeline, prompt)
+    vocab_before = len(pipeline.tokenizer)
+    embedding_before = pipeline.text_encoder.get_input_embeddings()
+
+    # Plain diffusers, from the file alone: the multi-vector embedding gets tokens <ring-band>, <ring-band>_1.
+    plain = load_pipeline(tiny_model)
+    plain.load_textual_inversion(str(info.embeddings_file))
+    assert "<ring-band>_1" in plain.tokenizer.get_vocab()
+    from_diffusers = _image(plain, prompt)
+    assert not np.array_equal(from_diffusers, base)
+
+    attached = attach(pipeline, adapter_weights(info), "test")
+    assert np.array_equal(_image(pipeline, prompt), from_diffusers)
+    detach(pipeline, attached)
+    assert len(pipeline.tokenizer) == vocab_before
+    assert pipeline.text_encoder.get_input_embeddings() is embedding_before
+    assert np.array_equal(_image(pipeline, prompt), base)
+
+
+def test_pivotal_trains_embeddings_for_a_fraction_then_only_the_lora(trained):
+    info = trained["pivotal"]
+    assert info.record["method"] == "pivotal" and info.tokens == ["<ring-band>"]
+    checkpoints = dict(list_checkpoints(info.folder.parents[2] / "checkpoints" / "ring" / "band"))
+    at = {step: load_file(str(folder / "lora.safetensors")) for step, folder in checkpoints.items()}
+    # embedding_fraction 0.5 of 6 steps: the embeddings learn in steps 1-3 and hold still after.
+    assert not torch.equal(at[2]["token_embeddings"], at[4]["token_embeddings"])
+    assert torch.equal(at[4]["token_embeddings"], at[6]["token_embeddings"])
+    lora_keys = [k for k in at[4] if "lora" in k]
+    assert lora_keys and any(not torch.equal(at[4][k], at[6][k]) for k in lora_keys)
+    # The finished files: the LoRA (diffusers, kohya) and the embeddings as the advanced scripts write them.
+    embeddings = load_file(str(info.embeddings_file))
+    assert info.embeddings_file.name == "ring_band_emb.safetensors" and list(embeddings) == ["clip_l"]
+    assert torch.equal(embeddings["clip_l"], at[6]["token_embeddings"])
+    kohya = load_file(str(info.kohya_file))
+    assert torch.equal(kohya["bundle_emb.<ring-band>.string_to_param.*"], embeddings["clip_l"])
+
+
+def test_pivotal_loads_in_plain_diffusers_like_the_advanced_scripts(trained, tiny_model):
+    from catalog_gen.models.loading import load_pipeline
+
+    info = trained["pivotal"]
+    prompt = info.record["instance_prompt"]
+    pipeline = load_pipeline(tiny_model)
+    base = _image(pipeline, prompt)
+    pipeline.load_lora_weights(str(info.folder), weight_name=info.diffusers_file.name)
+    lora_only = _image(pipeline, prompt)
+    state = load_file(str(info.embeddings_file))
+    pipeline.load_textual_inversion(state["clip_l"][0], token="<ring-band>", text_encoder=pipeline.text_encoder,
+                                    tokenizer=pipeline.tokenizer)
+    both = _image(pipeline, prompt)
+    assert not np.array_equal(lora_only, base) and not np.array_equal(both, lora_only)
+
+    fresh = load_pipeline(tiny_model)
+    attached = attach(fresh, adapter_weights(info), "test")
+    assert np.array_equal(_image(fresh, prompt), both)
+    detach(fresh, attached)
+    assert np.array_equal(_image(fresh, prompt), base)
+
+
+@pytest.mark.parametrize("method", ["textual-inversion", "pivotal"])
+def test_resume_after_interruption_gives_the_same_tokens_and_lora(method, trained, sample_catalogue, tmp_path):
+    source = _source(sample_catalogue)
+    extra = {"embedding_vectors": 2} if method == "textual-inversion" else {}
+    with pytest.raises(InterruptedError):
+        train_class(source, "ring", ["band"], tmp_path, method_config(method, **extra),
+                    progress=crash_in_training_step(4))
+    summary = train_class(source, "ring", ["band"], tmp_path, method_config(method, **extra), resume=True)
+    assert summary.outcomes[0].status == "trained"
+    resumed, reference = read_adapter(tmp_path / "adapters" / "ring" / "band"), trained[method]
+    assert resumed.record["resumed_from_step"] == 2
+    assert resumed.record["loss_curve"] == reference.record["loss_curve"]
+    assert resumed.record["fingerprint"] == reference.record["fingerprint"]
+    files = [resumed.embeddings_file.name] + ([resumed.diffusers_file.name] if resumed.has_lora else [])
+    for name in files:
+        a, b = load_file(str(resumed.folder / name)), load_file(str(reference.folder / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_new_token_already_in_the_vocabulary_is_refused(sample_catalogue, tmp_path):
+    with pytest.raises(CatalogError, match=r"ring/band: new token 'ring' is already in the tokenizer's vocabulary"):
+        train_class(_source(sample_catalogue), "ring", ["band"], tmp_path, method_config("textual-inversion"),
+                    chosen_tokens={"band": "ring"})
+
+
+def test_method_settings_are_validated():
+    with pytest.raises(CatalogError, match="method must be one of dreambooth-lora, textual-inversion, pivotal"):
+        TrainConfig(method="hypernetwork")
+    with pytest.raises(CatalogError, match="textual-inversion trains token embeddings only"):
+        TrainConfig(method="textual-inversion", train_text_encoder=True)
+    with pytest.raises(CatalogError, match="embedding_fraction"):
+        TrainConfig(method="pivotal", embedding_fraction=0.0)
+
+
+def test_each_methods_fingerprint_leaves_out_the_settings_it_does_not_use():
+    from catalog_gen.train.training import InstanceJob, training_fingerprint
+
+    job = InstanceJob("ring", "band", "kqi", "photo of kqi ring", "photo of ring", (), Path("unused"))
+    config = TrainConfig(resolution=64, optimizer="adamw", mixed_precision="no")
+    assert training_fingerprint(config, job, "base", ["h"]) == training_fingerprint(
+        replace(config, embedding_lr=1.0, embedding_vectors=3), job, "base", ["h"])
+    ti = replace(config, method="textual-inversion")
+    assert training_fingerprint(ti, job, "base", ["h"]) == training_fingerprint(
+        replace(ti, lora_rank=16), job, "base", ["h"])
+    assert training_fingerprint(ti, job, "base", ["h"]) != training_fingerprint(
+        replace(ti, embedding_lr=1.0), job, "base", ["h"])
+
+
+def test_catalog_generate_takes_each_methods_adapter_and_leaves_nothing_behind(sample_catalogue, tmp_path):
+    """band (pivotal) and signet (textual inversion) in one nightly run, the base model's images drawn for
+    each: a base image drawn after the other instance's adapter came off equals one from a run that never
+    loaded it, and each adapter changes its candidates. (A textual-inversion leftover could only show in
+    prompts with its own token; attach/detach's own test checks that one.)"""
+    import polars as pl
+    from PIL import Image
+
+    from catalog_gen.config import GenerateConfig
+    from catalog_gen.generate.generation import GenerationRequest, generate
+    from catalog_gen.layout import BASE_DIR
+
+    workdir, source = tmp_path / "work", _source(sample_catalogue)
+    quick = dict(checkpoint_every=0, validation_images=0)
+    train_class(source, "ring", ["band"], workdir, method_config("pivotal", **quick))
+    train_class(source, "ring", ["signet"], workdir, method_config("textual-inversion", embedding_vectors=2, **quick))
+    config = replace(build_config(GenerateConfig, read_recipe("tiny_nightly", "generate"), {}), base_images=1,
+                     n_images=1, max_extra=0)
+    rows = {"band": "RG-BAND-1,ring,band\n", "signet": "RG-SIGN-1,ring,signet\n"}
+
+    def run(name: str, instances: list[str]):
+        sheet = tmp_path / f"{name}.csv"
+        sheet.write_text("sku,class,instance\n" + "".join(rows[i] for i in instances))
+        summary = generate(GenerationRequest(sheet, workdir, tmp_path / name), config)
+        assert not summary.errors, summary.errors
+        return tmp_path / name
+
+    # Instances run in key order: band's LoRA, if left on, would change signet's base images.
+    both, alone = run("both", ["band", "signet"]), {i: run(i, [i]) for i in rows}
+    manifest = pl.read_parquet(both / "manifest.parquet")
+    for instance, sku in (("band", "RG-BAND-1"), ("signet", "RG-SIGN-1")):
+        [folder] = [p.parent.name for p in (alone[instance] / BASE_DIR).glob("*/0.png")]
+        base = np.asarray(Image.open(both / BASE_DIR / folder / "0.png"))
+        assert np.array_equal(base, np.asarray(Image.open(alone[instance] / BASE_DIR / folder / "0.png")))
+        candidate = manifest.filter((pl.col("sku") == sku) & (pl.col("candidate") == 0))["path"][0]
+        assert not np.array_equal(base, np.asarray(Image.open(both / candidate)))
