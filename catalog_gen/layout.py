@@ -94,6 +94,10 @@ SWEEP_POINTS_DIR = "points"
 SWEEP_POINT_RESULT = "result.json"
 SWEEP_TABLE = "results.parquet"
 SWEEP_SUMMARY = "results.md"
+SWEEP_POINT_IMAGES = "images"
+COMPARE_TABLE = "compare.parquet"
+COMPARE_SUMMARY = "compare.md"
+COMPARE_GRID = "grid.png"
 
 
 def eval_folder(workdir: Path, class_key: str) -> Path:
@@ -107,6 +111,16 @@ def sweep_folder(workdir: Path, name: str) -> Path:
 def sweep_point_folder(sweep_dir: Path, point_id: str) -> Path:
     """One grid point: its own workdir (adapter, checkpoints) and, written last, its result."""
     return Path(sweep_dir) / SWEEP_POINTS_DIR / point_id
+
+
+def sweep_point_images(point_folder: Path, base: bool) -> Path:
+    """A grid point's evaluation images: the base model's (same prompts and seeds) or its final adapter's."""
+    return Path(point_folder) / SWEEP_POINT_IMAGES / ("base" if base else "final")
+
+
+def compare_name(class_key: str, instance_key: str) -> str:
+    """The sweep `catalog compare` runs (its folder under WORKDIR/sweeps/)."""
+    return f"compare-{class_key}-{instance_key}"
 
 
 def sample_folder(workdir: Path) -> Path:

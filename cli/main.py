@@ -269,24 +269,64 @@ def sweep_command(
 ) -> None:
     """Train and evaluate every point of a grid; rerun to finish an interrupted sweep."""
     from catalog_gen.cli.progress import Bars
-    from catalog_gen.config import TrainConfig, build_config, read_recipe
-    from catalog_gen.evaluate.evaluation import EvalConfig
+    from catalog_gen.config import read_recipe
     from catalog_gen.evaluate.sweep import parse_grid_option, run_sweep
     from catalog_gen.train.workflow import PhotoSource
 
-    origin = f"recipe {recipe}" if recipe else "options"
-    train_config = build_config(TrainConfig, read_recipe(recipe, "train"), {}, origin=origin)
-    eval_config = build_config(EvalConfig, read_recipe(recipe, "eval"), {}, origin=origin)
+    train_config, eval_config = _train_and_eval_configs(recipe)
     axes = parse_grid_option(grid) if grid else read_recipe(recipe, "sweep")
     bars = Bars(quiet)
     out = run_sweep(PhotoSource(photos, products, class_map), class_key, instance, workdir, name, axes,
                     train_config, eval_config, progress=bars.training(None), steps_progress=bars.counter("step"))
-    from accelerate import PartialState
-
-    if not PartialState().is_main_process:  # under accelerate launch one process prints the table
+    if not _is_main_process():  # under accelerate launch one process prints the table
         return
     typer.echo((out / layout.SWEEP_SUMMARY).read_text())
     typer.echo(f"results: {out / layout.SWEEP_TABLE}, plots in {out}")
+
+
+def _train_and_eval_configs(recipe: str | None):
+    """A recipe's [train] and [eval] sections as validated configs (sweep, compare)."""
+    from catalog_gen.config import TrainConfig, build_config, read_recipe
+    from catalog_gen.evaluate.evaluation import EvalConfig
+
+    origin = f"recipe {recipe}" if recipe else "options"
+    return (build_config(TrainConfig, read_recipe(recipe, "train"), {}, origin=origin),
+            build_config(EvalConfig, read_recipe(recipe, "eval"), {}, origin=origin))
+
+
+def _is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+@app.command("compare")
+@handles_errors
+def compare_command(
+    class_key: Annotated[str, typer.Option("--class", help="Product class.")],
+    instance: Annotated[str, typer.Option("--instance", help="The instance every method trains on.")],
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated: dreambooth-lora,textual-inversion,pivotal.")] = "dreambooth-lora,textual-inversion,pivotal",
+    photos: Annotated[Optional[Path], typer.Option("--photos", help="Photo folder (see `train`).")] = None,
+    products: Annotated[Optional[Path], typer.Option("--products", help="products.csv (see `train`).")] = None,
+    workdir: Workdir = Path("catalog-work"),
+    class_map: ClassMapOpt = "jewelry",
+    recipe: Annotated[Optional[str], typer.Option(help="TOML recipe with [train] and [eval] sections (every method reads its own settings from [train]).")] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Train each method on the same photos and evaluate them with the same prompts and seeds; rerun to finish."""
+    from catalog_gen.cli.progress import Bars
+    from catalog_gen.evaluate.compare import parse_methods, run_compare
+    from catalog_gen.train.workflow import PhotoSource
+
+    chosen = parse_methods(methods)
+    train_config, eval_config = _train_and_eval_configs(recipe)
+    bars = Bars(quiet)
+    out = run_compare(PhotoSource(photos, products, class_map), class_key, instance, workdir, chosen,
+                      train_config, eval_config, progress=bars.training(None), steps_progress=bars.counter("step"))
+    if not _is_main_process():
+        return
+    typer.echo((out / layout.COMPARE_SUMMARY).read_text())
+    typer.echo(f"table: {out / layout.COMPARE_TABLE}, grid: {out / layout.COMPARE_GRID}")
 
 
 @app.command("report")

@@ -224,3 +224,45 @@ def test_catalog_generate_takes_each_methods_adapter_and_leaves_nothing_behind(s
         assert np.array_equal(base, np.asarray(Image.open(alone[instance] / BASE_DIR / folder / "0.png")))
         candidate = manifest.filter((pl.col("sku") == sku) & (pl.col("candidate") == 0))["path"][0]
         assert not np.array_equal(base, np.asarray(Image.open(both / candidate)))
+
+
+def test_catalog_compare_trains_and_evaluates_every_method_on_the_same_photos(sample_catalogue, tmp_path):
+    import polars as pl
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from catalog_gen.cli.main import app
+
+    args = ["compare", "--class", "ring", "--instance", "band", "--photos", str(sample_catalogue.photos_dir),
+            "--products", str(sample_catalogue.products_csv), "--workdir", str(tmp_path), "--recipe", "tiny_sweep",
+            "--quiet"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "sweeps" / "compare-ring-band"
+    assert "| dreambooth-lora |" in result.output and "| pivotal |" in result.output
+    table = pl.read_parquet(out / "compare.parquet")
+    assert table["method"].to_list() == ["dreambooth-lora", "textual-inversion", "pivotal"]
+    for metric in ("clip_i", "dino", "clip_t", "kid_photos", "fid_photos", "kid_base", "fid_base", "train_seconds"):
+        assert table[metric].is_finite().all(), metric
+    rows = {row["method"]: row for row in table.iter_rows(named=True)}
+    # One 32-dimensional vector for textual inversion; the LoRA's A and B matrices for the others.
+    assert rows["textual-inversion"]["trained_parameters"] == 32
+    assert rows["pivotal"]["trained_parameters"] == rows["dreambooth-lora"]["trained_parameters"] + 32
+    assert rows["textual-inversion"]["weights_bytes"] < rows["dreambooth-lora"]["weights_bytes"]
+    assert table["peak_cuda_memory_bytes"].is_null().all()  # a CPU run: not measured, not zero
+    with Image.open(out / "grid.png") as grid:
+        assert grid.size == (130 + 4 * 96, 5 * 96)  # photos, base model, three methods
+    # A rerun finds every method finished and only tabulates again.
+    finished = {p: p.stat().st_mtime_ns for p in out.glob("points/*/adapters/ring/band/adapter.json")}
+    assert len(finished) == 3
+    rerun = CliRunner().invoke(app, args)
+    assert rerun.exit_code == 0, rerun.output
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished
+    assert pl.read_parquet(out / "compare.parquet").drop("train_seconds").equals(table.drop("train_seconds"))
+
+
+def test_compare_refuses_an_unknown_method_before_training():
+    from catalog_gen.evaluate.compare import parse_methods
+
+    with pytest.raises(CatalogError, match="unknown method.*hypernetwork.*choose from dreambooth-lora"):
+        parse_methods("dreambooth-lora,hypernetwork")

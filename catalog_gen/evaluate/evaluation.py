@@ -205,9 +205,11 @@ def score_images(models: EvalModels, config: EvalConfig, images, photo_features,
 
 def evaluate_instance(models: EvalModels, config: EvalConfig, workdir: Path, class_spec, instance_key: str,
                       resolution: int | None = None,
-                      progress: Callable[[str, int, int], None] | None = None) -> list[dict]:
+                      progress: Callable[[str, int, int], None] | None = None,
+                      on_images: Callable[[int, list], None] | None = None) -> list[dict]:
     """One row per saved checkpoint of one instance's adapter; progress(label, done, total) per image set
-    drawn (the base model's, then each checkpoint's)."""
+    drawn (the base model's, then each checkpoint's); on_images(step, images) hears each set (step 0: the
+    base model's), for callers that keep them."""
     import warnings
 
     from catalog_gen.generate.generation import use_prompt_noun
@@ -236,6 +238,8 @@ def evaluate_instance(models: EvalModels, config: EvalConfig, workdir: Path, cla
     if progress is not None:
         progress(label, 0, len(checkpoints) + 1)
     base_images = render()  # the base model, same prompts and seeds
+    if on_images is not None:
+        on_images(0, base_images)
     base_features = models.extractor.embed_images(base_images).numpy()
     if progress is not None:
         progress(label, 1, len(checkpoints) + 1)
@@ -247,6 +251,8 @@ def evaluate_instance(models: EvalModels, config: EvalConfig, workdir: Path, cla
             images = render()
         finally:
             detach(models.pipeline, attached)
+        if on_images is not None:
+            on_images(step, images)
         with warnings.catch_warnings():
             # Small catalogues: KID shrinks its subsets and FID's covariance is singular. Both
             # are expected here and recorded in the row (n_photos, n_generated) instead.

@@ -1,11 +1,12 @@
 """`catalog sweep`: train and evaluate every point of a hyperparameter grid, resumably.
 
-The axes are the questions of the seed reports: training steps, LoRA rank, learning rate,
-number of training photos, prior preservation, inference steps and scheduler.
+The axes are the questions of the seed reports: the fine-tuning method, training steps, LoRA rank,
+learning rate, number of training photos, prior preservation, inference steps and scheduler.
 
 WORKDIR/sweeps/<name>/
     sweep.json                 the grid and the base settings (a rerun must match)
     points/<id>/               one grid point: its own workdir (adapter, checkpoints)
+    points/<id>/images/        the final adapter's evaluation images and the base model's (base/, final/)
     points/<id>/result.json    written last: the point is finished and is not redone
     results.parquet, results.md, <axis>-<metric>.png
 """
@@ -27,6 +28,9 @@ from catalog_gen.storage import atomic_path, atomic_write_json, atomic_write_tex
 
 # axis -> (which config it changes, the field it sets)
 AXES = {
+    "method": ("train", "method"),
+    "embedding_lr": ("train", "embedding_lr"),
+    "embedding_vectors": ("train", "embedding_vectors"),
     "steps": ("train", "steps"),
     "lora_rank": ("train", "lora_rank"),
     "learning_rate": ("train", "learning_rate"),
@@ -131,7 +135,14 @@ def run_sweep(source, class_key: str, instance_key: str, workdir: Path, name: st
         if models is None:  # one base pipeline for every point; reference embeddings cached for the sweep
             models = load_eval_models(train_config.base_model, eval_config, sweep_dir)
         models.pipeline.scheduler = make_scheduler(eval_config.scheduler, models.pipeline.scheduler.config)
-        rows = evaluate_instance(models, eval_config, folder, class_spec, instance_key, progress=steps_progress)
+        final_step = summary.outcomes[0].steps
+
+        def keep_images(step: int, images, folder=folder) -> None:
+            if step in (0, final_step):
+                _save_images(layout.sweep_point_images(folder, base=step == 0), images)
+
+        rows = evaluate_instance(models, eval_config, folder, class_spec, instance_key, progress=steps_progress,
+                                 on_images=keep_images)
         atomic_write_json(folder / layout.SWEEP_POINT_RESULT, {"point": point, "lora_alpha": train_config.resolved_lora_alpha,
                                                    "metrics": rows[-1]})
         report(label, 1, 1)
@@ -142,6 +153,12 @@ def run_sweep(source, class_key: str, instance_key: str, workdir: Path, name: st
         _tabulate(sweep_dir, points, evaluation.select_by)
     state.wait_for_everyone()  # every process returns only once the table it may read exists
     return sweep_dir
+
+
+def _save_images(folder: Path, images) -> None:
+    for index, image in enumerate(images):
+        with atomic_path(folder / f"{index:02d}.png") as tmp:
+            image.save(tmp, format="PNG")
 
 
 def _claim(sweep_dir: Path, grid, train: TrainConfig, evaluation: EvalConfig, class_key: str, instance_key: str) -> None:

@@ -375,9 +375,14 @@ def _train_one(components, config, job, item, model: BaseModel, base_fingerprint
                resume, progress) -> TrainOutcome:
     from catalog_gen.train import training
 
+    import torch
+
     started = time.perf_counter()
     workdir = workdir_of_adapter(folder)
     report = progress(job) if progress is not None else None
+    on_cuda = is_cuda(components.device)
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(components.device)
     try:
         def on_checkpoint(step: int) -> None:
             if config.validation_images and hasattr(report, "note"):  # the bar would look frozen meanwhile
@@ -410,7 +415,9 @@ def _train_one(components, config, job, item, model: BaseModel, base_fingerprint
         "class_images": len(job.class_images),
         "loss_curve": result.state.losses,
         "timings": {"train_seconds": round(result.state.seconds, 3),
-                    "steps_per_second_last_session": round(result.steps_per_second, 3)},
+                    "steps_per_second_last_session": round(result.steps_per_second, 3),
+                    # CUDA's allocator counts this run's peak; on a CPU there is no per-run figure to record.
+                    "peak_cuda_memory_bytes": torch.cuda.max_memory_allocated(components.device) if on_cuda else None},
         "checkpoints": [path.name for _, path in list_checkpoints(job.checkpoint_dir)],
         "versions": library_versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
