@@ -241,10 +241,14 @@ def test_catalog_compare_trains_and_evaluates_every_method_on_the_same_photos(sa
     out = tmp_path / "sweeps" / "compare-ring-band"
     assert "| dreambooth-lora |" in result.output and "| pivotal |" in result.output
     table = pl.read_parquet(out / "compare.parquet")
-    assert table["method"].to_list() == ["dreambooth-lora", "textual-inversion", "pivotal"]
-    for metric in ("clip_i", "dino", "clip_t", "kid_photos", "fid_photos", "kid_base", "fid_base", "train_seconds"):
+    assert table["method"].to_list() == ["base model (no fine-tuning)", "dreambooth-lora", "textual-inversion",
+                                         "pivotal"]
+    for metric in ("clip_i", "dino", "clip_t", "kid_photos", "fid_photos", "kid_base", "fid_base"):
         assert table[metric].is_finite().all(), metric
+    assert table["train_seconds"][1:].is_finite().all()
     rows = {row["method"]: row for row in table.iter_rows(named=True)}
+    # The base row scores the base model's images against themselves: no distance to the base.
+    assert abs(rows["base model (no fine-tuning)"]["fid_base"]) < 1e-6
     # One 32-dimensional vector for textual inversion; the LoRA's A and B matrices for the others.
     assert rows["textual-inversion"]["trained_parameters"] == 32
     assert rows["pivotal"]["trained_parameters"] == rows["dreambooth-lora"]["trained_parameters"] + 32

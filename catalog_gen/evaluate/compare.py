@@ -50,11 +50,25 @@ def run_compare(source, class_key: str, instance_key: str, workdir: Path, method
     if not PartialState(cpu=use_cpu()).is_main_process:  # under accelerate launch one process writes
         return sweep_dir
     # 3. The comparison table, with what each method cost.
-    rows = [method_row(sweep_dir, class_key, instance_key, method) for method in methods]
+    rows = [base_row(sweep_dir, methods[0])] + [method_row(sweep_dir, class_key, instance_key, m) for m in methods]
     _write_table(sweep_dir, rows, evaluation)
     # 4. The picture grid.
     draw_grid(sweep_dir, class_key, instance_key, methods)
     return sweep_dir
+
+
+def base_row(sweep_dir: Path, method: str) -> dict:
+    """The base model's own images, same prompts and seeds, scored like the methods' (what they improve on)."""
+    from catalog_gen.evaluate.sweep import point_id
+
+    folder = layout.sweep_point_folder(sweep_dir, point_id({"method": method}))
+    result = json.loads((folder / layout.SWEEP_POINT_RESULT).read_text())
+    if "base_metrics" not in result:
+        raise CatalogError(f"{folder}: made by an older catalog-gen, without the base model's scores; delete the "
+                           "folder to redo that method")
+    return {"method": "base model (no fine-tuning)", "steps": 0, **{m: result["base_metrics"][m] for m in METRICS},
+            "train_seconds": None, "weights_bytes": None, "trained_parameters": None,
+            "peak_cuda_memory_bytes": None}
 
 
 def method_row(sweep_dir: Path, class_key: str, instance_key: str, method: str) -> dict:

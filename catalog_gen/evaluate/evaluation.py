@@ -206,10 +206,12 @@ def score_images(models: EvalModels, config: EvalConfig, images, photo_features,
 def evaluate_instance(models: EvalModels, config: EvalConfig, workdir: Path, class_spec, instance_key: str,
                       resolution: int | None = None,
                       progress: Callable[[str, int, int], None] | None = None,
-                      on_images: Callable[[int, list], None] | None = None) -> list[dict]:
+                      on_images: Callable[[int, list], None] | None = None,
+                      base_row: bool = False) -> list[dict]:
     """One row per saved checkpoint of one instance's adapter; progress(label, done, total) per image set
     drawn (the base model's, then each checkpoint's); on_images(step, images) hears each set (step 0: the
-    base model's), for callers that keep them."""
+    base model's), for callers that keep them. base_row: the base model's own images are scored too, as a
+    first row with step 0 (what fine-tuning is measured against)."""
     import warnings
 
     from catalog_gen.generate.generation import use_prompt_noun
@@ -244,15 +246,8 @@ def evaluate_instance(models: EvalModels, config: EvalConfig, workdir: Path, cla
     if progress is not None:
         progress(label, 1, len(checkpoints) + 1)
     rows = []
-    for step, folder in checkpoints:
-        with tempfile.TemporaryDirectory() as scratch:
-            attached = attach(models.pipeline, checkpoint_weights(folder, Path(scratch), adapter), "eval_checkpoint")
-        try:
-            images = render()
-        finally:
-            detach(models.pipeline, attached)
-        if on_images is not None:
-            on_images(step, images)
+
+    def add_row(step: int, images) -> None:
         with warnings.catch_warnings():
             # Small catalogues: KID shrinks its subsets and FID's covariance is singular. Both
             # are expected here and recorded in the row (n_photos, n_generated) instead.
@@ -262,8 +257,21 @@ def evaluate_instance(models: EvalModels, config: EvalConfig, workdir: Path, cla
         rows.append({"class": class_spec.key, "instance": instance_key, "step": step, "extractor": config.extractor,
                      "extractor_model": models.extractor.name,
                      "n_generated": len(images), "n_photos": len(photos), **scores})
+
+    if base_row:
+        add_row(0, base_images)
+    for step, folder in checkpoints:
+        with tempfile.TemporaryDirectory() as scratch:
+            attached = attach(models.pipeline, checkpoint_weights(folder, Path(scratch), adapter), "eval_checkpoint")
+        try:
+            images = render()
+        finally:
+            detach(models.pipeline, attached)
+        if on_images is not None:
+            on_images(step, images)
+        add_row(step, images)
         if progress is not None:
-            progress(label, len(rows) + 1, len(checkpoints) + 1)
+            progress(label, len(rows) + 1 - base_row, len(checkpoints) + 1)
     return rows
 
 

@@ -142,9 +142,9 @@ def run_sweep(source, class_key: str, instance_key: str, workdir: Path, name: st
                 _save_images(layout.sweep_point_images(folder, base=step == 0), images)
 
         rows = evaluate_instance(models, eval_config, folder, class_spec, instance_key, progress=steps_progress,
-                                 on_images=keep_images)
+                                 on_images=keep_images, base_row=True)
         atomic_write_json(folder / layout.SWEEP_POINT_RESULT, {"point": point, "lora_alpha": train_config.resolved_lora_alpha,
-                                                   "metrics": rows[-1]})
+                                                   "metrics": rows[-1], "base_metrics": rows[0]})
         report(label, 1, 1)
     state.wait_for_everyone()
 
