@@ -21,7 +21,7 @@ AUTO = "auto"
 INFERENCE_PRECISION = ("auto", "fp32", "fp16", "bf16")
 ATTENTION = ("sdpa", "xformers")
 LR_SCHEDULES = ("constant", "cosine", "linear")
-METHODS = ("dreambooth-lora", "textual-inversion", "pivotal")
+METHODS = ("dreambooth-lora", "textual-inversion", "pivotal", "dreambooth")
 """Fine-tuning methods `catalog train --method` runs (catalog_gen.train.methods says what each trains)."""
 
 
@@ -30,8 +30,9 @@ class TrainConfig:
     """Fine-tuning hyperparameters for one adapter per instance (DreamBooth-LoRA unless `method` says otherwise)."""
 
     method: str = "dreambooth-lora"
-    """dreambooth-lora (a LoRA bound to a rare existing token), textual-inversion (new token embeddings only)
-    or pivotal (new token embeddings and a LoRA, trained together)."""
+    """dreambooth-lora (a LoRA bound to a rare existing token), textual-inversion (new token embeddings only),
+    pivotal (new token embeddings and a LoRA, trained together) or dreambooth (the whole UNet, and the text
+    encoder with train_text_encoder; learning_rate is then the UNet's: seed 004 used 1e-6)."""
     base_model: str = "tiny"
     """Preset name (tiny, sd15-shape), local diffusers folder, or cached hub id."""
     resolution: int | None = None
@@ -51,7 +52,8 @@ class TrainConfig:
     so changing the rank changes the rank alone; set it to keep one alpha across ranks."""
     lora_dropout: float = 0.0
     train_text_encoder: bool = False
-    """Also put LoRA on the text encoder (then text embeddings cannot be cached)."""
+    """Also train the text encoder: a LoRA on it, or for method dreambooth all of it (then text embeddings
+    cannot be cached)."""
     text_encoder_lr: float = 5e-5
     prior_preservation: bool = False
     """Add the class-prior loss (seed 004 found it no help with 3-7 photos, so off by default)."""

@@ -1,5 +1,6 @@
-"""Textual inversion and pivotal tuning end to end on the tiny preset: what each trains and writes, exact
-resume with the learned tokens, loading in plain diffusers, and attach/detach leaving the base model."""
+"""Textual inversion, pivotal tuning and full DreamBooth end to end on the tiny preset: what each trains and
+writes, exact resume (learned tokens included), loading in plain diffusers, and attach/detach leaving the
+base model."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def method_config(method: str, **overrides) -> TrainConfig:
 def trained(sample_catalogue, tmp_path_factory):
     """ring/band with each method; textual inversion with two vectors, to cover multi-vector tokens."""
     found = {}
-    for method, extra in (("textual-inversion", {"embedding_vectors": 2}), ("pivotal", {})):
+    for method, extra in (("textual-inversion", {"embedding_vectors": 2}), ("pivotal", {}),
+                          ("dreambooth", {"train_text_encoder": True})):
         workdir = tmp_path_factory.mktemp(method)
         summary = train_class(_source(sample_catalogue), "ring", ["band"], workdir, method_config(method, **extra))
         assert [o.status for o in summary.outcomes] == ["trained"], summary.outcomes
@@ -140,10 +142,10 @@ def test_pivotal_loads_in_plain_diffusers_like_the_advanced_scripts(trained, tin
     assert np.array_equal(_image(fresh, prompt), base)
 
 
-@pytest.mark.parametrize("method", ["textual-inversion", "pivotal"])
-def test_resume_after_interruption_gives_the_same_tokens_and_lora(method, trained, sample_catalogue, tmp_path):
+@pytest.mark.parametrize("method", ["textual-inversion", "pivotal", "dreambooth"])
+def test_resume_after_interruption_gives_the_same_weights(method, trained, sample_catalogue, tmp_path):
     source = _source(sample_catalogue)
-    extra = {"embedding_vectors": 2} if method == "textual-inversion" else {}
+    extra = {"textual-inversion": {"embedding_vectors": 2}, "dreambooth": {"train_text_encoder": True}}.get(method, {})
     with pytest.raises(InterruptedError):
         train_class(source, "ring", ["band"], tmp_path, method_config(method, **extra),
                     progress=crash_in_training_step(4))
@@ -153,10 +155,70 @@ def test_resume_after_interruption_gives_the_same_tokens_and_lora(method, traine
     assert resumed.record["resumed_from_step"] == 2
     assert resumed.record["loss_curve"] == reference.record["loss_curve"]
     assert resumed.record["fingerprint"] == reference.record["fingerprint"]
-    files = [resumed.embeddings_file.name] + ([resumed.diffusers_file.name] if resumed.has_lora else [])
+    files = [name for name in resumed.record["files"].values() if name]
+    assert files
     for name in files:
         a, b = load_file(str(resumed.folder / name)), load_file(str(reference.folder / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_full_dreambooth_writes_diffusers_components_that_plain_diffusers_loads(trained, tiny_model):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from catalog_gen.models.loading import load_pipeline
+
+    info = trained["dreambooth"]
+    assert info.record["method"] == "dreambooth" and info.full_parts == ["unet", "text_encoder"]
+    assert not info.has_lora and info.embeddings_file is None
+    prompt = info.record["instance_prompt"]
+    pipeline = load_pipeline(tiny_model)
+    base = _image(pipeline, prompt)
+    base_unet = {k: v.clone() for k, v in pipeline.unet.state_dict().items()}
+
+    # Plain diffusers: the base pipeline with the fine-tuned components swapped in.
+    plain = StableDiffusionPipeline.from_pretrained(
+        tiny_model.path, unet=UNet2DConditionModel.from_pretrained(info.folder, subfolder="unet"),
+        text_encoder=CLIPTextModel.from_pretrained(info.folder, subfolder="text_encoder"),
+        safety_checker=None, requires_safety_checker=False, local_files_only=True)
+    plain.set_progress_bar_config(disable=True)
+    tuned = _image(plain, prompt)
+    assert not np.array_equal(tuned, base)
+    # Every UNet weight moved, not a few.
+    trained_unet = plain.unet.state_dict()
+    moved = sum(not torch.equal(trained_unet[k], base_unet[k]) for k in base_unet)
+    assert moved > 0.9 * len(base_unet)
+
+    attached = attach(pipeline, adapter_weights(info), "test")
+    assert np.array_equal(_image(pipeline, prompt), tuned)
+    detach(pipeline, attached)
+    assert all(torch.equal(pipeline.unet.state_dict()[k], base_unet[k]) for k in base_unet)
+    assert np.array_equal(_image(pipeline, prompt), base)
+
+
+def test_training_full_dreambooth_leaves_the_shared_base_model_as_loaded(sample_catalogue, tmp_path, tiny_model):
+    from catalog_gen.train import training
+
+    config = method_config("dreambooth", steps=2, checkpoint_every=0, validation_images=0, train_text_encoder=True)
+    config = config.resolve_for(64, on_gpu=False)
+    components = training.load_components(tiny_model, config, torch.device("cpu"))
+    before = {name: {k: v.clone() for k, v in getattr(components, name).state_dict().items()}
+              for name in ("unet", "text_encoder")}
+    job = training.InstanceJob("ring", "band", "kqi", "photo of a kqi ring", "photo of a ring",
+                               tuple(sorted((tmp_path / "none").glob("*"))), tmp_path / "ckpt")
+    photos = sorted(sample_catalogue.photos_dir.glob("rg-band-*"))[:2]
+    from catalog_gen.catalog.intake import IntakeConfig, intake_photos, save_training_set
+
+    dataset = save_training_set(intake_photos(photos, sample_catalogue.photos_dir, IntakeConfig(resolution=64)),
+                                tmp_path / "set")
+    job = replace(job, photos=tuple(sorted(dataset.glob("*.png"))))
+    result = training.fit(components, config, job, "test", resume=False)
+    assert any(not torch.equal(result.full_weights["unet"][k], before["unet"][k]) for k in before["unet"])
+    for name, state in before.items():
+        module = getattr(components, name)
+        assert not any(p.requires_grad for p in module.parameters())
+        after = module.state_dict()
+        assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state), name
 
 
 def test_a_new_token_already_in_the_vocabulary_is_refused(sample_catalogue, tmp_path):
@@ -166,7 +228,7 @@ def test_a_new_token_already_in_the_vocabulary_is_refused(sample_catalogue, tmp_
 
 
 def test_method_settings_are_validated():
-    with pytest.raises(CatalogError, match="method must be one of dreambooth-lora, textual-inversion, pivotal"):
+    with pytest.raises(CatalogError, match="method must be one of dreambooth-lora, textual-inversion, pivotal, dreambooth"):
         TrainConfig(method="hypernetwork")
     with pytest.raises(CatalogError, match="textual-inversion trains token embeddings only"):
         TrainConfig(method="textual-inversion", train_text_encoder=True)
@@ -189,10 +251,10 @@ def test_each_methods_fingerprint_leaves_out_the_settings_it_does_not_use():
 
 
 def test_catalog_generate_takes_each_methods_adapter_and_leaves_nothing_behind(sample_catalogue, tmp_path):
-    """band (pivotal) and signet (textual inversion) in one nightly run, the base model's images drawn for
-    each: a base image drawn after the other instance's adapter came off equals one from a run that never
-    loaded it, and each adapter changes its candidates. (A textual-inversion leftover could only show in
-    prompts with its own token; attach/detach's own test checks that one.)"""
+    """band (full DreamBooth), signet (pivotal) and slim (textual inversion) in one nightly run, the base
+    model's images drawn for each: a base image drawn after another instance's adapter came off equals one
+    from a run that never loaded it, and each adapter changes its candidates. (A textual-inversion leftover
+    could only show in prompts with its own token; attach/detach's own test checks that one.)"""
     import polars as pl
     from PIL import Image
 
@@ -202,11 +264,12 @@ def test_catalog_generate_takes_each_methods_adapter_and_leaves_nothing_behind(s
 
     workdir, source = tmp_path / "work", _source(sample_catalogue)
     quick = dict(checkpoint_every=0, validation_images=0)
-    train_class(source, "ring", ["band"], workdir, method_config("pivotal", **quick))
-    train_class(source, "ring", ["signet"], workdir, method_config("textual-inversion", embedding_vectors=2, **quick))
+    train_class(source, "ring", ["band"], workdir, method_config("dreambooth", **quick))
+    train_class(source, "ring", ["signet"], workdir, method_config("pivotal", **quick))
+    train_class(source, "ring", ["slim"], workdir, method_config("textual-inversion", embedding_vectors=2, **quick))
     config = replace(build_config(GenerateConfig, read_recipe("tiny_nightly", "generate"), {}), base_images=1,
                      n_images=1, max_extra=0)
-    rows = {"band": "RG-BAND-1,ring,band\n", "signet": "RG-SIGN-1,ring,signet\n"}
+    rows = {"band": "RG-BAND-1,ring,band\n", "signet": "RG-SIGN-1,ring,signet\n", "slim": "RG-SLIM-1,ring,slim\n"}
 
     def run(name: str, instances: list[str]):
         sheet = tmp_path / f"{name}.csv"
@@ -215,10 +278,11 @@ def test_catalog_generate_takes_each_methods_adapter_and_leaves_nothing_behind(s
         assert not summary.errors, summary.errors
         return tmp_path / name
 
-    # Instances run in key order: band's LoRA, if left on, would change signet's base images.
-    both, alone = run("both", ["band", "signet"]), {i: run(i, [i]) for i in rows}
+    # Instances run in key order: band's weights, if left on, would change signet's base images, and
+    # signet's LoRA slim's.
+    both, alone = run("all", list(rows)), {i: run(i, [i]) for i in rows}
     manifest = pl.read_parquet(both / "manifest.parquet")
-    for instance, sku in (("band", "RG-BAND-1"), ("signet", "RG-SIGN-1")):
+    for instance, sku in (("band", "RG-BAND-1"), ("signet", "RG-SIGN-1"), ("slim", "RG-SLIM-1")):
         [folder] = [p.parent.name for p in (alone[instance] / BASE_DIR).glob("*/0.png")]
         base = np.asarray(Image.open(both / BASE_DIR / folder / "0.png"))
         assert np.array_equal(base, np.asarray(Image.open(alone[instance] / BASE_DIR / folder / "0.png")))

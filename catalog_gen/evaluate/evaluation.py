@@ -177,8 +177,10 @@ def checkpoint_weights(checkpoint: Path, scratch: Path, adapter: AdapterInfo) ->
     from catalog_gen.train.embeddings import EMBEDDINGS_KEY
 
     lora = checkpoint_as_adapter_file(checkpoint, scratch, adapter) if adapter.has_lora else None
-    embeddings = checkpoint_lora(checkpoint)[0].get(EMBEDDINGS_KEY) if adapter.embeddings_file else None
-    return AdapterWeights(lora, embeddings, tuple(adapter.tokens))
+    tensors = checkpoint_lora(checkpoint)[0] if adapter.embeddings_file or adapter.full_parts else {}
+    full = {part: {name[len(part) + 1:]: t for name, t in tensors.items() if name.startswith(part + ".")}
+            for part in adapter.full_parts}
+    return AdapterWeights(lora, tensors.get(EMBEDDINGS_KEY), tuple(adapter.tokens), full or None)
 
 
 def score_images(models: EvalModels, config: EvalConfig, images, photo_features, base_features, text,

@@ -9,6 +9,9 @@
                                        (which names the embedding after the file) read it
     <class>_<instance>_emb.safetensors pivotal: {"clip_l": (vectors, dim)}, as the diffusers advanced
                                        scripts write it (load_textual_inversion(state_dict["clip_l"], token=[...]))
+    unet/, text_encoder/               dreambooth: the fine-tuned components as diffusers model folders
+                                       (config.json + safetensors); the rest is the base model's
+                                       (UNet2DConditionModel.from_pretrained(folder, subfolder="unet"))
     adapter.json                       method, resolved recipe, token(s), prompts, base model and hashes,
                                        library versions, photos with hashes, loss curve, timings
 
@@ -30,6 +33,8 @@ from catalog_gen.train.lora_files import DIFFUSERS_WEIGHTS_NAME, save_diffusers_
 from catalog_gen.storage import atomic_directory, atomic_write_json, sha256_bytes, sha256_file
 
 TEXTUAL_INVERSION_NAME = "learned_embeds.safetensors"
+FULL_PARTS = {"unet": "diffusion_pytorch_model.safetensors", "text_encoder": "model.safetensors"}
+"""Components full DreamBooth writes, with the weight-file names diffusers and transformers look for."""
 PIVOTAL_EMBEDDINGS_KEY = "clip_l"
 """The key the diffusers advanced scripts give SD 1.x's (CLIP-L) embeddings; SDXL adds clip_g."""
 
@@ -69,9 +74,15 @@ class AdapterInfo:
         return list(self.record.get("tokens") or [self.token])
 
     @property
+    def full_parts(self) -> list[str]:
+        """The base model's components this adapter replaces (method dreambooth): "unet", "text_encoder"."""
+        return [part for part in FULL_PARTS if self.record.get("files", {}).get(part)]
+
+    @property
     def weights_hash(self) -> str:
-        """One hash naming the trained weights (the LoRA file's, else the embeddings file's), for PNG metadata."""
-        return self.record.get("weights_sha256") or self.record["embeddings_sha256"]
+        """One hash naming the trained weights (the LoRA file's, the UNet's or the embeddings'), for PNG metadata."""
+        return (self.record.get("weights_sha256") or self.record.get("unet_sha256")
+                or self.record["embeddings_sha256"])
 
     @property
     def photo_paths(self) -> list[Path]:
@@ -107,10 +118,20 @@ def write_adapter(folder: Path, fit_result, record: dict[str, Any], class_key: s
     from safetensors.torch import save_file
 
     method = record["method"]
+    import shutil
+
     files: dict[str, str | None] = {"diffusers": None, "kohya": None, "embeddings": None}
     hashes: dict[str, str] = {}
     unet_config, text_config = fit_result.unet_lora_config, fit_result.text_encoder_lora_config
     with atomic_directory(folder) as staging:
+        for part, state in (fit_result.full_weights or {}).items():
+            # A diffusers model folder: the base model's config beside the trained weights.
+            (staging / part).mkdir()
+            shutil.copyfile(Path(record["base_model"]["path"]) / part / "config.json", staging / part / "config.json")
+            files[part] = f"{part}/{FULL_PARTS[part]}"
+            save_file({name: tensor.contiguous() for name, tensor in state.items()}, str(staging / files[part]),
+                      metadata={"format": "pt"})
+            hashes[f"{part}_sha256"] = sha256_file(staging / files[part])
         embeddings = fit_result.embeddings
         if embeddings is not None:
             files["embeddings"] = embeddings_file_name(method, class_key, instance_key)
@@ -159,6 +180,9 @@ def read_adapter(folder: Path) -> AdapterInfo:
         raise CatalogError(f"adapter {folder}: {DIFFUSERS_WEIGHTS_NAME} is missing")
     if info.embeddings_file is not None and not info.embeddings_file.is_file():
         raise CatalogError(f"adapter {folder}: {info.embeddings_file.name} is missing")
+    for part in info.full_parts:
+        if not (info.folder / record["files"][part]).is_file():
+            raise CatalogError(f"adapter {folder}: {record['files'][part]} is missing")
     return info
 
 
@@ -213,12 +237,17 @@ class AdapterWeights:
     embeddings: Any = None
     """(len(tokens), dim) tensor, or None."""
     tokens: tuple[str, ...] = ()
+    full: dict | None = None
+    """method dreambooth: component name ("unet", "text_encoder") -> its fine-tuned state dict."""
 
 
 def adapter_weights(info: AdapterInfo) -> AdapterWeights:
     """A finished adapter's weights, every file hash-checked."""
+    full = {part: _checked_safetensors(info, info.folder / info.record["files"][part], f"{part}_sha256")
+            for part in info.full_parts}
     return AdapterWeights(load_adapter_weights(info) if info.has_lora else None,
-                          load_embeddings(info) if info.embeddings_file is not None else None, tuple(info.tokens))
+                          load_embeddings(info) if info.embeddings_file is not None else None, tuple(info.tokens),
+                          full or None)
 
 
 @dataclass
@@ -226,6 +255,8 @@ class Attached:
     """What attach() changed, so detach() can put back the very same objects."""
 
     lora: bool
+    replaced: dict | None = None
+    """Component name -> a copy of the base weights a full fine-tune's replaced."""
     tokenizer: Any = None
     embedding: Any = None
     vocab_size: int | None = None
@@ -236,6 +267,14 @@ def attach(pipeline, weights: AdapterWeights, adapter_name: str) -> Attached:
     load_textual_inversion). On failure whatever was put on is taken off again."""
     attached = Attached(lora=False)
     try:
+        if weights.full:
+            attached.replaced = {}
+            for part, state in weights.full.items():
+                module = getattr(pipeline, part)
+                attached.replaced[part] = {name: t.detach().clone() for name, t in module.state_dict().items()}
+                # Copied into the pipeline's own dtype and device. Tensors `state` lacks (a checkpoint holds
+                # parameters, not buffers) keep the base's; a name the module does not have is an error.
+                module.load_state_dict({**attached.replaced[part], **state})
         if isinstance(weights.lora, Path):
             pipeline.load_lora_weights(str(weights.lora.parent), weight_name=weights.lora.name,
                                        adapter_name=adapter_name)
@@ -266,6 +305,8 @@ def detach(pipeline, attached: Attached) -> None:
     """Take attach()'s weights off: the pipeline is the base model again, module for module."""
     if attached.lora:
         pipeline.unload_lora_weights()
+    for part, state in (attached.replaced or {}).items():
+        getattr(pipeline, part).load_state_dict(state)
     if attached.tokenizer is not None:
         pipeline.text_encoder.set_input_embeddings(attached.embedding)
         pipeline.text_encoder.config.vocab_size = attached.vocab_size

@@ -5,6 +5,8 @@
     textual-inversion  new token embeddings only; the base model is untouched (seed 002)
     pivotal            new token embeddings and a LoRA trained together, the embeddings for the first
                        `embedding_fraction` of the steps (seed 000; the diffusers advanced scripts)
+    dreambooth         every UNet weight (and the text encoder's with train_text_encoder), bound to a rare
+                       token; seeds 003 and 004 (diffusers' train_dreambooth.py)
 """
 
 from __future__ import annotations
@@ -25,15 +27,19 @@ class Method:
     """Trains a LoRA (UNet, and the text encoder with train_text_encoder)."""
     new_tokens: bool
     """Learns new token embeddings; its token is new to the vocabulary, not a rare existing one."""
+    full: bool
+    """Fine-tunes the base model's own weights (the UNet, and the text encoder with train_text_encoder)."""
     unused: frozenset[str]
     """Recipe settings that change nothing this method trains (left out of its training fingerprint)."""
 
 
 _ALL = {
-    "dreambooth-lora": Method("dreambooth-lora", lora=True, new_tokens=False, unused=EMBEDDING_SETTINGS),
-    "textual-inversion": Method("textual-inversion", lora=False, new_tokens=True,
+    "dreambooth-lora": Method("dreambooth-lora", lora=True, new_tokens=False, full=False, unused=EMBEDDING_SETTINGS),
+    "textual-inversion": Method("textual-inversion", lora=False, new_tokens=True, full=False,
                                 unused=LORA_SETTINGS | {"embedding_fraction"}),
-    "pivotal": Method("pivotal", lora=True, new_tokens=True, unused=frozenset()),
+    "pivotal": Method("pivotal", lora=True, new_tokens=True, full=False, unused=frozenset()),
+    "dreambooth": Method("dreambooth", lora=False, new_tokens=False, full=True,
+                         unused=EMBEDDING_SETTINGS | {"lora_rank", "lora_alpha", "lora_dropout"}),
 }
 assert tuple(_ALL) == METHODS, "config.METHODS and the methods described here must be the same list"
 

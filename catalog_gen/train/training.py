@@ -14,6 +14,7 @@ state is saved with each checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -90,6 +91,8 @@ class FitResult:
     embeddings: torch.Tensor | None = None
     """The learned token embeddings, one row per token of `tokens` (textual inversion, pivotal)."""
     tokens: tuple[str, ...] = ()
+    full_weights: dict[str, dict[str, torch.Tensor]] | None = None
+    """method dreambooth: the trained state dict of "unet" (and "text_encoder"), by module parameter name."""
 
 
 def weight_dtype_for(config: TrainConfig, device: torch.device) -> torch.dtype:
@@ -340,6 +343,11 @@ def fit(components: Components, config: TrainConfig, job: InstanceJob, fingerpri
 def _fit(components: Components, config: TrainConfig, job: InstanceJob, fingerprint: str, *, resume: bool,
          progress: Callable | None, on_checkpoint: Callable[[int], None] | None) -> FitResult:
     method = methods.method_of(config)
+    if method.full:
+        # The base model's own weights are trained: put back afterwards, for the next instance.
+        with base_weights_restored(components, config.train_text_encoder):
+            return _fit_with(components, config, job, fingerprint, None, resume=resume, progress=progress,
+                             on_checkpoint=on_checkpoint)
     if not method.new_tokens:
         return _fit_with(components, config, job, fingerprint, None, resume=resume, progress=progress,
                          on_checkpoint=on_checkpoint)
@@ -353,6 +361,23 @@ def _fit(components: Components, config: TrainConfig, job: InstanceJob, fingerpr
     with embeddings.new_tokens_applied(components, names, vectors):
         return _fit_with(components, config, job, fingerprint, (names, vectors), resume=resume,
                          progress=progress, on_checkpoint=on_checkpoint)
+
+
+@contextlib.contextmanager
+def base_weights_restored(components: Components, text_encoder_too: bool):
+    """Within: the UNet (and the text encoder) may be trained in place; on exit their weights, dtype and
+    frozen state are the loaded base model's again, bit for bit (a copy is kept in CPU memory)."""
+    modules = [components.unet] + ([components.text_encoder] if text_encoder_too else [])
+    saved = [{name: tensor.detach().to("cpu", copy=True) for name, tensor in module.state_dict().items()}
+             for module in modules]
+    try:
+        yield
+    finally:
+        for module, state in zip(modules, saved):
+            module.to(dtype=components.weight_dtype)
+            module.load_state_dict(state)
+            module.requires_grad_(False)
+            module.eval()
 
 
 def _fit_with(components: Components, config: TrainConfig, job: InstanceJob, fingerprint: str,
@@ -395,7 +420,12 @@ def _fit_with(components: Components, config: TrainConfig, job: InstanceJob, fin
     checkpoint_record = {"recipe": config.to_dict(), "lora_configs": lora_configs, "method": config.method,
                          "tokens": list(new_tokens[0]) if new_tokens else []}
     vectors = new_tokens[1] if new_tokens else None
-    unet_params = _trainable(components.unet, "unet.") if method.lora else {}
+    if method.full:  # every weight of the UNet (and of the text encoder) learns, in fp32 like LoRA weights
+        components.unet.requires_grad_(True)
+        if config.train_text_encoder:
+            components.text_encoder.requires_grad_(True)
+            components.text_encoder.train()
+    unet_params = _trainable(components.unet, "unet.") if method.lora or method.full else {}
     text_params = ({name: p for name, p in _trainable(components.text_encoder, "text_encoder.").items()
                     if p is not vectors} if config.train_text_encoder else {})
     embedding_params = {embeddings.EMBEDDINGS_KEY: vectors} if vectors is not None else {}
@@ -486,7 +516,7 @@ def _fit_with(components: Components, config: TrainConfig, job: InstanceJob, fin
 
     return FitResult(
         unet_layers=peft_layers(components.unet) if method.lora else None,
-        text_encoder_layers=peft_layers(components.text_encoder) if config.train_text_encoder else None,
+        text_encoder_layers=peft_layers(components.text_encoder) if method.lora and config.train_text_encoder else None,
         unet_lora_config=lora_configs["unet"],
         text_encoder_lora_config=lora_configs["text_encoder"],
         state=state,
@@ -494,6 +524,10 @@ def _fit_with(components: Components, config: TrainConfig, job: InstanceJob, fin
         steps_per_second=ran / max(time.perf_counter() - session_started, 1e-9) if ran else 0.0,
         checkpoints=checkpoints_written,
         embeddings=vectors.detach().float().cpu().clone() if vectors is not None else None,
+        full_weights=({part: {name: t.detach().float().cpu().clone() for name, t in module.state_dict().items()}
+                       for part, module, trained in (("unet", components.unet, True),
+                                                     ("text_encoder", components.text_encoder, config.train_text_encoder))
+                       if trained} if method.full else None),
         tokens=tuple(new_tokens[0]) if new_tokens else (),
     )
 
