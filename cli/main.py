@@ -305,24 +305,27 @@ def _is_main_process() -> bool:
 def compare_command(
     class_key: Annotated[str, typer.Option("--class", help="Product class.")],
     instance: Annotated[str, typer.Option("--instance", help="The instance every method trains on.")],
-    methods: Annotated[str, typer.Option("--methods", help="Comma-separated: dreambooth-lora,textual-inversion,pivotal.")] = "dreambooth-lora,textual-inversion,pivotal",
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated, from dreambooth-lora, textual-inversion, pivotal, dreambooth.")] = "dreambooth-lora,textual-inversion,pivotal,dreambooth",
     photos: Annotated[Optional[Path], typer.Option("--photos", help="Photo folder (see `train`).")] = None,
     products: Annotated[Optional[Path], typer.Option("--products", help="products.csv (see `train`).")] = None,
     workdir: Workdir = Path("catalog-work"),
     class_map: ClassMapOpt = "jewelry",
-    recipe: Annotated[Optional[str], typer.Option(help="TOML recipe with [train] and [eval] sections (every method reads its own settings from [train]).")] = None,
+    recipe: Annotated[Optional[str], typer.Option(help="TOML recipe with [train] and [eval] sections, and [compare.<method>] tables of [train] settings for one method only (e.g. the learning rate of dreambooth).")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Train each method on the same photos and evaluate them with the same prompts and seeds; rerun to finish."""
     from catalog_gen.cli.progress import Bars
-    from catalog_gen.evaluate.compare import parse_methods, run_compare
+    from catalog_gen.config import read_recipe
+    from catalog_gen.evaluate.compare import parse_method_settings, parse_methods, run_compare
     from catalog_gen.train.workflow import PhotoSource
 
     chosen = parse_methods(methods)
     train_config, eval_config = _train_and_eval_configs(recipe)
+    per_method = parse_method_settings(read_recipe(recipe, "compare"), f"recipe {recipe}")
     bars = Bars(quiet)
     out = run_compare(PhotoSource(photos, products, class_map), class_key, instance, workdir, chosen,
-                      train_config, eval_config, progress=bars.training(None), steps_progress=bars.counter("step"))
+                      train_config, eval_config, progress=bars.training(None), steps_progress=bars.counter("step"),
+                      method_settings=per_method)
     if not _is_main_process():
         return
     typer.echo((out / layout.COMPARE_SUMMARY).read_text())

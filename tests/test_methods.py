@@ -4,6 +4,7 @@ base model."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -297,8 +298,12 @@ def test_catalog_compare_trains_and_evaluates_every_method_on_the_same_photos(sa
 
     from catalog_gen.cli.main import app
 
+    from catalog_gen.config import _recipe_path
+
+    recipe = tmp_path / "compare.toml"
+    recipe.write_text(_recipe_path("tiny_sweep").read_text() + "\n[compare.dreambooth]\nlearning_rate = 1e-5\n")
     args = ["compare", "--class", "ring", "--instance", "band", "--photos", str(sample_catalogue.photos_dir),
-            "--products", str(sample_catalogue.products_csv), "--workdir", str(tmp_path), "--recipe", "tiny_sweep",
+            "--products", str(sample_catalogue.products_csv), "--workdir", str(tmp_path), "--recipe", str(recipe),
             "--quiet"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -306,7 +311,7 @@ def test_catalog_compare_trains_and_evaluates_every_method_on_the_same_photos(sa
     assert "| dreambooth-lora |" in result.output and "| pivotal |" in result.output
     table = pl.read_parquet(out / "compare.parquet")
     assert table["method"].to_list() == ["base model (no fine-tuning)", "dreambooth-lora", "textual-inversion",
-                                         "pivotal"]
+                                         "pivotal", "dreambooth"]
     for metric in ("clip_i", "dino", "clip_t", "kid_photos", "fid_photos", "kid_base", "fid_base"):
         assert table[metric].is_finite().all(), metric
     assert table["train_seconds"][1:].is_finite().all()
@@ -317,12 +322,17 @@ def test_catalog_compare_trains_and_evaluates_every_method_on_the_same_photos(sa
     assert rows["textual-inversion"]["trained_parameters"] == 32
     assert rows["pivotal"]["trained_parameters"] == rows["dreambooth-lora"]["trained_parameters"] + 32
     assert rows["textual-inversion"]["weights_bytes"] < rows["dreambooth-lora"]["weights_bytes"]
+    assert rows["dreambooth-lora"]["weights_bytes"] < rows["dreambooth"]["weights_bytes"]  # seed 003's sizes
+    # [compare.dreambooth] set that method's learning rate and no other's.
+    records = [json.loads(p.read_text()) for p in out.glob("points/*/adapters/ring/band/adapter.json")]
+    rates = {record["method"]: record["recipe"]["learning_rate"] for record in records}
+    assert rates == {"dreambooth-lora": 1e-3, "textual-inversion": 1e-3, "pivotal": 1e-3, "dreambooth": 1e-5}
     assert table["peak_cuda_memory_bytes"].is_null().all()  # a CPU run: not measured, not zero
     with Image.open(out / "grid.png") as grid:
-        assert grid.size == (130 + 4 * 96, 5 * 96)  # photos, base model, three methods
+        assert grid.size == (130 + 4 * 96, 6 * 96)  # photos, base model, four methods
     # A rerun finds every method finished and only tabulates again.
     finished = {p: p.stat().st_mtime_ns for p in out.glob("points/*/adapters/ring/band/adapter.json")}
-    assert len(finished) == 3
+    assert len(finished) == 4
     rerun = CliRunner().invoke(app, args)
     assert rerun.exit_code == 0, rerun.output
     assert {p: p.stat().st_mtime_ns for p in finished} == finished
@@ -334,3 +344,13 @@ def test_compare_refuses_an_unknown_method_before_training():
 
     with pytest.raises(CatalogError, match="unknown method.*hypernetwork.*choose from dreambooth-lora"):
         parse_methods("dreambooth-lora,hypernetwork")
+
+
+def test_compare_method_settings_name_a_method_and_known_settings():
+    from catalog_gen.evaluate.compare import parse_method_settings
+
+    assert parse_method_settings({"dreambooth": {"learning_rate": 1e-6}}, "r") == {"dreambooth": {"learning_rate": 1e-6}}
+    with pytest.raises(CatalogError, match=r"r: \[compare.hypernetwork\] is not a method"):
+        parse_method_settings({"hypernetwork": {"learning_rate": 1e-6}}, "r")
+    with pytest.raises(CatalogError, match=r"r: \[compare.dreambooth\] unknown setting\(s\) lr"):
+        parse_method_settings({"dreambooth": {"lr": 1e-6}}, "r")

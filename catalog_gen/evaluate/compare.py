@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from catalog_gen import layout
 from catalog_gen.config import METHODS, TrainConfig
@@ -34,15 +34,36 @@ def parse_methods(text: str | Sequence[str]) -> list[str]:
     return names
 
 
+def parse_method_settings(section: Mapping[str, Any], origin: str) -> dict[str, dict]:
+    """A recipe's [compare] section: one table of [train] settings per method, e.g. [compare.dreambooth]
+    learning_rate = 1e-6 (full fine-tuning wants a far smaller rate than a LoRA)."""
+    from dataclasses import fields
+
+    known = {f.name for f in fields(TrainConfig)} - {"method"}
+    found = {}
+    for method, values in section.items():
+        if method not in METHODS:
+            raise CatalogError(f"{origin}: [compare.{method}] is not a method; choose from {', '.join(METHODS)}")
+        if not isinstance(values, dict):
+            raise CatalogError(f"{origin}: [compare] {method} must be a table of [train] settings")
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise CatalogError(f"{origin}: [compare.{method}] unknown setting(s) {', '.join(unknown)}")
+        found[method] = dict(values)
+    return found
+
+
 def run_compare(source, class_key: str, instance_key: str, workdir: Path, methods: Sequence[str],
-                train: TrainConfig, evaluation: EvalConfig, *, progress=None, steps_progress=None) -> Path:
-    """Train and evaluate each method (resuming what a killed run finished), then tabulate and draw."""
+                train: TrainConfig, evaluation: EvalConfig, *, progress=None, steps_progress=None,
+                method_settings: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
+    """Train and evaluate each method (resuming what a killed run finished), then tabulate and draw.
+    method_settings: [train] settings for one method only (parse_method_settings)."""
     from catalog_gen.evaluate.sweep import run_sweep
 
     # 1-2. Each method trained and evaluated as a sweep point.
     sweep_dir = run_sweep(source, class_key, instance_key, workdir, layout.compare_name(class_key, instance_key),
                           {"method": list(methods)}, train, evaluation, progress=progress,
-                          steps_progress=steps_progress)
+                          steps_progress=steps_progress, method_settings=method_settings)
     from accelerate import PartialState
 
     from catalog_gen.train.workflow import use_cpu

@@ -80,16 +80,22 @@ def point_id(point: Mapping[str, Any]) -> str:
     return f"{safe}-{digest}"
 
 
-def configs_for(point: Mapping[str, Any], train: TrainConfig, evaluation: EvalConfig) -> tuple[TrainConfig, EvalConfig]:
-    """The point's settings; each replace() re-runs validation, so a bad grid value is a clear error."""
+def configs_for(point: Mapping[str, Any], train: TrainConfig, evaluation: EvalConfig,
+                method_settings: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[TrainConfig, EvalConfig]:
+    """The point's settings; each replace() re-runs validation, so a bad grid value is a clear error.
+    method_settings: [train] settings per method value (a full fine-tune needs another learning rate than
+    a LoRA), applied under the point's own axes."""
     train_changes = {AXES[a][1]: v for a, v in point.items() if AXES[a][0] == "train"}
+    method = train_changes.get("method", train.method)
+    train_changes = {**(method_settings or {}).get(method, {}), **train_changes}
     eval_changes = {AXES[a][1]: v for a, v in point.items() if AXES[a][0] == "eval"}
     # Checkpoints at the end only: the sweep compares finished runs.
     return replace(train, checkpoint_every=0, validation_images=0, **train_changes), replace(evaluation, **eval_changes)
 
 
 def run_sweep(source, class_key: str, instance_key: str, workdir: Path, name: str, grid: Mapping[str, Sequence[Any]],
-              train: TrainConfig, evaluation: EvalConfig, *, progress=None, steps_progress=None) -> Path:
+              train: TrainConfig, evaluation: EvalConfig, *, progress=None, steps_progress=None,
+              method_settings: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
     """Run every unfinished grid point (shared between processes under accelerate), then tabulate.
     `progress` is train_class's per-instance factory; steps_progress(label, done, total) hears
     "point i of n" and the evaluation of each point."""
@@ -103,7 +109,7 @@ def run_sweep(source, class_key: str, instance_key: str, workdir: Path, name: st
     points = grid_points(grid)
     for point in points:  # every value checked before the first point trains, not when its turn comes
         try:
-            configs_for(point, train, evaluation)
+            configs_for(point, train, evaluation, method_settings)
         except CatalogError as error:
             raise CatalogError(f"sweep point {point}: {error}") from error
     class_map = load_class_map(source.class_map)
@@ -112,7 +118,7 @@ def run_sweep(source, class_key: str, instance_key: str, workdir: Path, name: st
     sweep_dir = layout.sweep_folder(workdir, name)
     # 1. The sweep folder belongs to one grid and one set of base settings.
     if state.is_main_process:
-        _claim(sweep_dir, grid, train, evaluation, class_key, instance_key)
+        _claim(sweep_dir, grid, train, evaluation, class_key, instance_key, method_settings)
     state.wait_for_everyone()
 
     # 2. This process's unfinished points: train, evaluate the final checkpoint, record.
@@ -126,7 +132,7 @@ def run_sweep(source, class_key: str, instance_key: str, workdir: Path, name: st
         if (folder / layout.SWEEP_POINT_RESULT).is_file():
             report(label, 1, 1)
             continue
-        train_config, eval_config = configs_for(point, train, evaluation)
+        train_config, eval_config = configs_for(point, train, evaluation, method_settings)
         summary = train_class(source, class_key, [instance_key], folder, train_config, resume=True,
                               progress=progress, steps_progress=steps_progress, distributed=False)
         if summary.failed or not summary.outcomes:
@@ -161,9 +167,13 @@ def _save_images(folder: Path, images) -> None:
             image.save(tmp, format="PNG")
 
 
-def _claim(sweep_dir: Path, grid, train: TrainConfig, evaluation: EvalConfig, class_key: str, instance_key: str) -> None:
-    settings = json.loads(json.dumps({"grid": grid, "train": train.to_dict(), "eval": evaluation.to_dict(),
-                                      "class": class_key, "instance": instance_key}, default=str))
+def _claim(sweep_dir: Path, grid, train: TrainConfig, evaluation: EvalConfig, class_key: str, instance_key: str,
+           method_settings=None) -> None:
+    settings = {"grid": grid, "train": train.to_dict(), "eval": evaluation.to_dict(), "class": class_key,
+                "instance": instance_key}
+    if method_settings:  # recorded only when set, so sweeps claimed before it existed still match
+        settings["method_settings"] = method_settings
+    settings = json.loads(json.dumps(settings, default=str))
     marker = sweep_dir / layout.SWEEP_JSON
     if marker.is_file():
         defaults = json.loads(json.dumps({"train": TrainConfig().to_dict(), "eval": EvalConfig().to_dict()},
