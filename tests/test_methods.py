@@ -354,3 +354,19 @@ def test_compare_method_settings_name_a_method_and_known_settings():
         parse_method_settings({"hypernetwork": {"learning_rate": 1e-6}}, "r")
     with pytest.raises(CatalogError, match=r"r: \[compare.dreambooth\] unknown setting\(s\) lr"):
         parse_method_settings({"dreambooth": {"lr": 1e-6}}, "r")
+
+
+@pytest.mark.parametrize("method", ["textual-inversion", "pivotal", "dreambooth"])
+def test_catalog_eval_scores_every_checkpoint_of_each_method(method, trained):
+    """Seed 000 follows pivotal tuning over its checkpoints: every checkpoint's own weights are drawn with."""
+    import polars as pl
+
+    from catalog_gen.evaluate.evaluation import EvalConfig, run_eval
+
+    evaluation = build_config(EvalConfig, read_recipe("tiny_sweep", "eval"), {})
+    workdir = trained[method].folder.parents[2]
+    out = run_eval(workdir, "ring", ["band"], evaluation)
+    table = pl.read_parquet(out / "eval.parquet")
+    assert table["step"].to_list() == [2, 4, 6]
+    assert table["clip_i"].is_finite().all()
+    assert table["fid_base"][0] != table["fid_base"][2]  # different checkpoints, different images
