@@ -2,6 +2,7 @@
 
     python -m bench.train_bench --preset tiny --resolution 64 --steps 100 --warmup 20 --rounds 3
     python -m bench.train_bench --preset sd15-shape --resolution 256 --steps 5 --warmup 2
+    python -m bench.train_bench --preset sd15-shape --resolution 256 --steps 5 --warmup 2 --method dreambooth
     # on a CUDA GPU, the T4 recipe (adds the peak CUDA memory column):
     python -m bench.train_bench --preset sd15-shape --resolution 512 --device cuda --mixed-precision fp16 \
         --optimizer adamw8bit --gradient-checkpointing --prior-preservation
@@ -16,6 +17,9 @@ cannot warm caches for another), on the same base model, recipe and LoRA:
     baseline  the straightforward loop of diffusers' train_dreambooth_lora.py example: every step
               decodes the PNGs, encodes them through the VAE, tokenizes and encodes the prompt
               through the text encoder, then the same UNet step.
+
+For --method other than dreambooth-lora only `ours` is measured: the floor and the baseline are LoRA loops
+(the table says n/a).
 
 Reported: the median seconds per step after the warm-up steps, overhead = ours / floor (target
 <= 1.15x), speed-up = baseline / ours (target >= 2x), the peak RSS of the `ours` process and, on
@@ -38,7 +42,7 @@ from pathlib import Path
 from typing import Callable
 
 from bench.common import pick_device, run_main, run_worker_process
-from catalog_gen.config import TrainConfig
+from catalog_gen.config import METHODS, TrainConfig
 from catalog_gen.errors import CatalogError
 from catalog_gen.storage import atomic_write_json
 
@@ -67,6 +71,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-class-images", type=int, default=TrainConfig.num_class_images,
                         help="class images fit() encodes up front with --prior-preservation (default: the recipe's)")
     parser.add_argument("--lora-rank", type=int, default=4)
+    parser.add_argument("--method", default="dreambooth-lora", choices=METHODS,
+                        help="what fit() trains (the floor and baseline are measured for dreambooth-lora only)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="repeat ours, floor, baseline this many times, each in a fresh process, and pool the "
                              "step times (spreads interference from other work on a shared machine over all three)")
@@ -119,12 +125,13 @@ def run_bench(args: argparse.Namespace, argv: list[str]) -> None:
               f"{len(job['class_images'])} class images, recipe {recipe_label(config)}")
 
         # 3. One fresh process per measurement (and per round).
-        rounds = [{kind: run_child(kind, argv, job_file, workdir, index) for kind in KINDS}
+        kinds = kinds_for(config)
+        rounds = [{kind: run_child(kind, argv, job_file, workdir, index) for kind in kinds}
                   for index in range(args.rounds)]
-    results = {kind: pool_rounds([one[kind] for one in rounds]) for kind in KINDS}
+    results = {kind: pool_rounds([one[kind] for one in rounds]) for kind in kinds}
 
     # 4. Report.
-    for kind in KINDS:
+    for kind in kinds:
         print(detail_line(results[kind]))
         if device == "cpu" and results[kind]["cores_used"] < 0.9 * torch.get_num_threads():
             print(f"WARNING: [{kind}] got {results[kind]['cores_used']:.2f} of {torch.get_num_threads()} cores: "
@@ -140,6 +147,11 @@ def run_bench(args: argparse.Namespace, argv: list[str]) -> None:
                                       "config": config.to_dict(), "results": results, "row": row})
 
 
+def kinds_for(config: TrainConfig) -> tuple[str, ...]:
+    """The floor and the baseline are LoRA loops: for other methods only fit() itself is measured."""
+    return KINDS if config.method == "dreambooth-lora" else ("ours",)
+
+
 def _native_resolution(spec: str) -> int:
     from catalog_gen.models.presets import PRESETS
 
@@ -150,7 +162,7 @@ def bench_config(args: argparse.Namespace, resolution: int) -> TrainConfig:
     """The recipe every measurement shares. No intermediate checkpoints or validation images:
     those are I/O and sampling, not the training step being measured."""
     return TrainConfig(
-        base_model=args.preset, resolution=resolution, steps=args.warmup + args.steps,
+        method=args.method, base_model=args.preset, resolution=resolution, steps=args.warmup + args.steps,
         batch_size=args.batch_size, lora_rank=args.lora_rank, lora_alpha=float(args.lora_rank),
         optimizer=args.optimizer, mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing, prior_preservation=args.prior_preservation,
@@ -168,11 +180,14 @@ def prepare_job(model, config: TrainConfig, workdir: Path) -> dict:
     from catalog_gen.catalog import taxonomy
     from catalog_gen.models.loading import load_tokenizer
     from catalog_gen.catalog.sample_data import write_sample_catalogue
+    from catalog_gen.train.methods import method_of
     from catalog_gen.train.workflow import PhotoSource, prepare_instances
 
     catalogue = write_sample_catalogue(workdir / "catalogue")
     source = PhotoSource(photos_dir=catalogue.photos_dir, products_csv=catalogue.products_csv)
-    prepared, _ = prepare_instances(source, BENCH_CLASS, [], workdir, config.resolution, load_tokenizer(model))
+    new_tokens = config.embedding_vectors if method_of(config).new_tokens else None
+    prepared, _ = prepare_instances(source, BENCH_CLASS, [], workdir, config.resolution, load_tokenizer(model),
+                                    new_token_vectors=new_tokens)
     if not prepared:
         raise CatalogError(f"the sample catalogue gave no trainable '{BENCH_CLASS}' instance")
     item, others = prepared[0], prepared[1:]
@@ -184,7 +199,7 @@ def prepare_job(model, config: TrainConfig, workdir: Path) -> dict:
     return {"class_key": BENCH_CLASS, "instance_key": item.instance_key, "token": item.token,
             "instance_prompt": spec.instance_prompt_for(item.instance_key, item.token),
             "class_prompt": spec.class_prompt, "photos": [str(p) for p in item.photos],
-            "class_images": class_images}
+            "class_images": class_images, "initializer": spec.noun}
 
 
 def run_child(kind: str, argv: list[str], job_file: Path, workdir: Path, round_index: int) -> dict:
@@ -215,7 +230,9 @@ TABLE_HEADER = (
 
 
 def recipe_label(config: TrainConfig) -> str:
-    parts = [f"bs{config.batch_size}", f"r{config.lora_rank}", config.optimizer]
+    parts = [] if config.method == "dreambooth-lora" else [config.method]
+    parts += [f"bs{config.batch_size}"] + ([f"r{config.lora_rank}"] if config.method in ("dreambooth-lora", "pivotal") else [])
+    parts.append(config.optimizer)
     if config.gradient_checkpointing:
         parts.append("grad-ckpt")
     if config.prior_preservation:
@@ -224,14 +241,18 @@ def recipe_label(config: TrainConfig) -> str:
 
 
 def table_row(preset: str, config: TrainConfig, device: str, steps: int, results: dict) -> str:
-    ours, floor, baseline = (results[k]["median_s"] for k in KINDS)
+    ours = results["ours"]["median_s"]
     dtype = {"no": "fp32"}.get(config.mixed_precision, config.mixed_precision)
     memory = results["ours"]
     cuda = (f"{memory['cuda_max_allocated'] / 2**30:.2f}" if memory["cuda_max_allocated"] is not None
             else "n/a (cpu)")
+    if "floor" in results:
+        floor, baseline = results["floor"]["median_s"], results["baseline"]["median_s"]
+        compared = f"| {floor:.4g} | {ours / floor:.2f} | {baseline:.4g} | {baseline / ours:.2f} "
+    else:
+        compared = "| n/a | n/a | n/a | n/a "
     return (f"| {preset} | {config.resolution} | {device} | {dtype} | {recipe_label(config)} | {steps} "
-            f"| {ours:.4g} | {floor:.4g} | {ours / floor:.2f} | {baseline:.4g} | {baseline / ours:.2f} "
-            f"| {memory['peak_rss_kib'] * 1024 / 2**30:.2f} | {cuda} |")
+            f"| {ours:.4g} {compared}| {memory['peak_rss_kib'] * 1024 / 2**30:.2f} | {cuda} |")
 
 
 def pool_rounds(runs: list[dict]) -> dict:
@@ -249,7 +270,7 @@ def pool_rounds(runs: list[dict]) -> dict:
         "rss_peaks_kib": _max_per_phase([run["rss_peaks_kib"] for run in runs]),
         "cuda_allocated_peaks": _max_per_phase([run["cuda_allocated_peaks"] for run in runs if run["cuda_allocated_peaks"]]),
         "peak_rss_kib": max(run["peak_rss_kib"] for run in runs),
-        "lora_trained": all(run["lora_trained"] for run in runs),
+        "lora_trained": None if runs[0]["lora_trained"] is None else all(run["lora_trained"] for run in runs),
         "cuda_max_allocated": max(cuda) if cuda else None,
         "cuda_max_reserved": max(cuda_reserved) if cuda_reserved else None,
     }
@@ -283,6 +304,10 @@ def detail_line(result: dict) -> str:
 
 
 def verdict(results: dict) -> str:
+    if "floor" not in results:
+        line = "overhead and speed-up not measured (their floor and baseline are LoRA loops)"
+        peak = results["ours"]["cuda_max_allocated"]
+        return line + (f"; peak CUDA memory {peak / 1e9:.2f} GB" if peak is not None else "")
     ours, floor, baseline = (results[k]["median_s"] for k in KINDS)
     overhead, speedup = ours / floor, baseline / ours
     line = (f"overhead {overhead:.2f}x (target <= {TARGET_OVERHEAD}x: {'met' if overhead <= TARGET_OVERHEAD else 'NOT met'}); "
@@ -308,7 +333,7 @@ def run_worker(args: argparse.Namespace) -> None:
         spec["job"]["class_key"], spec["job"]["instance_key"], spec["job"]["token"],
         spec["job"]["instance_prompt"], spec["job"]["class_prompt"],
         tuple(Path(p) for p in spec["job"]["photos"]), args.result.parent / f"checkpoints-{args.result.stem}",
-        tuple(Path(p) for p in spec["job"]["class_images"]))
+        tuple(Path(p) for p in spec["job"]["class_images"]), initializer=spec["job"].get("initializer", ""))
 
     # 1. Load the frozen base model exactly as `catalog train` does; note the loading peak.
     memory = MemoryMarks(device)
@@ -332,7 +357,8 @@ def run_worker(args: argparse.Namespace) -> None:
         "kind": args.worker, "warmup": spec["warmup"], "step_seconds": seconds,
         "median_s": statistics.median(seconds), "first_step_s": first_step, "load_seconds": load_seconds,
         "cores_used": cores_used, "load_average": [load_before, load_after],
-        "lora_trained": lora_trained(components.unet), **memory.summary(),
+        "lora_trained": lora_trained(components.unet) if config.method == "dreambooth-lora" else None,
+        **memory.summary(),
     }
     args.result.write_text(json.dumps(result))
 
