@@ -413,3 +413,29 @@ def test_a_token_chosen_by_hand_is_trained_with_and_kept(sample_catalogue, tmp_p
     with pytest.raises(CatalogError, match="unknown instance"):
         train_class(_source(sample_catalogue), "ring", ["band"], tmp_path, tiny_config(steps=1),
                     chosen_tokens={"hexagon": mine})
+
+
+def test_attach_keeps_a_lora_alpha_that_differs_from_the_rank(sample_catalogue, tmp_path, tiny_model):
+    """The generator's hash-checked load must scale the LoRA by alpha / rank as plain diffusers does from the
+    file (a bare state dict loses the file's LoRA config, and diffusers then takes alpha = rank)."""
+    import numpy as np
+
+    from catalog_gen.models.loading import load_pipeline
+    from catalog_gen.models.sampling import draw
+    from catalog_gen.train.adapters import adapter_weights, attach, detach
+
+    train_class(_source(sample_catalogue), "ring", ["band"], tmp_path,
+                tiny_config(lora_rank=4, lora_alpha=16.0, checkpoint_every=0, validation_images=0))
+    info = read_adapter(tmp_path / "adapters" / "ring" / "band")
+    pipeline = load_pipeline(tiny_model)
+    prompt = info.record["instance_prompt"]
+
+    def image():
+        return np.asarray(draw(pipeline, [prompt], [3], steps=3, resolution=64)[0])
+
+    pipeline.load_lora_weights(str(info.folder), weight_name=info.diffusers_file.name)
+    from_file = image()
+    pipeline.unload_lora_weights()
+    attached = attach(pipeline, adapter_weights(info), "sku_adapter")
+    assert np.array_equal(image(), from_file)
+    detach(pipeline, attached)

@@ -212,6 +212,13 @@ def _checked_safetensors(info: AdapterInfo, path: Path, hash_key: str) -> dict:
     """Read as safetensors only (never a pickle, whatever the file holds), and only if the bytes are the ones
     adapter.json recorded: a weights file swapped or damaged after training is refused. The bytes hashed
     are the bytes parsed, so nothing can change between the check and the load."""
+    from safetensors.torch import load as load_safetensors
+
+    return load_safetensors(_checked_bytes(info, path, hash_key))
+
+
+def _checked_bytes(info: AdapterInfo, path: Path, hash_key: str) -> bytes:
+    """A weights file's bytes, only if they hash to what adapter.json recorded and parse as safetensors."""
     from safetensors import SafetensorError
     from safetensors.torch import load as load_safetensors
 
@@ -223,17 +230,19 @@ def _checked_safetensors(info: AdapterInfo, path: Path, hash_key: str) -> dict:
         raise CatalogError(f"adapter {info.folder}: {path.name} has sha256 {found}, but "
                            f"{ADAPTER_JSON} records {recorded}; the file changed after training")
     try:
-        return load_safetensors(data)
+        load_safetensors(data)
     except SafetensorError as error:
         raise CatalogError(f"adapter {info.folder}: {path.name} is not a safetensors file ({error})") from error
+    return data
 
 
 @dataclass(frozen=True)
 class AdapterWeights:
     """What goes onto a pipeline for one instance: a LoRA state dict, token embeddings, or both."""
 
-    lora: dict | Path | None
-    """A diffusers-format LoRA: its tensors, or a file (which keeps its metadata: rank, alpha)."""
+    lora: bytes | Path | None
+    """A diffusers-format LoRA file, or its checked bytes. Never a bare state dict: the file's metadata holds
+    the LoRA config, without which diffusers assumes alpha = rank and scales a LoRA trained otherwise wrong."""
     embeddings: Any = None
     """(len(tokens), dim) tensor, or None."""
     tokens: tuple[str, ...] = ()
@@ -245,7 +254,7 @@ def adapter_weights(info: AdapterInfo) -> AdapterWeights:
     """A finished adapter's weights, every file hash-checked."""
     full = {part: _checked_safetensors(info, info.folder / info.record["files"][part], f"{part}_sha256")
             for part in info.full_parts}
-    return AdapterWeights(load_adapter_weights(info) if info.has_lora else None,
+    return AdapterWeights(_checked_bytes(info, info.diffusers_file, "weights_sha256") if info.has_lora else None,
                           load_embeddings(info) if info.embeddings_file is not None else None, tuple(info.tokens),
                           full or None)
 
@@ -275,12 +284,8 @@ def attach(pipeline, weights: AdapterWeights, adapter_name: str) -> Attached:
                 # Copied into the pipeline's own dtype and device. Tensors `state` lacks (a checkpoint holds
                 # parameters, not buffers) keep the base's; a name the module does not have is an error.
                 module.load_state_dict({**attached.replaced[part], **state})
-        if isinstance(weights.lora, Path):
-            pipeline.load_lora_weights(str(weights.lora.parent), weight_name=weights.lora.name,
-                                       adapter_name=adapter_name)
-            attached.lora = True
-        elif weights.lora is not None:
-            pipeline.load_lora_weights(weights.lora, adapter_name=adapter_name)
+        if weights.lora is not None:
+            _load_lora_file(pipeline, weights.lora, adapter_name)
             attached.lora = True
         if weights.embeddings is not None:
             import copy
@@ -299,6 +304,17 @@ def attach(pipeline, weights: AdapterWeights, adapter_name: str) -> Attached:
         detach(pipeline, attached)
         raise
     return attached
+
+
+def _load_lora_file(pipeline, lora: bytes | Path, adapter_name: str) -> None:
+    import tempfile
+
+    if isinstance(lora, Path):
+        pipeline.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name=adapter_name)
+        return
+    with tempfile.TemporaryDirectory(prefix="catalog-gen-lora-") as scratch:  # private to this process
+        (Path(scratch) / DIFFUSERS_WEIGHTS_NAME).write_bytes(lora)
+        pipeline.load_lora_weights(scratch, weight_name=DIFFUSERS_WEIGHTS_NAME, adapter_name=adapter_name)
 
 
 def detach(pipeline, attached: Attached) -> None:
