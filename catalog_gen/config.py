@@ -21,7 +21,7 @@ AUTO = "auto"
 INFERENCE_PRECISION = ("auto", "fp32", "fp16", "bf16")
 ATTENTION = ("sdpa", "xformers")
 LR_SCHEDULES = ("constant", "cosine", "linear")
-METHODS = ("dreambooth-lora", "textual-inversion", "pivotal", "dreambooth")
+METHODS = ("dreambooth-lora", "textual-inversion", "pivotal", "dreambooth", "two-stage")
 """Fine-tuning methods `catalog train --method` runs (catalog_gen.train.methods says what each trains)."""
 
 
@@ -31,8 +31,9 @@ class TrainConfig:
 
     method: str = "dreambooth-lora"
     """dreambooth-lora (a LoRA bound to a rare existing token), textual-inversion (new token embeddings only),
-    pivotal (new token embeddings and a LoRA, trained together) or dreambooth (the whole UNet, and the text
-    encoder with train_text_encoder; learning_rate is then the UNet's: seed 004 used 1e-6)."""
+    pivotal (new token embeddings and a LoRA, trained together), dreambooth (the whole UNet, and the text
+    encoder with train_text_encoder; learning_rate is then the UNet's: seed 004 used 1e-6) or two-stage (a
+    class LoRA on every photo of the class first, then each instance's LoRA on top of it)."""
     base_model: str = "tiny"
     """Preset name (tiny, sd15-shape), local diffusers folder, or cached hub id."""
     resolution: int | None = None
@@ -95,6 +96,10 @@ class TrainConfig:
     embedding_fraction: float = 0.5
     """pivotal: the embeddings train for this fraction of the steps, then freeze while the LoRA goes on (the
     diffusers advanced scripts' train_text_encoder_ti_frac)."""
+    class_stage_steps: int | None = None
+    """two-stage: steps of the class LoRA (None: `steps`)."""
+    class_stage_weight: float = 1.0
+    """two-stage: the class LoRA's weight under each instance's, in training and in generation alike."""
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -107,7 +112,8 @@ class TrainConfig:
             check_positive(name, getattr(self, name))
         if self.resolution is not None:
             check_positive("resolution", self.resolution)
-        for name in ("learning_rate", "text_encoder_lr", "prior_loss_weight", "embedding_vectors", "embedding_lr"):
+        for name in ("learning_rate", "text_encoder_lr", "prior_loss_weight", "embedding_vectors", "embedding_lr",
+                     "class_stage_weight"):
             check_positive(name, getattr(self, name))
         if self.lora_alpha is not None:
             check_positive("lora_alpha", self.lora_alpha)
@@ -126,6 +132,8 @@ class TrainConfig:
             raise CatalogError(f"max_photos must be >= 1, got {self.max_photos}")
         if self.min_photos is not None and self.min_photos < 1:
             raise CatalogError(f"min_photos must be >= 1, got {self.min_photos}")
+        if self.class_stage_steps is not None:
+            check_positive("class_stage_steps", self.class_stage_steps)
         if not 0.0 < self.embedding_fraction <= 1.0:
             raise CatalogError(f"embedding_fraction must be in (0, 1], got {self.embedding_fraction}")
         if self.method == "textual-inversion" and self.train_text_encoder:

@@ -71,6 +71,20 @@ def checkpoint_folder(workdir: Path, class_key: str, instance_key: str) -> Path:
     return Path(workdir) / CHECKPOINTS_DIR / class_key / instance_key
 
 
+CLASS_STAGES_DIR = "class_stages"
+CLASS_STAGE_KEY = "class-stage"
+"""The instance key the class stage trains under (in seeds and file names); not a valid instance key."""
+
+
+def class_stage_adapter_folder(workdir: Path, class_key: str) -> Path:
+    """two-stage: the class LoRA every instance of the class trains on top of (WORKDIR/class_stages/<class>/)."""
+    return Path(workdir) / CLASS_STAGES_DIR / class_key / "adapter"
+
+
+def class_stage_checkpoint_folder(workdir: Path, class_key: str) -> Path:
+    return Path(workdir) / CLASS_STAGES_DIR / class_key / "checkpoints"
+
+
 TRAIN_LOCK = ".train.lock"
 """In an instance's checkpoint folder: held by the catalog train that trains the instance; a second one is
 refused for that instance while it runs."""

@@ -229,7 +229,8 @@ def test_a_new_token_already_in_the_vocabulary_is_refused(sample_catalogue, tmp_
 
 
 def test_method_settings_are_validated():
-    with pytest.raises(CatalogError, match="method must be one of dreambooth-lora, textual-inversion, pivotal, dreambooth"):
+    with pytest.raises(CatalogError, match="method must be one of dreambooth-lora, textual-inversion, pivotal, "
+                                           "dreambooth, two-stage"):
         TrainConfig(method="hypernetwork")
     with pytest.raises(CatalogError, match="textual-inversion trains token embeddings only"):
         TrainConfig(method="textual-inversion", train_text_encoder=True)
@@ -252,7 +253,8 @@ def test_each_methods_fingerprint_leaves_out_the_settings_it_does_not_use():
 
 
 def test_catalog_generate_takes_each_methods_adapter_and_leaves_nothing_behind(sample_catalogue, tmp_path):
-    """band (full DreamBooth), signet (pivotal) and slim (textual inversion) in one nightly run, the base
+    """band (full DreamBooth), signet (pivotal), slim (textual inversion) and stacker (two-stage) in one
+    nightly run, the base
     model's images drawn for each: a base image drawn after another instance's adapter came off equals one
     from a run that never loaded it, and each adapter changes its candidates. (A textual-inversion leftover
     could only show in prompts with its own token; attach/detach's own test checks that one.)"""
@@ -268,9 +270,11 @@ def test_catalog_generate_takes_each_methods_adapter_and_leaves_nothing_behind(s
     train_class(source, "ring", ["band"], workdir, method_config("dreambooth", **quick))
     train_class(source, "ring", ["signet"], workdir, method_config("pivotal", **quick))
     train_class(source, "ring", ["slim"], workdir, method_config("textual-inversion", embedding_vectors=2, **quick))
+    train_class(source, "ring", ["stacker"], workdir, method_config("two-stage", class_stage_steps=3, **quick))
     config = replace(build_config(GenerateConfig, read_recipe("tiny_nightly", "generate"), {}), base_images=1,
                      n_images=1, max_extra=0)
-    rows = {"band": "RG-BAND-1,ring,band\n", "signet": "RG-SIGN-1,ring,signet\n", "slim": "RG-SLIM-1,ring,slim\n"}
+    rows = {"band": "RG-BAND-1,ring,band\n", "signet": "RG-SIGN-1,ring,signet\n", "slim": "RG-SLIM-1,ring,slim\n",
+            "stacker": "RG-STCK-1,ring,stacker\n"}
 
     def run(name: str, instances: list[str]):
         sheet = tmp_path / f"{name}.csv"
@@ -279,11 +283,12 @@ def test_catalog_generate_takes_each_methods_adapter_and_leaves_nothing_behind(s
         assert not summary.errors, summary.errors
         return tmp_path / name
 
-    # Instances run in key order: band's weights, if left on, would change signet's base images, and
-    # signet's LoRA slim's.
+    # Instances run in key order: band's weights, if left on, would change signet's base images, and signet's
+    # LoRA slim's; slim's leftover tokens would show only in its own prompts (see the docstring).
     both, alone = run("all", list(rows)), {i: run(i, [i]) for i in rows}
     manifest = pl.read_parquet(both / "manifest.parquet")
-    for instance, sku in (("band", "RG-BAND-1"), ("signet", "RG-SIGN-1"), ("slim", "RG-SLIM-1")):
+    for instance, sku in (("band", "RG-BAND-1"), ("signet", "RG-SIGN-1"), ("slim", "RG-SLIM-1"),
+                          ("stacker", "RG-STCK-1")):
         [folder] = [p.parent.name for p in (alone[instance] / BASE_DIR).glob("*/0.png")]
         base = np.asarray(Image.open(both / BASE_DIR / folder / "0.png"))
         assert np.array_equal(base, np.asarray(Image.open(alone[instance] / BASE_DIR / folder / "0.png")))
@@ -311,7 +316,7 @@ def test_catalog_compare_trains_and_evaluates_every_method_on_the_same_photos(sa
     assert "| dreambooth-lora |" in result.output and "| pivotal |" in result.output
     table = pl.read_parquet(out / "compare.parquet")
     assert table["method"].to_list() == ["base model (no fine-tuning)", "dreambooth-lora", "textual-inversion",
-                                         "pivotal", "dreambooth"]
+                                         "pivotal", "dreambooth", "two-stage"]
     for metric in ("clip_i", "dino", "clip_t", "kid_photos", "fid_photos", "kid_base", "fid_base"):
         assert table[metric].is_finite().all(), metric
     assert table["train_seconds"][1:].is_finite().all()
@@ -326,13 +331,14 @@ def test_catalog_compare_trains_and_evaluates_every_method_on_the_same_photos(sa
     # [compare.dreambooth] set that method's learning rate and no other's.
     records = [json.loads(p.read_text()) for p in out.glob("points/*/adapters/ring/band/adapter.json")]
     rates = {record["method"]: record["recipe"]["learning_rate"] for record in records}
-    assert rates == {"dreambooth-lora": 1e-3, "textual-inversion": 1e-3, "pivotal": 1e-3, "dreambooth": 1e-5}
+    assert rates == {"dreambooth-lora": 1e-3, "textual-inversion": 1e-3, "pivotal": 1e-3, "dreambooth": 1e-5,
+                     "two-stage": 1e-3}
     assert table["peak_cuda_memory_bytes"].is_null().all()  # a CPU run: not measured, not zero
     with Image.open(out / "grid.png") as grid:
-        assert grid.size == (130 + 4 * 96, 6 * 96)  # photos, base model, four methods
+        assert grid.size == (130 + 4 * 96, 7 * 96)  # photos, base model, five methods
     # A rerun finds every method finished and only tabulates again.
     finished = {p: p.stat().st_mtime_ns for p in out.glob("points/*/adapters/ring/band/adapter.json")}
-    assert len(finished) == 4
+    assert len(finished) == 5
     rerun = CliRunner().invoke(app, args)
     assert rerun.exit_code == 0, rerun.output
     assert {p: p.stat().st_mtime_ns for p in finished} == finished
@@ -370,3 +376,91 @@ def test_catalog_eval_scores_every_checkpoint_of_each_method(method, trained):
     assert table["step"].to_list() == [2, 4, 6]
     assert table["clip_i"].is_finite().all()
     assert table["fid_base"][0] != table["fid_base"][2]  # different checkpoints, different images
+
+
+@pytest.fixture(scope="module")
+def two_stage(sample_catalogue, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("two-stage")
+    config = method_config("two-stage", class_stage_steps=4, class_stage_weight=0.8)
+    summary = train_class(_source(sample_catalogue), "ring", ["band", "signet"], workdir, config)
+    return workdir, config, summary
+
+
+def test_two_stage_trains_the_class_lora_once_then_each_instance_on_top(two_stage, sample_catalogue, tmp_path):
+    workdir, config, summary = two_stage
+    assert [(o.key, o.status, o.steps) for o in summary.outcomes] == [
+        ("ring/class-stage", "trained", 4), ("ring/band", "trained", 6), ("ring/signet", "trained", 6)]
+    stage = read_adapter(workdir / "class_stages" / "ring" / "adapter")
+    # The class stage saw every photo of every ring instance, with the class prompt and no identifier.
+    assert len(stage.record["photos"]) > 2 * len(read_adapter(workdir / "adapters" / "ring" / "band").record["photos"])
+    assert stage.record["instance_prompt"] == stage.record["class_prompt"]
+    for instance in ("band", "signet"):
+        info = read_adapter(workdir / "adapters" / "ring" / instance)
+        assert info.record["method"] == "two-stage"
+        assert info.record["class_stage"] == {"folder": "class_stages/ring/adapter",
+                                              "weights_sha256": stage.record["weights_sha256"], "weight": 0.8}
+        # The instance's files hold its own LoRA only; the class LoRA stayed frozen under it.
+        checkpoint = load_file(str(workdir / "checkpoints" / "ring" / instance / "step-000006" / "lora.safetensors"))
+        assert checkpoint and not any("class_stage" in key for key in checkpoint)
+    # The class LoRA was on during training: the same run without it (plain DreamBooth-LoRA, same seeds)
+    # ends with other weights.
+    train_class(_source(sample_catalogue), "ring", ["band"], tmp_path, replace(config, method="dreambooth-lora"))
+    alone = load_file(str(read_adapter(tmp_path / "adapters" / "ring" / "band").diffusers_file))
+    stacked = load_file(str(read_adapter(workdir / "adapters" / "ring" / "band").diffusers_file))
+    assert alone.keys() == stacked.keys() and any(not torch.equal(alone[k], stacked[k]) for k in alone)
+
+
+def test_two_stage_stacks_in_plain_diffusers_as_in_generation(two_stage, tiny_model):
+    from catalog_gen.models.loading import load_pipeline
+
+    workdir, _, _ = two_stage
+    info = read_adapter(workdir / "adapters" / "ring" / "band")
+    stage = read_adapter(workdir / "class_stages" / "ring" / "adapter")
+    prompt = info.record["instance_prompt"]
+    pipeline = load_pipeline(tiny_model)
+    base = _image(pipeline, prompt)
+    pipeline.load_lora_weights(str(info.folder), weight_name=info.diffusers_file.name, adapter_name="band")
+    alone = _image(pipeline, prompt)
+    pipeline.load_lora_weights(str(stage.folder), weight_name=stage.diffusers_file.name, adapter_name="ring")
+    pipeline.set_adapters(["band", "ring"], adapter_weights=[1.0, 0.8])
+    stacked = _image(pipeline, prompt)
+    assert not np.array_equal(stacked, alone)
+    pipeline.unload_lora_weights()
+
+    attached = attach(pipeline, adapter_weights(info), "sku_adapter")
+    assert np.array_equal(_image(pipeline, prompt), stacked)
+    detach(pipeline, attached)
+    assert np.array_equal(_image(pipeline, prompt), base)
+
+
+def test_two_stage_resumes_exactly_and_keeps_the_finished_class_stage(two_stage, sample_catalogue, tmp_path):
+    import shutil
+
+    workdir, config, _ = two_stage
+    # A new workdir holding the finished class stage: a rerun must reuse it, not retrain it.
+    shutil.copytree(workdir / "class_stages", tmp_path / "class_stages")
+    stage_json = tmp_path / "class_stages" / "ring" / "adapter" / "adapter.json"
+    before = stage_json.stat().st_mtime_ns
+    with pytest.raises(InterruptedError):
+        train_class(_source(sample_catalogue), "ring", ["band"], tmp_path, config, progress=crash_in_training_step(4))
+    summary = train_class(_source(sample_catalogue), "ring", ["band"], tmp_path, config, resume=True)
+    assert [(o.key, o.status) for o in summary.outcomes] == [("ring/class-stage", "already trained"),
+                                                             ("ring/band", "trained")]
+    assert stage_json.stat().st_mtime_ns == before
+    resumed, reference = read_adapter(tmp_path / "adapters" / "ring" / "band"), read_adapter(
+        workdir / "adapters" / "ring" / "band")
+    assert resumed.record["resumed_from_step"] == 2
+    assert resumed.record["fingerprint"] == reference.record["fingerprint"]
+    a, b = load_file(str(resumed.diffusers_file)), load_file(str(reference.diffusers_file))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_two_stage_adapter_without_its_class_stage_is_named(two_stage, tmp_path):
+    import shutil
+
+    workdir, _, _ = two_stage
+    shutil.copytree(workdir / "adapters", tmp_path / "adapters")
+    info = read_adapter(tmp_path / "adapters" / "ring" / "band")
+    with pytest.raises(CatalogError, match=r"ring/band is two-stage, but its class stage .* is missing; run catalog "
+                                           r"train --class ring --method two-stage"):
+        adapter_weights(info)

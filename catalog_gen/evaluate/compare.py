@@ -89,7 +89,7 @@ def base_row(sweep_dir: Path, method: str) -> dict:
                            "folder to redo that method")
     return {"method": "base model (no fine-tuning)", "steps": 0, **{m: result["base_metrics"][m] for m in METRICS},
             "train_seconds": None, "weights_bytes": None, "trained_parameters": None,
-            "peak_cuda_memory_bytes": None}
+            "peak_cuda_memory_bytes": None, "class_stage_seconds": None, "class_stage_bytes": None}
 
 
 def method_row(sweep_dir: Path, class_key: str, instance_key: str, method: str) -> dict:
@@ -108,9 +108,12 @@ def method_row(sweep_dir: Path, class_key: str, instance_key: str, method: str) 
         with safe_open(str(path), "pt") as handle:
             parameters += sum(_count(handle.get_slice(key).get_shape()) for key in handle.keys())
     timings = adapter.record["timings"]
+    stage = adapter.class_stage  # two-stage: its class LoRA is shared by every instance of the class
     return {"method": method, "steps": adapter.record["steps"], **{m: result["metrics"][m] for m in METRICS},
             "train_seconds": timings["train_seconds"], "weights_bytes": sum(p.stat().st_size for p in files),
-            "trained_parameters": parameters, "peak_cuda_memory_bytes": timings.get("peak_cuda_memory_bytes")}
+            "trained_parameters": parameters, "peak_cuda_memory_bytes": timings.get("peak_cuda_memory_bytes"),
+            "class_stage_seconds": stage.record["timings"]["train_seconds"] if stage else None,
+            "class_stage_bytes": stage.diffusers_file.stat().st_size if stage else None}
 
 
 def _count(shape) -> int:
@@ -126,10 +129,12 @@ def _write_table(sweep_dir: Path, rows: list[dict], evaluation: EvalConfig) -> N
     with atomic_path(sweep_dir / layout.COMPARE_TABLE) as tmp:
         pl.DataFrame(rows).write_parquet(tmp)
     columns = ["method", "steps", *METRICS, "train_seconds", "weights_bytes", "trained_parameters",
-               "peak_cuda_memory_bytes"]
+               "peak_cuda_memory_bytes", "class_stage_seconds", "class_stage_bytes"]
     lines = [f"# Method comparison: {sweep_dir.name}", "",
              f"Same photos, prompts and seeds for every method; {evaluation.extractor} features for KID/FID; "
-             f"peak CUDA memory is blank where training ran on a CPU (not measured).", "",
+             f"peak CUDA memory is blank where training ran on a CPU (not measured). two-stage's time and size "
+             f"are its instance stage's; its class stage (class_stage_*) is trained once and shared by every "
+             f"instance of the class.", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         lines.append("| " + " | ".join(_cell(row[c]) for c in columns) + " |")

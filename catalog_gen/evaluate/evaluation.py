@@ -180,7 +180,9 @@ def checkpoint_weights(checkpoint: Path, scratch: Path, adapter: AdapterInfo) ->
     tensors = checkpoint_lora(checkpoint)[0] if adapter.embeddings_file or adapter.full_parts else {}
     full = {part: {name[len(part) + 1:]: t for name, t in tensors.items() if name.startswith(part + ".")}
             for part in adapter.full_parts}
-    return AdapterWeights(lora, tensors.get(EMBEDDINGS_KEY), tuple(adapter.tokens), full or None)
+    stage = adapter.class_stage  # two-stage: the class LoRA the checkpoint trained on top of
+    stacked = (stage.diffusers_file, float(adapter.record["class_stage"]["weight"])) if stage is not None else None
+    return AdapterWeights(lora, tensors.get(EMBEDDINGS_KEY), tuple(adapter.tokens), full or None, stacked)
 
 
 def score_images(models: EvalModels, config: EvalConfig, images, photo_features, base_features, text,

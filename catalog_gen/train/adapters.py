@@ -33,6 +33,8 @@ from catalog_gen.train.lora_files import DIFFUSERS_WEIGHTS_NAME, save_diffusers_
 from catalog_gen.storage import atomic_directory, atomic_write_json, sha256_bytes, sha256_file
 
 TEXTUAL_INVERSION_NAME = "learned_embeds.safetensors"
+STACKED_ADAPTER = "class_stage"
+"""The adapter name a two-stage class LoRA is loaded under (training.STACKED is the same name)."""
 FULL_PARTS = {"unet": "diffusion_pytorch_model.safetensors", "text_encoder": "model.safetensors"}
 """Components full DreamBooth writes, with the weight-file names diffusers and transformers look for."""
 PIVOTAL_EMBEDDINGS_KEY = "clip_l"
@@ -72,6 +74,23 @@ class AdapterInfo:
     def tokens(self) -> list[str]:
         """Every token the prompt's `token` stands for: itself, or a multi-vector embedding's token, token_1..."""
         return list(self.record.get("tokens") or [self.token])
+
+    @property
+    def class_stage(self) -> "AdapterInfo | None":
+        """two-stage: the class LoRA this adapter was trained on top of, checked to be the very one."""
+        stage = self.record.get("class_stage")
+        if stage is None:
+            return None
+        folder = workdir_of_adapter(self.folder) / stage["folder"]
+        key = f"{self.record['class']}/{self.record['instance']}"
+        if not (folder / ADAPTER_JSON).is_file():
+            raise CatalogError(f"adapter {key} is two-stage, but its class stage {folder} is missing; run catalog "
+                               f"train --class {self.record['class']} --method two-stage")
+        info = read_adapter(folder)
+        if info.record.get("weights_sha256") != stage["weights_sha256"]:
+            raise CatalogError(f"adapter {key} was trained on top of another class stage than the one in {folder} "
+                               f"(retrained since); retrain {key} with --method two-stage")
+        return info
 
     @property
     def full_parts(self) -> list[str]:
@@ -248,15 +267,20 @@ class AdapterWeights:
     tokens: tuple[str, ...] = ()
     full: dict | None = None
     """method dreambooth: component name ("unet", "text_encoder") -> its fine-tuned state dict."""
+    stacked: tuple[bytes | Path, float] | None = None
+    """two-stage: the class LoRA (file or checked bytes) under this one, and its weight."""
 
 
 def adapter_weights(info: AdapterInfo) -> AdapterWeights:
     """A finished adapter's weights, every file hash-checked."""
     full = {part: _checked_safetensors(info, info.folder / info.record["files"][part], f"{part}_sha256")
             for part in info.full_parts}
+    stage = info.class_stage
+    stacked = ((_checked_bytes(stage, stage.diffusers_file, "weights_sha256"), float(info.record["class_stage"]["weight"]))
+               if stage is not None else None)
     return AdapterWeights(_checked_bytes(info, info.diffusers_file, "weights_sha256") if info.has_lora else None,
                           load_embeddings(info) if info.embeddings_file is not None else None, tuple(info.tokens),
-                          full or None)
+                          full or None, stacked)
 
 
 @dataclass
@@ -287,6 +311,13 @@ def attach(pipeline, weights: AdapterWeights, adapter_name: str) -> Attached:
         if weights.lora is not None:
             _load_lora_file(pipeline, weights.lora, adapter_name)
             attached.lora = True
+        if weights.stacked is not None:  # both active, as in training: the instance's over the class's
+            import warnings
+
+            with warnings.catch_warnings():  # peft warns that a second adapter joins the first: intended
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                _load_lora_file(pipeline, weights.stacked[0], STACKED_ADAPTER)
+            pipeline.set_adapters([adapter_name, STACKED_ADAPTER], adapter_weights=[1.0, weights.stacked[1]])
         if weights.embeddings is not None:
             import copy
 

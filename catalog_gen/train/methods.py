@@ -7,6 +7,8 @@
                        `embedding_fraction` of the steps (seed 000; the diffusers advanced scripts)
     dreambooth         every UNet weight (and the text encoder's with train_text_encoder), bound to a rare
                        token; seeds 003 and 004 (diffusers' train_dreambooth.py)
+    two-stage          a class LoRA on every photo of the class (the class prompt), then each instance's
+                       DreamBooth-LoRA on top of it; generation stacks both (seed 001's proposal)
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from catalog_gen.config import METHODS, TrainConfig
 LORA_SETTINGS = frozenset({"lora_rank", "lora_alpha", "lora_dropout", "learning_rate", "train_text_encoder",
                            "text_encoder_lr"})
 EMBEDDING_SETTINGS = frozenset({"embedding_vectors", "embedding_lr", "embedding_fraction"})
+CLASS_STAGE_SETTINGS = frozenset({"class_stage_steps", "class_stage_weight"})
 
 
 @dataclass(frozen=True)
@@ -29,17 +32,24 @@ class Method:
     """Learns new token embeddings; its token is new to the vocabulary, not a rare existing one."""
     full: bool
     """Fine-tunes the base model's own weights (the UNet, and the text encoder with train_text_encoder)."""
+    class_stage: bool
+    """Trains on top of a class LoRA trained first on every photo of the class."""
     unused: frozenset[str]
     """Recipe settings that change nothing this method trains (left out of its training fingerprint)."""
 
 
 _ALL = {
-    "dreambooth-lora": Method("dreambooth-lora", lora=True, new_tokens=False, full=False, unused=EMBEDDING_SETTINGS),
-    "textual-inversion": Method("textual-inversion", lora=False, new_tokens=True, full=False,
-                                unused=LORA_SETTINGS | {"embedding_fraction"}),
-    "pivotal": Method("pivotal", lora=True, new_tokens=True, full=False, unused=frozenset()),
-    "dreambooth": Method("dreambooth", lora=False, new_tokens=False, full=True,
-                         unused=EMBEDDING_SETTINGS | {"lora_rank", "lora_alpha", "lora_dropout"}),
+    "dreambooth-lora": Method("dreambooth-lora", lora=True, new_tokens=False, full=False, class_stage=False,
+                              unused=EMBEDDING_SETTINGS | CLASS_STAGE_SETTINGS),
+    "textual-inversion": Method("textual-inversion", lora=False, new_tokens=True, full=False, class_stage=False,
+                                unused=LORA_SETTINGS | CLASS_STAGE_SETTINGS | {"embedding_fraction"}),
+    "pivotal": Method("pivotal", lora=True, new_tokens=True, full=False, class_stage=False,
+                      unused=CLASS_STAGE_SETTINGS),
+    "dreambooth": Method("dreambooth", lora=False, new_tokens=False, full=True, class_stage=False,
+                         unused=EMBEDDING_SETTINGS | CLASS_STAGE_SETTINGS | {"lora_rank", "lora_alpha", "lora_dropout"}),
+    # The class stage's own settings reach the instance through the class LoRA's hash (in the fingerprint).
+    "two-stage": Method("two-stage", lora=True, new_tokens=False, full=False, class_stage=True,
+                        unused=EMBEDDING_SETTINGS | {"class_stage_steps"}),
 }
 assert tuple(_ALL) == METHODS, "config.METHODS and the methods described here must be the same list"
 

@@ -34,6 +34,7 @@ from catalog_gen import seeds
 from catalog_gen.errors import CatalogError
 from catalog_gen.models.loading import BaseModel
 from catalog_gen.train import embeddings, methods
+from catalog_gen.train.adapters import STACKED_ADAPTER as STACKED  # a two-stage class LoRA's adapter name
 
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -55,6 +56,10 @@ class InstanceJob:
     """Prior-preservation images of the class (empty without prior preservation)."""
     initializer: str = ""
     """Text whose token embeddings new tokens start from (the class noun); textual inversion and pivotal."""
+    stacked_lora: Path | None = None
+    """two-stage: the class LoRA (diffusers file) this instance's LoRA trains on top of, frozen."""
+    stacked_weight: float = 1.0
+    stacked_sha256: str | None = None
 
     @property
     def key(self) -> str:
@@ -219,9 +224,12 @@ def training_fingerprint(config: TrainConfig, job: InstanceJob, base_fingerprint
         ignored.add("steps")  # a decaying schedule depends on the total, a constant one does not; nor does
         #                       pivotal's, whose embeddings stop at a fraction of it
     settings = {k: v for k, v in config.to_dict().items() if k not in ignored}
-    payload = json.dumps({"settings": settings, "base": base_fingerprint, "photos": list(photo_hashes),
-                          "class_images": len(job.class_images), "token": job.token,
-                          "prompts": [job.instance_prompt, job.class_prompt]}, sort_keys=True)
+    record = {"settings": settings, "base": base_fingerprint, "photos": list(photo_hashes),
+              "class_images": len(job.class_images), "token": job.token,
+              "prompts": [job.instance_prompt, job.class_prompt]}
+    if job.stacked_sha256 is not None:  # two-stage: trained on top of exactly this class LoRA
+        record["stacked_on"] = job.stacked_sha256
+    payload = json.dumps(record, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -273,6 +281,27 @@ def _add_lora(components: Components, config: TrainConfig, instance_key: str):
                                      target_modules=TEXT_ENCODER_LORA_TARGETS)
             _inject_text_encoder_lora(components.text_encoder, text_config)
     return unet_config, text_config
+
+
+
+
+def _stack_under(components: Components, lora_file: Path, weight: float) -> None:
+    """Load a LoRA beside the trainable one, frozen, both active: the instance learns what the class LoRA
+    does not already draw. A text-encoder part, if the file has one, is not stacked (class stages train
+    the UNet only)."""
+    import warnings
+
+    # From the file, so its metadata (rank, alpha) gives the stacked LoRA its trained scale.
+    with warnings.catch_warnings():  # peft warns that a second adapter joins the first: that is the point
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        components.unet.load_lora_adapter(str(lora_file.parent), weight_name=lora_file.name, prefix="unet",
+                                          adapter_name=STACKED, local_files_only=True)
+    components.unet.set_adapters(["default", STACKED], weights=[1.0, weight])
+    for name, param in components.unet.named_parameters():
+        if STACKED in name:
+            param.requires_grad_(False)
+        elif ".default." in name:
+            param.requires_grad_(True)
 
 
 def _inject_text_encoder_lora(text_encoder: torch.nn.Module, lora_config) -> None:
@@ -413,6 +442,8 @@ def _fit_with(components: Components, config: TrainConfig, job: InstanceJob, fin
     unet_lora_config = text_lora_config = None
     if method.lora:
         unet_lora_config, text_lora_config = _add_lora(components, config, job.instance_key)
+    if job.stacked_lora is not None:
+        _stack_under(components, job.stacked_lora, job.stacked_weight)
     # What a checkpoint needs to stand on its own (evaluated or converted without the finished adapter):
     # the resolved recipe and the LoRA configs, the same objects the adapter files are written from.
     lora_configs = {"unet": lora_config_record(unet_lora_config) if unet_lora_config else None,
@@ -425,7 +456,8 @@ def _fit_with(components: Components, config: TrainConfig, job: InstanceJob, fin
         if config.train_text_encoder:
             components.text_encoder.requires_grad_(True)
             components.text_encoder.train()
-    unet_params = _trainable(components.unet, "unet.") if method.lora or method.full else {}
+    unet_params = ({name: p for name, p in _trainable(components.unet, "unet.").items() if STACKED not in name}
+                   if method.lora or method.full else {})
     text_params = ({name: p for name, p in _trainable(components.text_encoder, "text_encoder.").items()
                     if p is not vectors} if config.train_text_encoder else {})
     embedding_params = {embeddings.EMBEDDINGS_KEY: vectors} if vectors is not None else {}

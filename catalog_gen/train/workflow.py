@@ -22,7 +22,8 @@ from typing import Callable, Mapping, Sequence
 from catalog_gen import seeds
 from catalog_gen.catalog import intake, taxonomy, tokens
 from catalog_gen.train.adapters import finished_adapter, library_versions, write_adapter
-from catalog_gen.layout import (TRAIN_LOCK, adapter_folder, checkpoint_folder, class_images_folder, dataset_folder,
+from catalog_gen.layout import (CLASS_STAGE_KEY, TRAIN_LOCK, adapter_folder, checkpoint_folder, class_images_folder,
+                                class_stage_adapter_folder, class_stage_checkpoint_folder, dataset_folder,
                                 tokens_file, workdir_of_adapter)
 from catalog_gen.train.checkpoints import VALIDATION_DIR, checkpoint_name, list_checkpoints
 from catalog_gen.config import TrainConfig
@@ -285,6 +286,19 @@ def train_class(source: PhotoSource, class_key: str, instance_keys: Sequence[str
             class_images = ensure_class_images(components, class_key, class_spec.class_prompt, config, workdir,
                                                base_fingerprint, steps_progress)
 
+    # 6b. two-stage: the class LoRA, on every photo of the class, trained once before any instance.
+    class_stage = None
+    if method.class_stage:
+        everyone = prepared if not instance_keys else prepare_instances(
+            source, class_key, [], workdir, config.resolution, tokenizer, config.min_photos, chosen_tokens)[0]
+        with state.main_process_first():
+            class_stage = ensure_class_stage(components, config, class_spec, everyone, workdir, model,
+                                             base_fingerprint, resume=resume, force=force, progress=progress)
+            if class_stage.status == "failed":
+                raise CatalogError(f"class '{class_key}': the class stage failed: {class_stage.detail}")
+        if state.is_main_process:
+            summary.outcomes.append(class_stage)
+
     # 7. This process's share of the instances.
     for item in prepared[state.process_index::state.num_processes]:
         if config.max_photos is not None:
@@ -295,7 +309,7 @@ def train_class(source: PhotoSource, class_key: str, instance_keys: Sequence[str
             class_key, item.instance_key, item.token,
             class_spec.instance_prompt_for(item.instance_key, item.token), class_spec.class_prompt,
             item.photos, checkpoint_folder(workdir, class_key, item.instance_key), class_images,
-            initializer=class_spec.noun)
+            initializer=class_spec.noun, **_stacked_on(class_stage, config))
         fingerprint = training.training_fingerprint(config, job, base_fingerprint, item.photo_hashes)
         folder = adapter_folder(workdir, class_key, item.instance_key)
         try:
@@ -309,6 +323,45 @@ def train_class(source: PhotoSource, class_key: str, instance_keys: Sequence[str
         summary.outcomes.append(outcome)
     state.wait_for_everyone()
     return summary
+
+
+def ensure_class_stage(components, config: TrainConfig, class_spec, everyone: Sequence[PreparedInstance], workdir: Path,
+                       model: BaseModel, base_fingerprint: str, *, resume: bool, force: bool,
+                       progress: Callable | None) -> TrainOutcome:
+    """two-stage's first stage: one DreamBooth-LoRA on every photo of every instance of the class, prompted
+    with the class prompt (no identifier), in WORKDIR/class_stages/<class>/. Kept while its photos and
+    settings stay the same; resumed and forced like an instance."""
+    from catalog_gen.train import training
+
+    stage_config = dataclasses.replace(config, method="dreambooth-lora", prior_preservation=False,
+                                       steps=config.class_stage_steps or config.steps)
+    item = PreparedInstance(class_spec.key, CLASS_STAGE_KEY, "", tuple(p for i in everyone for p in i.photos),
+                            tuple(h for i in everyone for h in i.photo_hashes),
+                            tuple(s for i in everyone for s in i.photo_sources), (), workdir)
+    job = training.InstanceJob(class_spec.key, CLASS_STAGE_KEY, "", class_spec.class_prompt, class_spec.class_prompt,
+                               item.photos, class_stage_checkpoint_folder(workdir, class_spec.key))
+    fingerprint = training.training_fingerprint(stage_config, job, base_fingerprint, item.photo_hashes)
+    folder = class_stage_adapter_folder(workdir, class_spec.key)
+    try:
+        with _instance_lock(job, workdir):
+            remove_leftovers(folder.parent, prefix=f".{folder.name}.")
+            return _train_or_skip(components, stage_config, job, item, model, base_fingerprint, fingerprint, folder,
+                                  resume=resume, force=force, progress=progress)
+    except CatalogError as error:
+        return TrainOutcome(job.key, "failed", str(error))
+    finally:
+        training.remove_lora(components)
+
+
+def _stacked_on(class_stage: TrainOutcome | None, config: TrainConfig) -> dict:
+    """An instance job's two-stage fields: the class LoRA it trains on top of, its weight and hash."""
+    if class_stage is None:
+        return {}
+    from catalog_gen.train.adapters import read_adapter
+
+    stage = read_adapter(class_stage.adapter_dir)
+    return {"stacked_lora": stage.diffusers_file, "stacked_weight": config.class_stage_weight,
+            "stacked_sha256": stage.record["weights_sha256"]}
 
 
 @contextlib.contextmanager
@@ -412,6 +465,9 @@ def _train_one(components, config, job, item, model: BaseModel, base_fingerprint
         "photos": [{"file": os.path.relpath(p, workdir), "source": src, "sha256": h}
                    for p, src, h in zip(item.photos, item.photo_sources, item.photo_hashes)],
         "refused_photos": [{"source": s, "reason": r} for s, r in item.refused],
+        **({"class_stage": {"folder": os.path.relpath(job.stacked_lora.parent, workdir),
+                            "weights_sha256": job.stacked_sha256, "weight": job.stacked_weight}}
+           if job.stacked_lora is not None else {}),
         "class_images": len(job.class_images),
         "loss_curve": result.state.losses,
         "timings": {"train_seconds": round(result.state.seconds, 3),
