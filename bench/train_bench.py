@@ -489,7 +489,7 @@ def _lora_and_optimizer(components, config: TrainConfig, job) -> Callable:
 
     training._add_lora(components, config, job.instance_key)
     params = training._trainable(components.unet, "unet.")
-    optimizer = training._make_optimizer(config, list(params.values()), [])
+    optimizer = training._make_optimizer(config, [{"params": list(params.values()), "lr": config.learning_rate}])
     scaler = torch.amp.GradScaler("cuda") if config.mixed_precision == "fp16" else None
     components.unet.train()
 

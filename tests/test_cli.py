@@ -119,6 +119,13 @@ def test_train_recipe_file_and_every_option(fake_train, sample_catalogue, tmp_pa
     assert fake.calls[0]["workdir"] == Path("catalog-work")
 
 
+def test_train_method_option_reaches_the_config(fake_train, sample_catalogue):
+    fake = fake_train()
+    result = _train(sample_catalogue, "--method", "pivotal", "--token", "band=<my-band>")
+    assert result.exit_code == 0, result.output
+    assert fake.config.method == "pivotal" and fake.calls[0]["chosen_tokens"] == {"band": "<my-band>"}
+
+
 def test_train_without_recipe_uses_config_defaults(fake_train, sample_catalogue):
     fake = fake_train()
     result = _train(sample_catalogue, "--steps", "3")
@@ -168,6 +175,8 @@ def test_library_error_exits_2_with_its_message(fake_train, sample_catalogue):
     (["--mixed-precision", "fp32"], "mixed_precision must be one of auto, no, fp16, bf16; got 'fp32'"),
     (["--resolution", "100"], "resolution must be a multiple of 8"),
     (["--learning-rate", "-1"], "learning_rate must be > 0, got -1.0"),
+    (["--method", "lora"], "method must be one of dreambooth-lora, textual-inversion, pivotal, dreambooth, two-stage; "
+                           "got 'lora'"),
 ])
 def test_bad_option_values_name_the_setting_and_never_train(fake_train, sample_catalogue, options, message):
     fake = fake_train()

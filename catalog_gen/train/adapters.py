@@ -257,7 +257,8 @@ def _checked_bytes(info: AdapterInfo, path: Path, hash_key: str) -> bytes:
 
 @dataclass(frozen=True)
 class AdapterWeights:
-    """What goes onto a pipeline for one instance: a LoRA state dict, token embeddings, or both."""
+    """What goes onto a pipeline for one instance: a LoRA, token embeddings, fine-tuned components, a stacked
+    class LoRA, as its method trained."""
 
     lora: bytes | Path | None
     """A diffusers-format LoRA file, or its checked bytes. Never a bare state dict: the file's metadata holds
@@ -304,7 +305,8 @@ def attach(pipeline, weights: AdapterWeights, adapter_name: str) -> Attached:
             attached.replaced = {}
             for part, state in weights.full.items():
                 module = getattr(pipeline, part)
-                attached.replaced[part] = {name: t.detach().clone() for name, t in module.state_dict().items()}
+                # The base weights wait in CPU memory, not beside the fine-tuned ones on the GPU.
+                attached.replaced[part] = {name: t.detach().to("cpu", copy=True) for name, t in module.state_dict().items()}
                 # Copied into the pipeline's own dtype and device. Tensors `state` lacks (a checkpoint holds
                 # parameters, not buffers) keep the base's; a name the module does not have is an error.
                 module.load_state_dict({**attached.replaced[part], **state})
@@ -317,6 +319,7 @@ def attach(pipeline, weights: AdapterWeights, adapter_name: str) -> Attached:
             with warnings.catch_warnings():  # peft warns that a second adapter joins the first: intended
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
                 _load_lora_file(pipeline, weights.stacked[0], STACKED_ADAPTER)
+            attached.lora = True
             pipeline.set_adapters([adapter_name, STACKED_ADAPTER], adapter_weights=[1.0, weights.stacked[1]])
         if weights.embeddings is not None:
             import copy

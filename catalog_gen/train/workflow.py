@@ -333,8 +333,10 @@ def ensure_class_stage(components, config: TrainConfig, class_spec, everyone: Se
     settings stay the same; resumed and forced like an instance."""
     from catalog_gen.train import training
 
+    # The UNet only: the instance stage stacks the class LoRA on its UNet (its own text-encoder LoRA, if any,
+    # learns the instance's words alone).
     stage_config = dataclasses.replace(config, method="dreambooth-lora", prior_preservation=False,
-                                       steps=config.class_stage_steps or config.steps)
+                                       train_text_encoder=False, steps=config.class_stage_steps or config.steps)
     item = PreparedInstance(class_spec.key, CLASS_STAGE_KEY, "", tuple(p for i in everyone for p in i.photos),
                             tuple(h for i in everyone for h in i.photo_hashes),
                             tuple(s for i in everyone for s in i.photo_sources), (), workdir)
