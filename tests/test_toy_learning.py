@@ -1,5 +1,6 @@
 """The learning test: DreamBooth-LoRA on a held-out toy-world instance must move its images toward the
-product, and the check must fail when learning is broken (no gradient, token dropped, wrong target).
+product, and the check must fail when learning is broken (no gradient, wrong noise target; a dropped token
+is not detectable this way, see bench.toy_learning_check.UNDETECTED).
 
 Toy world, not Stable Diffusion: catalog_gen/toy/MODEL_CARD.md. The setting, the breakages and the margins
 live in bench/toy_learning_check.py, whose run prints the numbers the margins were set from.

@@ -51,7 +51,8 @@ class AdapterInfo:
 
     @property
     def has_lora(self) -> bool:
-        return self.record.get("files", {}).get("diffusers") is not None
+        files = self.record.get("files")
+        return files is None or files.get("diffusers") is not None  # no "files": a bare LoRA record
 
     @property
     def diffusers_file(self) -> Path:
@@ -193,8 +194,6 @@ def read_adapter(folder: Path) -> AdapterInfo:
     except ValueError as error:
         raise CatalogError(f"{meta}: not valid JSON ({error})") from error
     info = AdapterInfo(Path(folder), record)
-    if "files" not in record:
-        raise CatalogError(f"{meta}: names no weight files; retrain it")
     if info.has_lora and not info.diffusers_file.is_file():
         raise CatalogError(f"adapter {folder}: {DIFFUSERS_WEIGHTS_NAME} is missing")
     if info.embeddings_file is not None and not info.embeddings_file.is_file():
