@@ -1,9 +1,11 @@
-"""Fine-tuning of one adapter per product instance: DreamBooth-LoRA, textual inversion, pivotal tuning.
+"""Fine-tuning of one adapter per product instance: DreamBooth-LoRA, textual inversion, pivotal tuning, full
+DreamBooth, and the instance stage of two-stage training (methods.py says what each trains).
 
 The flow follows a setup -> load -> fit split:
     load_components()  the frozen base model, once per process, reused by every instance
     fit()              1. encode photos and prompts once   2. add what the method trains (a fresh LoRA,
-                       new token embeddings or both)   3. resume from the latest checkpoint   4. the loop:
+                       new token embeddings, the base model's own weights; a frozen class LoRA under it)
+                       3. resume from the latest checkpoint   4. the loop:
                        noise, denoise, loss, step, checkpoint
 
 Resume is exact because nothing in the loop depends on hidden state: every random draw
