@@ -6,11 +6,11 @@ import pickle
 
 import pytest
 import torch
-from safetensors.torch import save as save_safetensors
+from safetensors.torch import load as load_safetensors, save as save_safetensors
 
 from catalog_gen.errors import CatalogError
 from catalog_gen.storage import sha256_bytes
-from catalog_gen.train.adapters import AdapterInfo, load_adapter_weights
+from catalog_gen.train.adapters import AdapterInfo, adapter_weights
 from catalog_gen.train.lora_files import DIFFUSERS_WEIGHTS_NAME
 
 KEY = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"
@@ -18,7 +18,12 @@ KEY = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.we
 
 def adapter_with(tmp_path, data: bytes, recorded: str | None) -> AdapterInfo:
     (tmp_path / DIFFUSERS_WEIGHTS_NAME).write_bytes(data)
-    return AdapterInfo(tmp_path, {} if recorded is None else {"weights_sha256": recorded})
+    return AdapterInfo(tmp_path, {"token": "zwx"} if recorded is None else {"token": "zwx", "weights_sha256": recorded})
+
+
+def load_adapter_weights(info: AdapterInfo) -> dict:
+    """The LoRA tensors the generator's loader hands on (adapter_weights: checked bytes, loaded as a file)."""
+    return load_safetensors(adapter_weights(info).lora)
 
 
 def test_the_recorded_weights_load(tmp_path):

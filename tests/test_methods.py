@@ -306,7 +306,8 @@ def test_catalog_compare_trains_and_evaluates_every_method_on_the_same_photos(sa
     from catalog_gen.config import _recipe_path
 
     recipe = tmp_path / "compare.toml"
-    recipe.write_text(_recipe_path("tiny_sweep").read_text() + "\n[compare.dreambooth]\nlearning_rate = 1e-5\n")
+    recipe.write_text(_recipe_path("tiny_sweep").read_text() + "\n[compare.dreambooth]\nlearning_rate = 1e-5\n"
+                      "\n[compare.two-stage]\nclass_stage_steps = 5\n")
     args = ["compare", "--class", "ring", "--instance", "band", "--photos", str(sample_catalogue.photos_dir),
             "--products", str(sample_catalogue.products_csv), "--workdir", str(tmp_path), "--recipe", str(recipe),
             "--quiet"]
@@ -339,6 +340,10 @@ def test_catalog_compare_trains_and_evaluates_every_method_on_the_same_photos(sa
     # A rerun finds every method finished and only tabulates again.
     finished = {p: p.stat().st_mtime_ns for p in out.glob("points/*/adapters/ring/band/adapter.json")}
     assert len(finished) == 5
+    # Every method's final evaluation images are kept for the grid (two-stage's too, whose class stage ran
+    # another number of steps): tiny_sweep draws 2 prompts x 3 images.
+    for point in out.glob("points/*"):
+        assert len(list((point / "images" / "final").glob("*.png"))) == 6, point.name
     rerun = CliRunner().invoke(app, args)
     assert rerun.exit_code == 0, rerun.output
     assert {p: p.stat().st_mtime_ns for p in finished} == finished

@@ -141,7 +141,8 @@ def run_sweep(source, class_key: str, instance_key: str, workdir: Path, name: st
         if models is None:  # one base pipeline for every point; reference embeddings cached for the sweep
             models = load_eval_models(train_config.base_model, eval_config, sweep_dir)
         models.pipeline.scheduler = make_scheduler(eval_config.scheduler, models.pipeline.scheduler.config)
-        final_step = summary.outcomes[0].steps
+        # The instance's own outcome (two-stage lists its class stage first).
+        final_step = next(o.steps for o in summary.outcomes if o.key == f"{class_key}/{instance_key}")
 
         def keep_images(step: int, images, folder=folder) -> None:
             if step in (0, final_step):

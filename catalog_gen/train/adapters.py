@@ -46,10 +46,6 @@ class AdapterInfo:
     record: dict[str, Any]
 
     @property
-    def method(self) -> str:
-        return self.record.get("method", "dreambooth-lora")  # adapters from before there were methods
-
-    @property
     def has_lora(self) -> bool:
         files = self.record.get("files")
         return files is None or files.get("diffusers") is not None  # no "files": a bare LoRA record
@@ -204,17 +200,8 @@ def read_adapter(folder: Path) -> AdapterInfo:
     return info
 
 
-def load_adapter_weights(info: AdapterInfo) -> dict:
-    """The adapter's diffusers-format LoRA tensors, for `load_lora_weights(state_dict)`.
-
-    Read as safetensors only (never a pickle, whatever the file holds), and only if the bytes are the
-    ones adapter.json recorded: a weights file swapped or damaged after training is refused. The
-    bytes hashed are the bytes parsed, so nothing can change between the check and the load."""
-    return _checked_safetensors(info, info.diffusers_file, "weights_sha256")
-
-
 def load_embeddings(info: AdapterInfo):
-    """The adapter's learned token embeddings, (len(info.tokens), dim), checked like load_adapter_weights."""
+    """The adapter's learned token embeddings, (len(info.tokens), dim), checked like every weights file."""
     tensors = _checked_safetensors(info, info.embeddings_file, "embeddings_sha256")
     if len(tensors) != 1:
         raise CatalogError(f"adapter {info.folder}: {info.embeddings_file.name} holds {len(tensors)} tensors, "
@@ -230,16 +217,18 @@ def _checked_safetensors(info: AdapterInfo, path: Path, hash_key: str) -> dict:
     """Read as safetensors only (never a pickle, whatever the file holds), and only if the bytes are the ones
     adapter.json recorded: a weights file swapped or damaged after training is refused. The bytes hashed
     are the bytes parsed, so nothing can change between the check and the load."""
-    from safetensors.torch import load as load_safetensors
-
-    return load_safetensors(_checked_bytes(info, path, hash_key))
+    return _parsed(info, path, _hash_checked(info, path, hash_key))
 
 
 def _checked_bytes(info: AdapterInfo, path: Path, hash_key: str) -> bytes:
-    """A weights file's bytes, only if they hash to what adapter.json recorded and parse as safetensors."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load as load_safetensors
+    """A weights file's bytes, only if they hash to what adapter.json recorded and parse as safetensors (for
+    loaders that read a file: the LoRA's, whose metadata holds its config)."""
+    data = _hash_checked(info, path, hash_key)
+    _parsed(info, path, data)
+    return data
 
+
+def _hash_checked(info: AdapterInfo, path: Path, hash_key: str) -> bytes:
     data = path.read_bytes()
     recorded, found = info.record.get(hash_key), sha256_bytes(data)
     if recorded is None:
@@ -247,11 +236,17 @@ def _checked_bytes(info: AdapterInfo, path: Path, hash_key: str) -> bytes:
     if found != recorded:
         raise CatalogError(f"adapter {info.folder}: {path.name} has sha256 {found}, but "
                            f"{ADAPTER_JSON} records {recorded}; the file changed after training")
+    return data
+
+
+def _parsed(info: AdapterInfo, path: Path, data: bytes) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_safetensors
+
     try:
-        load_safetensors(data)
+        return load_safetensors(data)
     except SafetensorError as error:
         raise CatalogError(f"adapter {info.folder}: {path.name} is not a safetensors file ({error})") from error
-    return data
 
 
 @dataclass(frozen=True)

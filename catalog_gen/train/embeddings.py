@@ -34,10 +34,6 @@ class ExtendedTokenEmbedding(torch.nn.Module):
     def weight(self) -> torch.Tensor:  # callers that ask for the embedding's dtype or device
         return self.base.weight
 
-    @property
-    def embedding_dim(self) -> int:
-        return self.base.embedding_dim
-
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         is_new = input_ids >= self.first_id
         known = self.base(input_ids.masked_fill(is_new, 0))
