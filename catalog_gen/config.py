@@ -21,7 +21,7 @@ AUTO = "auto"
 INFERENCE_PRECISION = ("auto", "fp32", "fp16", "bf16")
 ATTENTION = ("sdpa", "xformers")
 LR_SCHEDULES = ("constant", "cosine", "linear")
-METHODS = ("dreambooth-lora", "textual-inversion", "pivotal", "dreambooth", "two-stage")
+METHODS = ("dreambooth-lora", "textual-inversion", "pivotal", "dreambooth", "lora-captions", "two-stage")
 """Fine-tuning methods `catalog train --method` runs (catalog_gen.train.methods says what each trains)."""
 
 
@@ -32,8 +32,9 @@ class TrainConfig:
     method: str = "dreambooth-lora"
     """dreambooth-lora (a LoRA bound to a rare existing token), textual-inversion (new token embeddings only),
     pivotal (new token embeddings and a LoRA, trained together), dreambooth (the whole UNet, and the text
-    encoder with train_text_encoder; learning_rate is then the UNet's: seed 004 used 1e-6) or two-stage (a
-    class LoRA on every photo of the class first, then each instance's LoRA on top of it)."""
+    encoder with train_text_encoder; learning_rate is then the UNet's: seed 004 used 1e-6), lora-captions (one
+    LoRA over every chosen instance of the class, each photo prompted by its own caption, no identifier token)
+    or two-stage (a class LoRA on every photo of the class first, then each instance's LoRA on top of it)."""
     base_model: str = "tiny"
     """Preset name (tiny, sd15-shape), local diffusers folder, or cached hub id."""
     resolution: int | None = None

@@ -6,6 +6,9 @@
         adapters/<class>/<instance>/     adapter.json + LoRA files (lora_files.py names those)
         checkpoints/<class>/<instance>/  step-NNNNNN/ (checkpoints.py)
         class_images/<class>/<base>-<px>/NNNN.png   prior-preservation images, shared by instances
+        class_stages/<class>/            two-stage: the class LoRA (adapter/, checkpoints/)
+        caption_loras/<class>/<name>/    lora-captions: the LoRA its instances share (its checkpoints in
+                                         checkpoints/<class>/caption-lora-<name>/)
         embeddings/                      reference-photo embeddings, cached per embedder
         eval/<class>/                    catalog eval: eval.parquet, summary.md, plots
         sweeps/<name>/                   catalog sweep: sweep.json, points/<id>/result.json, results.*
@@ -83,6 +86,34 @@ def class_stage_adapter_folder(workdir: Path, class_key: str) -> Path:
 
 def class_stage_checkpoint_folder(workdir: Path, class_key: str) -> Path:
     return Path(workdir) / CLASS_STAGES_DIR / class_key / "checkpoints"
+
+
+CAPTION_LORAS_DIR = "caption_loras"
+CAPTION_LORA_KEY = "caption-lora"
+"""The instance key a lora-captions LoRA trains under (in seeds and outcomes); not a valid instance key."""
+
+
+def caption_lora_name(instance_keys) -> str:
+    """A caption LoRA is named by the instances it learned: "band+signet", or for many a count and a hash, so
+    training another set of instances never overwrites one whose adapters point at it."""
+    import hashlib
+
+    keys = sorted(instance_keys)
+    joined = "+".join(keys)
+    if len(joined) <= 60:
+        return joined
+    return f"{len(keys)}-instances-{hashlib.sha256(joined.encode()).hexdigest()[:10]}"
+
+
+def caption_lora_adapter_folder(workdir: Path, class_key: str, name: str) -> Path:
+    """lora-captions: the one LoRA several instances share (WORKDIR/caption_loras/<class>/<name>/, as deep as
+    an instance's adapter folder); each instance's adapter folder holds a copy of its files."""
+    return Path(workdir) / CAPTION_LORAS_DIR / class_key / name
+
+
+def caption_lora_checkpoint_folder(workdir: Path, class_key: str, name: str) -> Path:
+    """Beside the instances' checkpoint folders; "-" keeps the name apart from every instance key."""
+    return checkpoint_folder(workdir, class_key, f"{CAPTION_LORA_KEY}-{name}")
 
 
 TRAIN_LOCK = ".train.lock"

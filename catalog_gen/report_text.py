@@ -25,11 +25,14 @@ def train_summary_lines(summary) -> list[str]:
     lines = []
     for outcome in summary.outcomes:
         where = f" -> {outcome.adapter_dir}" if outcome.adapter_dir else ""
-        timing = f" ({outcome.steps} steps, {outcome.seconds:.1f}s)" if outcome.status == "trained" else ""
+        # No time for an adapter copied from one trained for several (lora-captions): its LoRA's line has it.
+        seconds = f", {outcome.seconds:.1f}s" if outcome.seconds else ""
+        timing = f" ({outcome.steps} steps{seconds})" if outcome.status == "trained" else ""
         detail = f": {outcome.detail}" if outcome.detail else ""
         lines.append(f"{outcome.status:<16} {outcome.key}{timing}{detail}{where}")
     for skipped in summary.skipped:
         lines.append(f"{'not trained':<16} {skipped.item}: {skipped.reason}")
+    lines.extend(f"{'note':<16} {note}" for note in summary.notes)
     trained = sum(o.status == "trained" for o in summary.outcomes)
     lines.append(f"{trained} trained, {len(summary.outcomes) - trained - len(summary.failed)} already trained, "
                  f"{len(summary.failed)} failed")

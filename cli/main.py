@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from catalog_gen import layout
+from catalog_gen.config import METHODS
 from catalog_gen.errors import CatalogError
 
 # rich_markup_mode=None: help text is shown as written ("[eval]" in a recipe's help is a TOML section, not markup).
@@ -124,7 +125,7 @@ def train(
     class_map: ClassMapOpt = "jewelry",
     recipe: Annotated[Optional[str], typer.Option(help="TOML recipe path or built-in name (pipelines/).")] = None,
     base_model: Annotated[Optional[str], typer.Option("--base-model", help="Preset, local folder or cached hub id (default: the recipe's, else tiny).")] = None,
-    method: Annotated[Optional[str], typer.Option("--method", help="dreambooth-lora | textual-inversion | pivotal | dreambooth | two-stage (default: the recipe's, else dreambooth-lora).")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", help=f"{' | '.join(METHODS)} (default: the recipe's, else dreambooth-lora).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Training steps per instance (default: the recipe's, else 200).")] = None,
     resolution: Annotated[Optional[int], typer.Option(help="Training resolution in pixels (default: the recipe's, else the base model's native size: 512 for SD 1.5, 64 for tiny and toy).")] = None,
     learning_rate: Annotated[Optional[float], typer.Option("--learning-rate", help="LoRA learning rate.")] = None,
@@ -305,7 +306,7 @@ def _is_main_process() -> bool:
 def compare_command(
     class_key: Annotated[str, typer.Option("--class", help="Product class.")],
     instance: Annotated[str, typer.Option("--instance", help="The instance every method trains on.")],
-    methods: Annotated[str, typer.Option("--methods", help="Comma-separated, from dreambooth-lora, textual-inversion, pivotal, dreambooth, two-stage.")] = "dreambooth-lora,textual-inversion,pivotal,dreambooth,two-stage",
+    methods: Annotated[str, typer.Option("--methods", help=f"Comma-separated, from {', '.join(METHODS)}.")] = ",".join(METHODS),
     photos: Annotated[Optional[Path], typer.Option("--photos", help="Photo folder (see `train`).")] = None,
     products: Annotated[Optional[Path], typer.Option("--products", help="products.csv (see `train`).")] = None,
     workdir: Workdir = Path("catalog-work"),

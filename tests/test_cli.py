@@ -175,8 +175,8 @@ def test_library_error_exits_2_with_its_message(fake_train, sample_catalogue):
     (["--mixed-precision", "fp32"], "mixed_precision must be one of auto, no, fp16, bf16; got 'fp32'"),
     (["--resolution", "100"], "resolution must be a multiple of 8"),
     (["--learning-rate", "-1"], "learning_rate must be > 0, got -1.0"),
-    (["--method", "lora"], "method must be one of dreambooth-lora, textual-inversion, pivotal, dreambooth, two-stage; "
-                           "got 'lora'"),
+    (["--method", "lora"], "method must be one of dreambooth-lora, textual-inversion, pivotal, dreambooth, "
+                           "lora-captions, two-stage; got 'lora'"),
 ])
 def test_bad_option_values_name_the_setting_and_never_train(fake_train, sample_catalogue, options, message):
     fake = fake_train()

@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 
 from catalog_gen.train.adapters import read_adapter
 from catalog_gen.train.checkpoints import list_checkpoints
-from catalog_gen.config import TrainConfig, build_config, read_recipe
+from catalog_gen.config import METHODS, TrainConfig, build_config, read_recipe
+from catalog_gen.layout import caption_lora_checkpoint_folder, caption_lora_name
 from catalog_gen.train.workflow import PhotoSource, train_class
 
 pytestmark = pytest.mark.slow
@@ -74,12 +75,13 @@ def _wait_for_a_checkpoint(process: subprocess.Popen, checkpoints: Path, log: Pa
 
 # Every method: textual inversion and pivotal tuning resume their learned tokens too (where the reference
 # scripts lose them).
-@pytest.mark.parametrize("method", ["dreambooth-lora", "textual-inversion", "pivotal", "dreambooth", "two-stage"])
+@pytest.mark.parametrize("method", METHODS)
 def test_kill_9_then_resume_gives_the_uninterrupted_adapter(method, sample_catalogue, tiny_model, tmp_path,
                                                            one_torch_thread):
     recipe = _write_recipe(tmp_path / "kill.toml", method)
     workdir = tmp_path / "killed"
-    checkpoints = workdir / "checkpoints" / "ring" / "band"
+    checkpoints = (caption_lora_checkpoint_folder(workdir, "ring", caption_lora_name(["band"]))
+                   if method == "lora-captions" else workdir / "checkpoints" / "ring" / "band")
     adapter = workdir / "adapters" / "ring" / "band"
 
     # 1. Start training and kill -9 it once a complete checkpoint is on disk.
@@ -136,7 +138,8 @@ def test_kill_9_then_resume_gives_the_uninterrupted_adapter(method, sample_catal
     assert record["loss_curve"] == expected.record["loss_curve"]
     assert record["fingerprint"] == expected.record["fingerprint"]
     weight_files = [name for name in record["files"].values() if name]
-    assert len(weight_files) == {"dreambooth-lora": 2, "textual-inversion": 1, "pivotal": 3, "dreambooth": 1, "two-stage": 2}[method]
+    assert len(weight_files) == {"dreambooth-lora": 2, "textual-inversion": 1, "pivotal": 3, "dreambooth": 1, "lora-captions": 2,
+                                "two-stage": 2}[method]
     for name in weight_files:
         a, b = load_file(str(adapter / name)), load_file(str(expected.folder / name))
         assert a.keys() == b.keys() and a

@@ -35,10 +35,10 @@ def trained(sample_catalogue, tmp_path_factory):
     """ring/band with each method; textual inversion with two vectors, to cover multi-vector tokens."""
     found = {}
     for method, extra in (("textual-inversion", {"embedding_vectors": 2}), ("pivotal", {}),
-                          ("dreambooth", {"train_text_encoder": True})):
+                          ("dreambooth", {"train_text_encoder": True}), ("lora-captions", {})):
         workdir = tmp_path_factory.mktemp(method)
         summary = train_class(_source(sample_catalogue), "ring", ["band"], workdir, method_config(method, **extra))
-        assert [o.status for o in summary.outcomes] == ["trained"], summary.outcomes
+        assert [o.status for o in summary.outcomes if o.key == "ring/band"] == ["trained"], summary.outcomes
         found[method] = read_adapter(workdir / "adapters" / "ring" / "band")
     return found
 
@@ -143,7 +143,7 @@ def test_pivotal_loads_in_plain_diffusers_like_the_advanced_scripts(trained, tin
     assert np.array_equal(_image(fresh, prompt), base)
 
 
-@pytest.mark.parametrize("method", ["textual-inversion", "pivotal", "dreambooth"])
+@pytest.mark.parametrize("method", ["textual-inversion", "pivotal", "dreambooth", "lora-captions"])
 def test_resume_after_interruption_gives_the_same_weights(method, trained, sample_catalogue, tmp_path):
     source = _source(sample_catalogue)
     extra = {"textual-inversion": {"embedding_vectors": 2}, "dreambooth": {"train_text_encoder": True}}.get(method, {})
@@ -151,7 +151,7 @@ def test_resume_after_interruption_gives_the_same_weights(method, trained, sampl
         train_class(source, "ring", ["band"], tmp_path, method_config(method, **extra),
                     progress=crash_in_training_step(4))
     summary = train_class(source, "ring", ["band"], tmp_path, method_config(method, **extra), resume=True)
-    assert summary.outcomes[0].status == "trained"
+    assert [o.status for o in summary.outcomes if o.key == "ring/band"] == ["trained"]
     resumed, reference = read_adapter(tmp_path / "adapters" / "ring" / "band"), trained[method]
     assert resumed.record["resumed_from_step"] == 2
     assert resumed.record["loss_curve"] == reference.record["loss_curve"]
@@ -230,7 +230,7 @@ def test_a_new_token_already_in_the_vocabulary_is_refused(sample_catalogue, tmp_
 
 def test_method_settings_are_validated():
     with pytest.raises(CatalogError, match="method must be one of dreambooth-lora, textual-inversion, pivotal, "
-                                           "dreambooth, two-stage"):
+                                           "dreambooth, lora-captions, two-stage"):
         TrainConfig(method="hypernetwork")
     with pytest.raises(CatalogError, match="textual-inversion trains token embeddings only"):
         TrainConfig(method="textual-inversion", train_text_encoder=True)
@@ -253,9 +253,9 @@ def test_each_methods_fingerprint_leaves_out_the_settings_it_does_not_use():
 
 
 def test_catalog_generate_takes_each_methods_adapter_and_leaves_nothing_behind(sample_catalogue, tmp_path):
-    """band (full DreamBooth), signet (pivotal), slim (textual inversion) and stacker (two-stage) in one
-    nightly run, the base
-    model's images drawn for each: a base image drawn after another instance's adapter came off equals one
+    """band (full DreamBooth), dome (lora-captions), signet (pivotal), slim (textual inversion) and stacker
+    (two-stage) in one nightly run, the base model's images drawn for each: a base image drawn after another
+    instance's adapter came off equals one
     from a run that never loaded it, and each adapter changes its candidates. (A textual-inversion leftover
     could only show in prompts with its own token; attach/detach's own test checks that one.)"""
     import polars as pl
@@ -271,10 +271,11 @@ def test_catalog_generate_takes_each_methods_adapter_and_leaves_nothing_behind(s
     train_class(source, "ring", ["signet"], workdir, method_config("pivotal", **quick))
     train_class(source, "ring", ["slim"], workdir, method_config("textual-inversion", embedding_vectors=2, **quick))
     train_class(source, "ring", ["stacker"], workdir, method_config("two-stage", class_stage_steps=3, **quick))
+    train_class(source, "ring", ["dome"], workdir, method_config("lora-captions", **quick))
     config = replace(build_config(GenerateConfig, read_recipe("tiny_nightly", "generate"), {}), base_images=1,
                      n_images=1, max_extra=0)
-    rows = {"band": "RG-BAND-1,ring,band\n", "signet": "RG-SIGN-1,ring,signet\n", "slim": "RG-SLIM-1,ring,slim\n",
-            "stacker": "RG-STCK-1,ring,stacker\n"}
+    rows = {"band": "RG-BAND-1,ring,band\n", "dome": "RG-DOME-1,ring,dome\n", "signet": "RG-SIGN-1,ring,signet\n",
+            "slim": "RG-SLIM-1,ring,slim\n", "stacker": "RG-STCK-1,ring,stacker\n"}
 
     def run(name: str, instances: list[str]):
         sheet = tmp_path / f"{name}.csv"
@@ -287,8 +288,8 @@ def test_catalog_generate_takes_each_methods_adapter_and_leaves_nothing_behind(s
     # LoRA slim's; slim's leftover tokens would show only in its own prompts (see the docstring).
     both, alone = run("all", list(rows)), {i: run(i, [i]) for i in rows}
     manifest = pl.read_parquet(both / "manifest.parquet")
-    for instance, sku in (("band", "RG-BAND-1"), ("signet", "RG-SIGN-1"), ("slim", "RG-SLIM-1"),
-                          ("stacker", "RG-STCK-1")):
+    for instance, sku in (("band", "RG-BAND-1"), ("dome", "RG-DOME-1"), ("signet", "RG-SIGN-1"),
+                          ("slim", "RG-SLIM-1"), ("stacker", "RG-STCK-1")):
         [folder] = [p.parent.name for p in (alone[instance] / BASE_DIR).glob("*/0.png")]
         base = np.asarray(Image.open(both / BASE_DIR / folder / "0.png"))
         assert np.array_equal(base, np.asarray(Image.open(alone[instance] / BASE_DIR / folder / "0.png")))
@@ -317,7 +318,7 @@ def test_catalog_compare_trains_and_evaluates_every_method_on_the_same_photos(sa
     assert "| dreambooth-lora |" in result.output and "| pivotal |" in result.output
     table = pl.read_parquet(out / "compare.parquet")
     assert table["method"].to_list() == ["base model (no fine-tuning)", "dreambooth-lora", "textual-inversion",
-                                         "pivotal", "dreambooth", "two-stage"]
+                                         "pivotal", "dreambooth", "lora-captions", "two-stage"]
     for metric in ("clip_i", "dino", "clip_t", "kid_photos", "fid_photos", "kid_base", "fid_base"):
         assert table[metric].is_finite().all(), metric
     assert table["train_seconds"][1:].is_finite().all()
@@ -327,19 +328,20 @@ def test_catalog_compare_trains_and_evaluates_every_method_on_the_same_photos(sa
     # One 32-dimensional vector for textual inversion; the LoRA's A and B matrices for the others.
     assert rows["textual-inversion"]["trained_parameters"] == 32
     assert rows["pivotal"]["trained_parameters"] == rows["dreambooth-lora"]["trained_parameters"] + 32
+    assert rows["lora-captions"]["trained_parameters"] == rows["dreambooth-lora"]["trained_parameters"]
     assert rows["textual-inversion"]["weights_bytes"] < rows["dreambooth-lora"]["weights_bytes"]
     assert rows["dreambooth-lora"]["weights_bytes"] < rows["dreambooth"]["weights_bytes"]  # seed 003's sizes
     # [compare.dreambooth] set that method's learning rate and no other's.
     records = [json.loads(p.read_text()) for p in out.glob("points/*/adapters/ring/band/adapter.json")]
     rates = {record["method"]: record["recipe"]["learning_rate"] for record in records}
     assert rates == {"dreambooth-lora": 1e-3, "textual-inversion": 1e-3, "pivotal": 1e-3, "dreambooth": 1e-5,
-                     "two-stage": 1e-3}
+                     "lora-captions": 1e-3, "two-stage": 1e-3}
     assert table["peak_cuda_memory_bytes"].is_null().all()  # a CPU run: not measured, not zero
     with Image.open(out / "grid.png") as grid:
-        assert grid.size == (130 + 4 * 96, 7 * 96)  # photos, base model, five methods
+        assert grid.size == (130 + 4 * 96, 8 * 96)  # photos, base model, six methods
     # A rerun finds every method finished and only tabulates again.
     finished = {p: p.stat().st_mtime_ns for p in out.glob("points/*/adapters/ring/band/adapter.json")}
-    assert len(finished) == 5
+    assert len(finished) == 6
     # Every method's final evaluation images are kept for the grid (two-stage's too, whose class stage ran
     # another number of steps): tiny_sweep draws 2 prompts x 3 images.
     for point in out.glob("points/*"):
@@ -367,7 +369,7 @@ def test_compare_method_settings_name_a_method_and_known_settings():
         parse_method_settings({"dreambooth": {"lr": 1e-6}}, "r")
 
 
-@pytest.mark.parametrize("method", ["textual-inversion", "pivotal", "dreambooth"])
+@pytest.mark.parametrize("method", ["textual-inversion", "pivotal", "dreambooth", "lora-captions"])
 def test_catalog_eval_scores_every_checkpoint_of_each_method(method, trained):
     """Seed 000 follows pivotal tuning over its checkpoints: every checkpoint's own weights are drawn with."""
     import polars as pl

@@ -52,6 +52,12 @@ class ClassSpec:
             raise CatalogError(f"empty identifier token for instance '{self.key}/{instance}'")
         return self.instance_prompt.format(token=token.strip(), instance=self.instances[instance].name)
 
+    def plain_prompt_for(self, instance: str) -> str:
+        """The instance prompt with no identifier token ("photo of a pair of beaded hoops"): how a caption-based
+        LoRA, which learned words rather than a token, is prompted for the instance."""
+        self.instance_prompt_for(instance, "_")  # names an unknown instance
+        return " ".join(self.instance_prompt.format(token="", instance=self.instances[instance].name).split())
+
 
 @dataclass(frozen=True)
 class ClassMap:

@@ -76,6 +76,8 @@ class Assignment:
     via: str
     sku: str | None = None
     title: str | None = None
+    caption: str | None = None
+    """The products CSV's `caption` cell (None: no caption column, or an empty cell)."""
 
     def __post_init__(self) -> None:
         if self.via not in VIA:
@@ -99,6 +101,8 @@ class Taxonomy:
     assignments: tuple[Assignment, ...]
     skipped: tuple[Skipped, ...]
     min_photos: int | None = None  # None: the class map's min_photos
+    caption_column: bool = False
+    """The photos came from a products CSV with a `caption` column (lora-captions' first caption source)."""
 
     def __post_init__(self) -> None:
         if self.min_photos is None:
@@ -150,10 +154,11 @@ def _check_min_photos(min_photos: Any) -> None:
 
 
 def _finish(class_map: ClassMap, assignments: list[Assignment], skipped: list[Skipped],
-            min_photos: int | None) -> Taxonomy:
+            min_photos: int | None, caption_column: bool = False) -> Taxonomy:
     taxonomy = Taxonomy(class_map, tuple(assignments), tuple(skipped), min_photos)
     too_few = enforce_min_photos(taxonomy._all_groups(), taxonomy.min_photos)[1]
-    return Taxonomy(class_map, taxonomy.assignments, taxonomy.skipped + tuple(too_few), taxonomy.min_photos)
+    return Taxonomy(class_map, taxonomy.assignments, taxonomy.skipped + tuple(too_few), taxonomy.min_photos,
+                    caption_column)
 
 
 def _folder_key(name: str) -> str:
@@ -293,5 +298,6 @@ def assign_from_products(
             skipped.append(result)
             continue
         title = (row.get("title") or "").strip() or None
-        assignments.append(Assignment(path, result[0], result[1], result[2], sku=sku, title=title))
-    return _finish(class_map, assignments, skipped, min_photos)
+        caption = (row.get("caption") or "").strip() or None
+        assignments.append(Assignment(path, result[0], result[1], result[2], sku=sku, title=title, caption=caption))
+    return _finish(class_map, assignments, skipped, min_photos, caption_column="caption" in frame.columns)

@@ -221,10 +221,8 @@ def evaluate_instance(models: EvalModels, config: EvalConfig, workdir: Path, cla
     from catalog_gen.generate.generation import use_prompt_noun
     from catalog_gen.models.sampling import draw
 
-    from catalog_gen.layout import checkpoint_folder
-
     adapter = read_adapter(adapter_folder(workdir, class_spec.key, instance_key))
-    checkpoints = list_checkpoints(checkpoint_folder(workdir, class_spec.key, instance_key))
+    checkpoints = list_checkpoints(adapter.checkpoint_dir)
     if not checkpoints:
         raise CatalogError(f"{class_spec.key}/{instance_key}: no saved checkpoints to evaluate")
     key = f"{class_spec.key}/{instance_key}"

@@ -12,6 +12,8 @@
     unet/, text_encoder/               dreambooth: the fine-tuned components as diffusers model folders
                                        (config.json + safetensors); the rest is the base model's
                                        (UNet2DConditionModel.from_pretrained(folder, subfolder="unet"))
+    (lora-captions: each instance's folder holds the LoRA files of the caption LoRA its class's instances
+    share, WORKDIR/caption_loras/<class>/<name>/, and its own adapter.json naming it)
     adapter.json                       method, resolved recipe, token(s), prompts, base model and hashes,
                                        library versions, photos with hashes, loss curve, timings
 
@@ -23,12 +25,13 @@ from __future__ import annotations
 
 import json
 import platform
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from catalog_gen.errors import CatalogError
-from catalog_gen.layout import ADAPTER_JSON, workdir_of_adapter
+from catalog_gen.layout import ADAPTER_JSON, checkpoint_folder, workdir_of_adapter
 from catalog_gen.train.lora_files import DIFFUSERS_WEIGHTS_NAME, save_diffusers_lora, save_kohya_lora
 from catalog_gen.storage import atomic_directory, atomic_write_json, sha256_bytes, sha256_file
 
@@ -70,7 +73,8 @@ class AdapterInfo:
     @property
     def tokens(self) -> list[str]:
         """Every token the prompt's `token` stands for: itself, or a multi-vector embedding's token, token_1..."""
-        return list(self.record.get("tokens") or [self.token])
+        recorded = self.record.get("tokens")
+        return list(recorded) if recorded is not None else [self.token]  # [] : no token (lora-captions)
 
     @property
     def class_stage(self) -> "AdapterInfo | None":
@@ -99,6 +103,14 @@ class AdapterInfo:
         """One hash naming the trained weights (the LoRA file's, the UNet's or the embeddings'), for PNG metadata."""
         return (self.record.get("weights_sha256") or self.record.get("unet_sha256")
                 or self.record["embeddings_sha256"])
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Where the checkpoints of this adapter's training are: its own instance's folder, or for an instance
+        of a caption LoRA the shared LoRA's (recorded in `checkpoints_folder`)."""
+        workdir = workdir_of_adapter(self.folder)
+        shared = self.record.get("checkpoints_folder")
+        return workdir / shared if shared else checkpoint_folder(workdir, self.record["class"], self.record["instance"])
 
     @property
     def photo_paths(self) -> list[Path]:
@@ -166,7 +178,9 @@ def write_adapter(folder: Path, fit_result, record: dict[str, Any], class_key: s
                 "ss_network_dim": unet_config["r"],
                 "ss_network_alpha": alpha,
                 "ss_output_name": f"{class_key}_{instance_key}",
-                "ss_tag_frequency": json.dumps({record["instance_prompt"]: 1}),
+                # The prompts trained on, as kohya-ss counts its captions (lora-captions: one per photo).
+                "ss_tag_frequency": json.dumps(dict(Counter(p.get("caption", record["instance_prompt"])
+                                                            for p in record["photos"]))),
                 "catalog_gen_token": record["token"],
             }, bundled_embeddings={record["token"]: embeddings} if embeddings is not None else None)
             files.update(diffusers=DIFFUSERS_WEIGHTS_NAME, kohya=kohya_name)
@@ -177,6 +191,28 @@ def write_adapter(folder: Path, fit_result, record: dict[str, Any], class_key: s
             "files": files,
             **hashes,
         }
+        atomic_write_json(staging / ADAPTER_JSON, full)
+    return AdapterInfo(folder, full)
+
+
+def write_shared_lora_copy(folder: Path, shared: AdapterInfo, record: dict[str, Any]) -> AdapterInfo:
+    """An instance's adapter folder for a LoRA several instances share (lora-captions): the shared LoRA's files
+    (hard links where the file system allows, else copies; neither is ever written in place) beside the
+    instance's own adapter.json, so every reader of an instance's adapter takes it unchanged."""
+    import os
+    import shutil
+
+    files = dict(shared.record["files"])
+    with atomic_directory(folder) as staging:
+        kohya_name = kohya_file_name(record["class"], record["instance"])
+        for source, name in ((shared.diffusers_file, DIFFUSERS_WEIGHTS_NAME), (shared.kohya_file, kohya_name)):
+            try:
+                os.link(source, staging / name)
+            except OSError:
+                shutil.copyfile(source, staging / name)
+        files["kohya"] = kohya_name
+        full = {**record, "lora": shared.record["lora"], "files": files,
+                **{key: shared.record[key] for key in ("weights_sha256", "kohya_sha256")}}
         atomic_write_json(staging / ADAPTER_JSON, full)
     return AdapterInfo(folder, full)
 

@@ -7,6 +7,9 @@
                        `embedding_fraction` of the steps (seed 000; the diffusers advanced scripts)
     dreambooth         every UNet weight (and the text encoder's with train_text_encoder), bound to a rare
                        token; seeds 003 and 004 (diffusers' train_dreambooth.py)
+    lora-captions      one LoRA over several instances of a class, each photo prompted by its own caption
+                       (a caption column, a <photo>.txt, the product title); no identifier token; seed 001's
+                       text-to-image LoRA (diffusers' train_text_to_image_lora.py, kohya-ss captions)
     two-stage          a class LoRA on every photo of the class (the class prompt), then each instance's
                        DreamBooth-LoRA on top of it; generation stacks both (seed 001's proposal)
 """
@@ -36,6 +39,9 @@ class Method:
     """Trains on top of a class LoRA trained first on every photo of the class."""
     unused: frozenset[str]
     """Recipe settings that change nothing this method trains (left out of its training fingerprint)."""
+    captions: bool = False
+    """One LoRA for all the chosen instances of a class, each photo with its own caption instead of the
+    instance prompt."""
 
 
 _ALL = {
@@ -47,6 +53,8 @@ _ALL = {
                       unused=CLASS_STAGE_SETTINGS),
     "dreambooth": Method("dreambooth", lora=False, new_tokens=False, full=True, class_stage=False,
                          unused=EMBEDDING_SETTINGS | CLASS_STAGE_SETTINGS | {"lora_rank", "lora_alpha", "lora_dropout"}),
+    "lora-captions": Method("lora-captions", lora=True, new_tokens=False, full=False, class_stage=False,
+                            unused=EMBEDDING_SETTINGS | CLASS_STAGE_SETTINGS, captions=True),
     # The class stage's own settings reach the instance through the class LoRA's hash (in the fingerprint).
     "two-stage": Method("two-stage", lora=True, new_tokens=False, full=False, class_stage=True,
                         unused=EMBEDDING_SETTINGS | {"class_stage_steps"}),

@@ -62,6 +62,8 @@ class InstanceJob:
     """two-stage: the class LoRA (diffusers file) this instance's LoRA trains on top of, frozen."""
     stacked_weight: float = 1.0
     stacked_sha256: str | None = None
+    captions: tuple[str, ...] = ()
+    """lora-captions: one prompt per photo (same order), used instead of instance_prompt."""
 
     @property
     def key(self) -> str:
@@ -231,6 +233,8 @@ def training_fingerprint(config: TrainConfig, job: InstanceJob, base_fingerprint
               "prompts": [job.instance_prompt, job.class_prompt]}
     if job.stacked_sha256 is not None:  # two-stage: trained on top of exactly this class LoRA
         record["stacked_on"] = job.stacked_sha256
+    if job.captions:  # lora-captions: every caption is a prompt trained on
+        record["captions"] = list(job.captions)
     payload = json.dumps(record, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -435,10 +439,14 @@ def _fit_with(components: Components, config: TrainConfig, job: InstanceJob, fin
         return sample_latents(components, mean, std, generator)
 
     instance_prompt = embeddings.expand_prompt(job.instance_prompt, new_tokens[0]) if new_tokens else job.instance_prompt
-    prompt_ids = tokenize(components, [instance_prompt, job.class_prompt])
+    # Prompts by index: a photo's own caption (lora-captions) or the one instance prompt, then the class prompt.
+    photo_prompts = list(job.captions) or [instance_prompt]
+    prompts = photo_prompts + [job.class_prompt]
+    class_prompt_index = len(photo_prompts)
+    prompt_ids = tokenize(components, prompts)
     # The text embeddings can be cached unless something inside the text encoder learns.
     text_learns = config.train_text_encoder or new_tokens is not None
-    cached_text = None if text_learns else encode_prompts(components, [instance_prompt, job.class_prompt])
+    cached_text = None if text_learns else encode_prompts(components, prompts)
 
     # 2. What the method trains: a fresh LoRA on the frozen base model, new token embeddings, or both.
     unet_lora_config = text_lora_config = None
@@ -499,12 +507,12 @@ def _fit_with(components: Components, config: TrainConfig, job: InstanceJob, fin
         torch.manual_seed(seeds.dropout(config.seed, job.key, step))  # LoRA dropout, inside isolated_rng
         picks = photo_positions(step, config.batch_size, len(job.photos), seeds.photo_order(config.seed, job.key))
         latents = latents_for("photos", photos, picks, generator)
-        text_index = [0] * len(picks)
+        text_index = list(picks) if job.captions else [0] * len(picks)
         if job.class_images:
             class_picks = photo_positions(step, config.batch_size, len(job.class_images),
                                           seeds.class_image_order(config.seed))
             latents = torch.cat([latents, latents_for("class", class_photos, class_picks, generator)])
-            text_index += [1] * len(class_picks)
+            text_index += [class_prompt_index] * len(class_picks)
         noise = torch.randn(latents.shape, generator=generator).to(device)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(device)
         noisy = scheduler.add_noise(latents, noise, timesteps)

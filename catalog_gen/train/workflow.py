@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from catalog_gen import seeds
-from catalog_gen.catalog import intake, taxonomy, tokens
+from catalog_gen.catalog import captions, intake, taxonomy, tokens
 from catalog_gen.train.adapters import finished_adapter, library_versions, write_adapter
-from catalog_gen.layout import (CLASS_STAGE_KEY, TRAIN_LOCK, adapter_folder, checkpoint_folder, class_images_folder,
-                                class_stage_adapter_folder, class_stage_checkpoint_folder, dataset_folder,
-                                tokens_file, workdir_of_adapter)
+from catalog_gen.layout import (CLASS_STAGE_KEY, TRAIN_LOCK, adapter_folder, caption_lora_name, checkpoint_folder,
+                                class_images_folder, class_stage_adapter_folder, class_stage_checkpoint_folder,
+                                dataset_folder, tokens_file, workdir_of_adapter)
 from catalog_gen.train.checkpoints import VALIDATION_DIR, checkpoint_name, list_checkpoints
 from catalog_gen.config import TrainConfig
 from catalog_gen.errors import CatalogError
@@ -85,6 +85,10 @@ class PreparedInstance:
     photo_sources: tuple[str, ...]
     refused: tuple[tuple[str, str], ...]
     dataset_dir: Path
+    captions: tuple[captions.Caption, ...] = ()
+    """lora-captions: each photo's caption (same order as photos)."""
+    caption_notes: tuple[str, ...] = ()
+    """Which photos had no caption of their own, and what captioned them instead."""
 
 
 @dataclass
@@ -101,6 +105,8 @@ class TrainOutcome:
 class TrainSummary:
     outcomes: list[TrainOutcome] = field(default_factory=list)
     skipped: list[taxonomy.Skipped] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """What the user should know that is not a failure (lora-captions: photos captioned by a fallback)."""
 
     @property
     def failed(self) -> list[TrainOutcome]:
@@ -132,11 +138,13 @@ def assign_catalogue_tokens(workdir: Path, class_map: taxonomy.ClassMap, tokeniz
 def prepare_instances(source: PhotoSource, class_key: str, instance_keys: Sequence[str], workdir: Path,
                       resolution: int, tokenizer, min_photos: int | None = None,
                       chosen_tokens: Mapping[str, str] | None = None,
-                      new_token_vectors: int | None = None) -> tuple[list[PreparedInstance], list]:
+                      new_token_vectors: int | None = None,
+                      with_captions: bool = False) -> tuple[list[PreparedInstance], list]:
     """Steps 2-4 of training: assign photos, run intake per instance, pick tokens.
 
     new_token_vectors set (textual inversion, pivotal): each instance's token is a new one, "<class-instance>"
-    or the chosen one, checked to be absent from the vocabulary, instead of a rare token from tokens.json."""
+    or the chosen one, checked to be absent from the vocabulary, instead of a rare token from tokens.json.
+    with_captions (lora-captions): each photo's caption too, from the sources catalog.captions names."""
     assigned = assign_photos(source, min_photos)
     class_map = assigned.class_map
     class_spec = class_map.get_class(class_key)
@@ -175,12 +183,26 @@ def prepare_instances(source: PhotoSource, class_key: str, instance_keys: Sequen
                 reason=f"{len(result.accepted)} usable photos after intake, minimum {minimum}"))
             continue
         manifest = json.loads((dataset / "intake.json").read_text())
+        sources = tuple(item["source"] for item in manifest["accepted"])
+        found, notes = (), ()
+        if with_captions:
+            found, notes = _captions_of(assigned, class_spec, instance_key, sources)
         prepared.append(PreparedInstance(
             class_key, instance_key, token_of[f"{class_key}/{instance_key}"],
             tuple(dataset / item["file"] for item in manifest["accepted"]),
-            tuple(item["sha256"] for item in manifest["accepted"]),
-            tuple(item["source"] for item in manifest["accepted"]), refused, dataset))
+            tuple(item["sha256"] for item in manifest["accepted"]), sources, refused, dataset, found, notes))
     return prepared, skipped
+
+
+def _captions_of(assigned: taxonomy.Taxonomy, class_spec, instance_key: str,
+                 sources: Sequence[str]) -> tuple[tuple[captions.Caption, ...], tuple[str, ...]]:
+    """Each accepted photo's caption (by its source photo) and the notes on the fallbacks used."""
+    by_photo = {str(a.image): a for a in assigned.assignments}
+    fallback = class_spec.plain_prompt_for(instance_key)
+    found = tuple(captions.caption_for(Path(source), by_photo[source].caption, by_photo[source].title, fallback)
+                  for source in sources)
+    notes = captions.fallback_notes(f"{class_spec.key}/{instance_key}", sources, found, assigned.caption_column)
+    return found, tuple(notes)
 
 
 def ensure_class_images(components, class_key: str, class_prompt: str, config: TrainConfig, workdir: Path,
@@ -264,7 +286,8 @@ def train_class(source: PhotoSource, class_key: str, instance_keys: Sequence[str
             method = methods.method_of(config)
             prepared, skipped = prepare_instances(
                 source, class_key, instance_keys, workdir, config.resolution, tokenizer, config.min_photos,
-                chosen_tokens, new_token_vectors=config.embedding_vectors if method.new_tokens else None)
+                chosen_tokens, new_token_vectors=config.embedding_vectors if method.new_tokens else None,
+                with_captions=method.captions)
         except tokens.NoBpeMerges as error:
             raise CatalogError(f"base model '{config.base_model}': {error}") from None
     # The other processes redo the intake after the main one and swap the dataset folders;
@@ -299,12 +322,24 @@ def train_class(source: PhotoSource, class_key: str, instance_keys: Sequence[str
         if state.is_main_process:
             summary.outcomes.append(class_stage)
 
+    if config.max_photos is not None:
+        prepared = [_first_photos(item, config.max_photos) for item in prepared]
+
+    # 6c. lora-captions: one LoRA over every chosen instance, each photo with its caption; each instance's
+    #     adapter folder is then a copy of it.
+    if method.captions:
+        summary.notes.extend(note for item in prepared for note in item.caption_notes)
+        with state.main_process_first():
+            outcomes = ensure_caption_lora(components, config, class_spec, prepared, workdir, model,
+                                           base_fingerprint, class_images, resume=resume, force=force,
+                                           progress=progress)
+        if state.is_main_process:
+            summary.outcomes.extend(outcomes)
+        state.wait_for_everyone()
+        return summary
+
     # 7. This process's share of the instances.
     for item in prepared[state.process_index::state.num_processes]:
-        if config.max_photos is not None:
-            item = dataclasses.replace(item, photos=item.photos[:config.max_photos],
-                                       photo_hashes=item.photo_hashes[:config.max_photos],
-                                       photo_sources=item.photo_sources[:config.max_photos])
         job = training.InstanceJob(
             class_key, item.instance_key, item.token,
             class_spec.instance_prompt_for(item.instance_key, item.token), class_spec.class_prompt,
@@ -353,6 +388,72 @@ def ensure_class_stage(components, config: TrainConfig, class_spec, everyone: Se
         return TrainOutcome(job.key, "failed", str(error))
     finally:
         training.remove_lora(components)
+
+
+def _first_photos(item: PreparedInstance, count: int) -> PreparedInstance:
+    """The instance with its first `count` usable photos only (max_photos)."""
+    return dataclasses.replace(item, photos=item.photos[:count], photo_hashes=item.photo_hashes[:count],
+                               photo_sources=item.photo_sources[:count], captions=item.captions[:count])
+
+
+def ensure_caption_lora(components, config: TrainConfig, class_spec, prepared: Sequence[PreparedInstance],
+                        workdir: Path, model: BaseModel, base_fingerprint: str, class_images: tuple[Path, ...], *,
+                        resume: bool, force: bool, progress: Callable | None) -> list[TrainOutcome]:
+    """lora-captions: one LoRA on every photo of the prepared instances, each photo prompted by its own caption,
+    in WORKDIR/caption_loras/<class>/<name>/; then each instance's adapter folder as a copy of it, with the
+    instance's photos (its gates' references) and its prompt without an identifier. Kept while photos, captions
+    and settings stay the same; resumed and forced like an instance."""
+    from catalog_gen.layout import CAPTION_LORA_KEY, caption_lora_adapter_folder, caption_lora_checkpoint_folder
+    from catalog_gen.train import training
+    from catalog_gen.train.adapters import read_adapter, write_shared_lora_copy
+
+    name = caption_lora_name(item.instance_key for item in prepared)
+    item = PreparedInstance(class_spec.key, CAPTION_LORA_KEY, "", tuple(p for i in prepared for p in i.photos),
+                            tuple(h for i in prepared for h in i.photo_hashes),
+                            tuple(s for i in prepared for s in i.photo_sources),
+                            tuple(r for i in prepared for r in i.refused), workdir,
+                            tuple(c for i in prepared for c in i.captions))
+    # Validation images and the record's instance prompt: the class prompt (the LoRA stands for no one instance).
+    job = training.InstanceJob(class_spec.key, CAPTION_LORA_KEY, "", class_spec.class_prompt, class_spec.class_prompt,
+                               item.photos, caption_lora_checkpoint_folder(workdir, class_spec.key, name),
+                               class_images, captions=tuple(c.text for c in item.captions))
+    fingerprint = training.training_fingerprint(config, job, base_fingerprint, item.photo_hashes)
+    folder = caption_lora_adapter_folder(workdir, class_spec.key, name)
+    try:
+        with _instance_lock(job, workdir):
+            remove_leftovers(folder.parent, prefix=f".{folder.name}.")
+            shared = _train_or_skip(components, config, job, item, model, base_fingerprint, fingerprint, folder,
+                                    resume=resume, force=force, progress=progress)
+    except CatalogError as error:
+        shared = TrainOutcome(job.key, "failed", str(error))
+    finally:
+        training.remove_lora(components)
+    outcomes = [dataclasses.replace(shared, key=f"{class_spec.key}/{CAPTION_LORA_KEY} ({name})")]
+    if shared.status == "failed":
+        return outcomes + [TrainOutcome(f"{class_spec.key}/{i.instance_key}", "failed",
+                                        f"its caption LoRA failed: {shared.detail}") for i in prepared]
+    lora = read_adapter(folder)
+    for instance in prepared:
+        key = f"{class_spec.key}/{instance.instance_key}"
+        target = adapter_folder(workdir, class_spec.key, instance.instance_key)
+        record = {**lora.record, "instance": instance.instance_key,
+                  "instance_prompt": class_spec.plain_prompt_for(instance.instance_key), "tokens": [],
+                  "photos": [entry for entry in lora.record["photos"] if entry["source"] in instance.photo_sources],
+                  "refused_photos": [{"source": s, "reason": r} for s, r in instance.refused],
+                  "caption_lora": {"folder": os.path.relpath(folder, workdir), "name": name,
+                                   "instances": [i.instance_key for i in prepared],
+                                   "weights_sha256": lora.record["weights_sha256"]},
+                  "checkpoints_folder": os.path.relpath(job.checkpoint_dir, workdir)}
+        current = finished_adapter(target, fingerprint, config.steps)
+        if (current is not None and not force and current.record.get("caption_lora") == record["caption_lora"]
+                and current.record["photos"] == record["photos"]):
+            outcomes.append(TrainOutcome(key, "already trained", adapter_dir=target, steps=shared.steps))
+            continue
+        remove_leftovers(target.parent, prefix=f".{target.name}.")
+        write_shared_lora_copy(target, lora, record)
+        outcomes.append(TrainOutcome(key, "trained", f"its share of the caption LoRA {name}", adapter_dir=target,
+                                     steps=shared.steps))
+    return outcomes
 
 
 def _stacked_on(class_stage: TrainOutcome | None, config: TrainConfig) -> dict:
@@ -454,7 +555,7 @@ def _train_one(components, config, job, item, model: BaseModel, base_fingerprint
         "instance": job.instance_key,
         "method": config.method,
         "token": job.token,
-        "tokens": list(result.tokens) or [job.token],
+        "tokens": list(result.tokens) or ([job.token] if job.token else []),
         "instance_prompt": job.instance_prompt,
         "class_prompt": job.class_prompt,
         "base_model": {"spec": model.spec, "source": model.source, "path": str(model.path),
@@ -464,8 +565,10 @@ def _train_one(components, config, job, item, model: BaseModel, base_fingerprint
         "steps": result.state.step,
         "resumed_from_step": result.resumed_from,
         # Photo paths relative to the workdir, so a workdir can be moved or used from another folder.
-        "photos": [{"file": os.path.relpath(p, workdir), "source": src, "sha256": h}
-                   for p, src, h in zip(item.photos, item.photo_sources, item.photo_hashes)],
+        "photos": [{"file": os.path.relpath(p, workdir), "source": src, "sha256": h,
+                    **({"caption": item.captions[n].text, "caption_source": item.captions[n].source}
+                       if item.captions else {})}
+                   for n, (p, src, h) in enumerate(zip(item.photos, item.photo_sources, item.photo_hashes))],
         "refused_photos": [{"source": s, "reason": r} for s, r in item.refused],
         **({"class_stage": {"folder": os.path.relpath(job.stacked_lora.parent, workdir),
                             "weights_sha256": job.stacked_sha256, "weight": job.stacked_weight}}
