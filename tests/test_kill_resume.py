@@ -43,9 +43,10 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-def _write_recipe(path: Path, method: str) -> Path:
-    """tiny_demo with a checkpoint every 5 steps and no validation images, for one method."""
-    values = {**read_recipe("tiny_demo", "train"), "checkpoint_every": 5, "validation_images": 0, "method": method}
+def _write_recipe(path: Path, method: str, base_model: str = "tiny") -> Path:
+    """tiny_demo with a checkpoint every 5 steps and no validation images, for one method and base model."""
+    values = {**read_recipe("tiny_demo", "train"), "checkpoint_every": 5, "validation_images": 0, "method": method,
+              "base_model": base_model}
     path.write_text("[train]\n" + "".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items()))
     return path
 
@@ -75,10 +76,11 @@ def _wait_for_a_checkpoint(process: subprocess.Popen, checkpoints: Path, log: Pa
 
 # Every method: textual inversion and pivotal tuning resume their learned tokens too (where the reference
 # scripts lose them).
-@pytest.mark.parametrize("method", METHODS)
-def test_kill_9_then_resume_gives_the_uninterrupted_adapter(method, sample_catalogue, tiny_model, tmp_path,
+@pytest.mark.parametrize(("method", "base_model"), [(method, "tiny") for method in METHODS]
+                         + [("dreambooth-lora", "tiny-sd2")])  # SD 2.x: v-prediction
+def test_kill_9_then_resume_gives_the_uninterrupted_adapter(method, base_model, sample_catalogue, tiny_model, tmp_path,
                                                            one_torch_thread):
-    recipe = _write_recipe(tmp_path / "kill.toml", method)
+    recipe = _write_recipe(tmp_path / "kill.toml", method, base_model)
     workdir = tmp_path / "killed"
     checkpoints = (caption_lora_checkpoint_folder(workdir, "ring", caption_lora_name(["band"]))
                    if method == "lora-captions" else workdir / "checkpoints" / "ring" / "band")

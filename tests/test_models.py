@@ -97,12 +97,13 @@ def test_folder_without_model_index_is_refused(tmp_path):
 def test_single_file_checkpoint_is_refused(tmp_path):
     checkpoint = tmp_path / "model.safetensors"
     checkpoint.write_bytes(b"")
-    with pytest.raises(CatalogError, match="single file"):
+    with pytest.raises(CatalogError, match="is a single-file checkpoint; catalog-gen trains SD 1.x and SD 2.x "
+                                           "diffusers folders"):
         resolve_base_model(str(checkpoint))
 
 
 def test_unknown_preset_lists_presets(tmp_path):
-    with pytest.raises(CatalogError, match="tiny, sd15-shape"):
+    with pytest.raises(CatalogError, match="toy, tiny, tiny-sd2, sd15-shape"):
         materialise_preset("huge", cache_dir=tmp_path)
 
 

@@ -111,7 +111,8 @@ def generate(request: GenerationRequest, config: GenerateConfig, *,
     rows, more_rejects = skus.validate_rows(
         rows, class_map,
         # Once per instance, not per row: a sheet has many SKUs of each instance.
-        adapter_problem=functools.cache(lambda c, i: adapter_problem(request.workdir, c, i, config, base_fingerprint)),
+        adapter_problem=functools.cache(lambda c, i: adapter_problem(request.workdir, c, i, config, base_fingerprint,
+                                                                             model.family)),
         template_for=lambda c: request.templates.get(c, config.template))
     rejects = sorted(rejects + more_rejects, key=lambda r: r.line)
     redo_round = 0
@@ -162,9 +163,12 @@ def generate(request: GenerationRequest, config: GenerateConfig, *,
 
 
 def adapter_problem(workdir: Path, class_key: str, instance_key: str, config: GenerateConfig,
-                    base_fingerprint: str) -> str | None:
-    """Why an instance's adapter cannot be used by this run (None: it can): missing, unreadable, or trained
-    on another base model than this run's (unless the recipe allows that)."""
+                    base_fingerprint: str, family=None) -> str | None:
+    """Why an instance's adapter cannot be used by this run (None: it can): missing, unreadable, trained on
+    another model family than this run's base (`family`, never allowed), or on another base model (unless the
+    recipe allows that)."""
+    from catalog_gen.models.family import check_adapter_family
+
     folder = adapter_folder(workdir, class_key, instance_key)
     if not (folder / layout.ADAPTER_JSON).is_file():
         return f"no trained adapter for {class_key}/{instance_key}; run catalog train --class {class_key}"
@@ -172,6 +176,11 @@ def adapter_problem(workdir: Path, class_key: str, instance_key: str, config: Ge
         trained_on = json.loads((folder / layout.ADAPTER_JSON).read_text())["base_model"]
     except (OSError, ValueError, KeyError, TypeError) as error:
         return f"adapter {class_key}/{instance_key}: unreadable {layout.ADAPTER_JSON} ({error})"
+    if family is not None:
+        try:
+            check_adapter_family(trained_on, family, f"adapter {class_key}/{instance_key}", config.base_model)
+        except CatalogError as error:
+            return str(error)
     if trained_on.get("fingerprint") != base_fingerprint and not config.allow_base_mismatch:
         return (f"adapter {class_key}/{instance_key} was trained on base model {trained_on.get('spec')!r} "
                 f"(fingerprint {trained_on.get('fingerprint')}), this run uses {config.base_model!r} (fingerprint "

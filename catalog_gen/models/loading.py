@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
 from catalog_gen.errors import CatalogError
+from catalog_gen.models.family import ModelFamily, detect_family
 from catalog_gen.models.presets import PRESETS, cache_root, materialise_preset
 from catalog_gen.storage import atomic_write_json, sha256_file
 
@@ -31,6 +32,8 @@ class BaseModel:
     spec: str
     path: Path
     source: str  # "preset" | "local" | "hf-cache"
+    family: ModelFamily | None = None
+    """SD 1.x or 2.x and the prediction type, read from the folder (resolve_base_model fills it in)."""
 
 
 def resolve_base_model(spec: str, cache_dir: Path | None = None) -> BaseModel:
@@ -47,7 +50,7 @@ def resolve_base_model(spec: str, cache_dir: Path | None = None) -> BaseModel:
             "not an existing folder, and not a hub id of the form owner/name"
         )
     check_model_folder(model.path, spec)
-    return model
+    return replace(model, family=detect_family(model.path, spec))
 
 
 REAL_EMBEDDERS = ("openai/clip-vit-base-patch32", "facebook/dino-vits16")
@@ -102,12 +105,13 @@ def check_model_folder(path: Path, spec: str) -> None:
     """Refuse anything that is not a diffusers folder with safetensors weights."""
     if path.is_file():
         raise CatalogError(
-            f"base model '{spec}' is a single file; catalog-gen needs a diffusers folder "
-            "(model_index.json with unet/, vae/, text_encoder/, tokenizer/). Convert single-file "
-            "checkpoints with diffusers' convert_original_stable_diffusion_to_diffusers.py"
+            f"base model '{spec}' is a single-file checkpoint; catalog-gen trains SD 1.x and SD 2.x diffusers "
+            "folders (model_index.json with unet/, vae/, text_encoder/, tokenizer/). Convert it with "
+            "diffusers' StableDiffusionPipeline.from_single_file(...).save_pretrained(folder)"
         )
     if not (path / "model_index.json").is_file():
         raise CatalogError(f"base model '{spec}' ({path}) has no model_index.json: not a diffusers folder")
+    detect_family(path, spec)  # another family (SDXL, SD3, Flux) is named before its folders are looked for
     for component in _WEIGHTED_COMPONENTS:
         folder = path / component
         if not folder.is_dir():

@@ -1,9 +1,10 @@
 """Built-in base models made from code, so the demo, the tests and the benchmarks run offline.
 
-Two presets, each materialised once as an ordinary diffusers folder in the cache and then
+Presets, each materialised once as an ordinary diffusers folder in the cache and then
 loaded through exactly the same loader as a user's real model folder:
 
 - `tiny`: a few MB, 64 px, a small real BPE tokenizer; fast enough to train on a CPU.
+- `tiny-sd2`: `tiny` with SD 2.x's architecture changes and v-prediction, for the SD 2 code paths.
 - `sd15-shape`: the Stable Diffusion 1.5 architecture (UNet 860M, CLIP ViT-L/14 text
   encoder, VAE) with random weights, for speed and memory figures. It draws noise.
 
@@ -95,7 +96,8 @@ def save_transformers_model(model, folder: Path) -> None:
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
 
 
-def save_pipeline(out_dir: Path, unet, vae, text_encoder, tokenizer_dir: Path, dtype: torch.dtype) -> None:
+def save_pipeline(out_dir: Path, unet, vae, text_encoder, tokenizer_dir: Path, dtype: torch.dtype,
+                  scheduler: dict | None = None) -> None:
     from diffusers import DDPMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
@@ -107,7 +109,7 @@ def save_pipeline(out_dir: Path, unet, vae, text_encoder, tokenizer_dir: Path, d
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=DDPMScheduler(**SD_SCHEDULER),
+        scheduler=DDPMScheduler(**(scheduler or SD_SCHEDULER)),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -129,6 +131,15 @@ _TINY = dict(
               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
               cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8),
+    dtype=torch.float32,
+)
+# SD 2.x's changes, at the tiny size: an OpenCLIP-style text encoder (GELU), linear projections in the
+# UNet's transformer blocks, a head width per block, and v-prediction as SD 2.1 (768 px) trains.
+_TINY_SD2 = dict(
+    text_encoder={**_TINY["text_encoder"], "hidden_act": "gelu"},
+    vae=_TINY["vae"],
+    unet={**_TINY["unet"], "use_linear_projection": True, "attention_head_dim": (2, 4)},
+    scheduler={**SD_SCHEDULER, "prediction_type": "v_prediction"},
     dtype=torch.float32,
 )
 # The published SD 1.5 configurations; only the weights are random.
@@ -164,7 +175,7 @@ def _build(out_dir: Path, spec: dict) -> None:
                             **spec["vae"])
     with isolated_rng(2):
         unet = UNet2DConditionModel(in_channels=4, out_channels=4, **spec["unet"])
-    save_pipeline(out_dir, unet, vae, text_encoder, tokenizer_dir, spec["dtype"])
+    save_pipeline(out_dir, unet, vae, text_encoder, tokenizer_dir, spec["dtype"], spec.get("scheduler"))
     shutil.rmtree(tokenizer_dir, ignore_errors=True)
 
 
@@ -191,6 +202,8 @@ PRESETS: dict[str, Preset] = {
                   "catalog_gen/toy/MODEL_CARD.md)", 64, _copy_toy_world, _toy_world_tag, ("toy-clip", "toy-dino")),
     "tiny": Preset("tiny", "tiny SD-style model, 64 px, trains on a CPU (demo and tests)", 64,
                    lambda out_dir: _build(out_dir, _TINY)),
+    "tiny-sd2": Preset("tiny-sd2", "tiny SD 2.x-style model (v-prediction, GELU text encoder, linear projections), "
+                       "64 px (tests)", 64, lambda out_dir: _build(out_dir, _TINY_SD2)),
     "sd15-shape": Preset(
         "sd15-shape", "Stable Diffusion 1.5 architecture with random weights (benchmarks)", 512,
         lambda out_dir: _build(out_dir, _SD15)  # random towers: its images are noise, real CLIP would add nothing

@@ -516,7 +516,7 @@ def _fit_with(components: Components, config: TrainConfig, job: InstanceJob, fin
         noise = torch.randn(latents.shape, generator=generator).to(device)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+        target = training_target(scheduler, latents, noise, timesteps)
 
         lr_scale = learning_rate_at(step, config, 1.0)
         for group, base in zip(optimizer.param_groups, base_lrs):
@@ -572,6 +572,17 @@ def _fit_with(components: Components, config: TrainConfig, job: InstanceJob, fin
                        if trained} if method.full else None),
         tokens=tuple(new_tokens[0]) if new_tokens else (),
     )
+
+
+def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to predict, as its scheduler says: the noise (epsilon; SD 1.x, the SD 2 base) or the
+    velocity alpha_t * noise - sigma_t * latents (v_prediction; SD 2.x at 768 px)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise CatalogError(f"prediction_type {kind!r} is not trained here; epsilon and v_prediction are")
 
 
 def _dreambooth_loss(prediction: torch.Tensor, target: torch.Tensor, n_instance: int, prior_weight: float) -> torch.Tensor:

@@ -559,6 +559,7 @@ def _train_one(components, config, job, item, model: BaseModel, base_fingerprint
         "instance_prompt": job.instance_prompt,
         "class_prompt": job.class_prompt,
         "base_model": {"spec": model.spec, "source": model.source, "path": str(model.path),
+                       "family": model.family.name, "prediction_type": model.family.prediction_type,
                        "fingerprint": base_fingerprint},
         "recipe": config.to_dict(),
         "fingerprint": fingerprint,
