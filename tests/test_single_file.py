@@ -1,15 +1,23 @@
 """Full DreamBooth's single-file checkpoint (the whole pipeline in the original CompVis layout, for A1111 /
-ComfyUI): its names for every architecture we ship, read back by diffusers' own single-file reader."""
+ComfyUI): its names for every architecture we ship, read back by diffusers' own single-file reader, and the
+file a tiny-preset training writes, loaded with plain diffusers' from_single_file and drawn with."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from catalog_gen.errors import CatalogError
 from catalog_gen.train.single_file import SINGLE_FILE_DTYPE, original_layout
+
+FP16_IMAGE_TOLERANCE = 2
+"""Largest pixel difference (of 255) allowed between the fp16 single file's image and the fp32 diffusers
+folders' one. Measured: 1 level at most (mean 0.02) on the tiny preset's 3-step draw, where the fine-tune
+moves pixels by up to 107 levels from the base model's; so fp16 stays (single_file.SINGLE_FILE_DTYPE)."""
 
 
 # ---------------------------------------------------------------- names: every architecture we ship
@@ -162,3 +170,128 @@ def test_weights_fp16_cannot_hold_are_refused_not_written_as_inf():
         in_single_file_dtype("w", torch.tensor([1.0, 7e4]))
     with pytest.raises(CatalogError, match=r"weight 'w' has values fp16 cannot hold"):
         in_single_file_dtype("w", torch.tensor([float("nan")]))
+
+
+# ---------------------------------------------------------------- end to end: train, write, reload, draw
+
+@pytest.fixture(scope="module")
+def dreambooth(sample_catalogue, tmp_path_factory):
+    """ring/band, full DreamBooth with the text encoder trained too, on the tiny preset."""
+    from catalog_gen.train.adapters import read_adapter
+    from catalog_gen.train.workflow import train_class
+    from test_methods import method_config
+    from test_training import _source
+
+    workdir = tmp_path_factory.mktemp("single-file")
+    config = method_config("dreambooth", train_text_encoder=True, checkpoint_every=0, validation_images=0)
+    summary = train_class(_source(sample_catalogue), "ring", ["band"], workdir, config)
+    assert [o.status for o in summary.outcomes] == ["trained"], summary.outcomes
+    return read_adapter(workdir / "adapters" / "ring" / "band")
+
+
+def _from_single_file(path: Path, config_folder: Path):
+    """Plain diffusers, offline: `config=` a local diffusers folder gives every component's config (and the
+    tokenizer and scheduler), so neither the hub nor an original .yaml config is needed."""
+    from diffusers import StableDiffusionPipeline
+
+    from catalog_gen.models.loading import own_aligned_memory
+
+    pipeline = StableDiffusionPipeline.from_single_file(str(path), config=str(config_folder), local_files_only=True)
+    pipeline.set_progress_bar_config(disable=True)
+    for module in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
+        own_aligned_memory(module)  # as load_pipeline does: CPU results must not depend on the file's layout
+    return pipeline
+
+
+def _rounded_like_the_file(state: dict) -> dict:
+    return {key: tensor.to(SINGLE_FILE_DTYPE).float() for key, tensor in state.items()}
+
+
+def _assert_loaded(module, expected: dict, what: str) -> None:
+    loaded = module.state_dict()
+    assert module.dtype == torch.float32, what
+    assert loaded.keys() == expected.keys(), what
+    different = [key for key in expected if not torch.equal(loaded[key], expected[key])]
+    assert not different, f"{what}: {len(different)} weights differ, e.g. {different[:3]}"
+
+
+def test_full_dreambooth_writes_a_single_file_plain_diffusers_loads_and_draws_with(dreambooth, tiny_model):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel
+
+    from catalog_gen.models.loading import load_pipeline, own_aligned_memory
+    from catalog_gen.storage import sha256_file
+    from test_methods import _image
+
+    info = dreambooth
+    assert info.record["files"]["single_file"] == "ring_band.safetensors"
+    assert info.single_file == info.folder / "ring_band.safetensors"
+    assert info.record["single_file_sha256"] == sha256_file(info.single_file)
+    with safe_open(str(info.single_file), "pt") as handle:
+        assert handle.metadata()["catalog_gen_token"] == info.token
+        assert {handle.get_slice(key).get_dtype() for key in handle.keys()} == {"F16"}
+
+    # 1. The weights: the fine-tuned UNet and text encoder as the diffusers folders hold them, the base's
+    # VAE, each rounded to fp16 and nothing else.
+    reloaded = _from_single_file(info.single_file, tiny_model.path)
+    base = load_pipeline(tiny_model)
+    trained = {part: load_file(str(info.folder / info.record["files"][part])) for part in ("unet", "text_encoder")}
+    _assert_loaded(reloaded.unet, _rounded_like_the_file(trained["unet"]), "unet")
+    _assert_loaded(reloaded.text_encoder, _rounded_like_the_file(trained["text_encoder"]), "text encoder")
+    _assert_loaded(reloaded.vae, _rounded_like_the_file(base.vae.state_dict()), "vae")
+
+    # 2. The images: the diffusers-folder version of the same adapter, as test_methods loads it.
+    prompt = info.record["instance_prompt"]
+    folders = StableDiffusionPipeline.from_pretrained(
+        tiny_model.path, unet=UNet2DConditionModel.from_pretrained(info.folder, subfolder="unet"),
+        text_encoder=CLIPTextModel.from_pretrained(info.folder, subfolder="text_encoder"),
+        safety_checker=None, requires_safety_checker=False, local_files_only=True)
+    folders.set_progress_bar_config(disable=True)
+    for module in (folders.unet, folders.vae, folders.text_encoder):
+        own_aligned_memory(module)
+    from_file, from_folders, from_base = _image(reloaded, prompt), _image(folders, prompt), _image(base, prompt)
+    assert np.abs(from_file - from_folders).max() <= FP16_IMAGE_TOLERANCE
+    assert np.abs(from_base - from_folders).max() > 10 * FP16_IMAGE_TOLERANCE  # the fine-tune shows, the rounding not
+    # fp16 rounding is the only difference: the folders' weights rounded the same way draw the very same image.
+    with torch.no_grad():
+        for module in (folders.unet, folders.vae, folders.text_encoder):
+            for parameter in module.parameters():
+                parameter.copy_(parameter.to(SINGLE_FILE_DTYPE).float())
+    assert np.array_equal(_image(folders, prompt), from_file)
+
+
+@pytest.mark.slow  # builds models (conftest marks by fixture; this one needs none)
+def test_the_toy_world_base_model_maps_and_reloads_too(tmp_path):
+    """The toy preset's VAE has no mid-block attention and 4x down-sampling, its UNet attends deeper down:
+    written from its shipped folder (nothing trained) and read back by from_single_file, weight for weight."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from catalog_gen.toy.shipped import weights_root
+    from catalog_gen.train.single_file import write_single_file
+
+    folder = weights_root() / "toy-sd"
+    path = write_single_file(tmp_path / "toy.safetensors", folder, {}, {})
+    reloaded = _from_single_file(path, folder)
+    for part, model_class in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL), ("text_encoder", CLIPTextModel)):
+        shipped = model_class.from_pretrained(folder, subfolder=part, local_files_only=True).float().state_dict()
+        _assert_loaded(getattr(reloaded, part), _rounded_like_the_file(shipped), part)
+
+
+def test_an_adapter_whose_single_file_went_missing_is_refused(dreambooth, tmp_path):
+    import shutil
+
+    from catalog_gen.train.adapters import read_adapter
+
+    copy = tmp_path / "band"
+    shutil.copytree(dreambooth.folder, copy)
+    (copy / "ring_band.safetensors").unlink()
+    with pytest.raises(CatalogError, match=r"ring_band.safetensors is missing"):
+        read_adapter(copy)
+    # An adapter written before single files existed records none, and reads as it always did.
+    record = json.loads((copy / "adapter.json").read_text())
+    del record["files"]["single_file"], record["single_file_sha256"]
+    (copy / "adapter.json").write_text(json.dumps(record))
+    assert read_adapter(copy).single_file is None
