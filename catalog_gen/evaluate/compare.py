@@ -101,8 +101,10 @@ def method_row(sweep_dir: Path, class_key: str, instance_key: str, method: str) 
     folder = layout.sweep_point_folder(sweep_dir, point_id({"method": method}))
     result = json.loads((folder / layout.SWEEP_POINT_RESULT).read_text())
     adapter = read_adapter(layout.adapter_folder(folder, class_key, instance_key))
-    # The files a diffusers user loads (the kohya file is the same LoRA renamed, so it is not counted twice).
-    files = [adapter.folder / name for kind, name in adapter.record["files"].items() if name and kind != "kohya"]
+    # The files a diffusers user loads (the kohya file is the same LoRA renamed, the single file the same
+    # fine-tune with the base model's VAE beside it, so neither is counted twice).
+    files = [adapter.folder / name for kind, name in adapter.record["files"].items()
+             if name and kind not in ("kohya", "single_file")]
     parameters = 0
     for path in files:
         with safe_open(str(path), "pt") as handle:

@@ -12,6 +12,9 @@
     unet/, text_encoder/               dreambooth: the fine-tuned components as diffusers model folders
                                        (config.json + safetensors); the rest is the base model's
                                        (UNet2DConditionModel.from_pretrained(folder, subfolder="unet"))
+    <class>_<instance>.safetensors     dreambooth: the whole pipeline (fine-tuned parts + the base's VAE, and its
+                                       text encoder if not trained) as one fp16 checkpoint in the original
+                                       CompVis layout, for AUTOMATIC1111 / ComfyUI (single_file.py)
     (lora-captions: each instance's folder holds the LoRA files of the caption LoRA its class's instances
     share, WORKDIR/caption_loras/<class>/<name>/, and its own adapter.json naming it)
     adapter.json                       method, resolved recipe, token(s), prompts, base model and hashes,
@@ -64,6 +67,12 @@ class AdapterInfo:
     @property
     def embeddings_file(self) -> Path | None:
         name = self.record.get("files", {}).get("embeddings")
+        return self.folder / name if name else None
+
+    @property
+    def single_file(self) -> Path | None:
+        """dreambooth: the whole-pipeline checkpoint for A1111 / ComfyUI (None in adapters written before it)."""
+        name = self.record.get("files", {}).get("single_file")
         return self.folder / name if name else None
 
     @property
@@ -124,6 +133,11 @@ def kohya_file_name(class_key: str, instance_key: str) -> str:
     return f"{class_key}_{instance_key}.kohya.safetensors"
 
 
+def single_file_name(class_key: str, instance_key: str) -> str:
+    # A1111 and ComfyUI list a checkpoint under its file name: hoops_beaded in the model menu.
+    return f"{class_key}_{instance_key}.safetensors"
+
+
 def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -160,6 +174,16 @@ def write_adapter(folder: Path, fit_result, record: dict[str, Any], class_key: s
             save_file({name: tensor.contiguous() for name, tensor in state.items()}, str(staging / files[part]),
                       metadata={"format": "pt"})
             hashes[f"{part}_sha256"] = sha256_file(staging / files[part])
+        # The original single-file layout is SD 1.x's (SD 2.x names its OpenCLIP text encoder differently).
+        if fit_result.full_weights and record["base_model"].get("family", "sd1") == "sd1":
+            from catalog_gen.train.single_file import write_single_file
+
+            files["single_file"] = single_file_name(class_key, instance_key)
+            # The trained parts as fit() left them; the VAE (and an untrained text encoder) from the base model.
+            metadata = {"catalog_gen_token": record["token"], "catalog_gen_instance_prompt": record["instance_prompt"]}
+            write_single_file(staging / files["single_file"], Path(record["base_model"]["path"]),
+                              fit_result.full_weights, metadata)
+            hashes["single_file_sha256"] = sha256_file(staging / files["single_file"])
         embeddings = fit_result.embeddings
         if embeddings is not None:
             files["embeddings"] = embeddings_file_name(method, class_key, instance_key)
@@ -233,6 +257,8 @@ def read_adapter(folder: Path) -> AdapterInfo:
     for part in info.full_parts:
         if not (info.folder / record["files"][part]).is_file():
             raise CatalogError(f"adapter {folder}: {record['files'][part]} is missing")
+    if info.single_file is not None and not info.single_file.is_file():
+        raise CatalogError(f"adapter {folder}: {info.single_file.name} is missing")
     return info
 
 
