@@ -27,9 +27,10 @@ from catalog_gen.train.workflow import PhotoSource, train_class
 
 pytestmark = pytest.mark.slow
 
-# ~33 steps/s on one thread of this 2-core machine when it is idle: the run lasts several
-# seconds past its first checkpoint, so the kill lands mid-run, and the whole test stays short.
-STEPS = 200
+# ~33 steps/s on one thread of this 2-core machine when it is idle: the run lasts about three
+# seconds past its first checkpoint (step 5), so the kill lands mid-run, and the whole test stays short
+# (seven of them run: every method, and SD 2.x).
+STEPS = 100
 CATALOG = Path(sys.executable).parent / "catalog"
 
 
