@@ -70,6 +70,10 @@ class TrainConfig:
     adam_weight_decay: float = 1e-2
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
+    min_snr_gamma: float | None = None
+    """Min-SNR-gamma loss weighting (Hang et al. 2023): each sample's loss is weighted by min(SNR, gamma) / SNR
+    for epsilon prediction, min(SNR, gamma) / (SNR + 1) for v-prediction, SNR at its drawn timestep; the
+    class-prior samples alike. None: off; diffusers and kohya use 5.0."""
     mixed_precision: str = AUTO
     """fp16 or bf16 autocast for the frozen model (LoRA weights always stay in fp32), no, or auto: fp16 on a
     GPU, no on a CPU."""
@@ -136,6 +140,8 @@ class TrainConfig:
             check_positive("class_stage_steps", self.class_stage_steps)
         if not 0.0 < self.embedding_fraction <= 1.0:
             raise CatalogError(f"embedding_fraction must be in (0, 1], got {self.embedding_fraction}")
+        if self.min_snr_gamma is not None:
+            check_positive("min_snr_gamma", self.min_snr_gamma)
         if self.method == "textual-inversion" and self.train_text_encoder:
             raise CatalogError("method textual-inversion trains token embeddings only; train_text_encoder "
                                "(a text-encoder LoRA) needs method pivotal or dreambooth-lora")

@@ -17,6 +17,7 @@ state is saved with each checkpoint.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -26,7 +27,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from catalog_gen.train.checkpoints import (
     TrainingState, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint,
@@ -35,7 +35,7 @@ from catalog_gen.config import TrainConfig
 from catalog_gen import seeds
 from catalog_gen.errors import CatalogError
 from catalog_gen.models.loading import BaseModel
-from catalog_gen.train import embeddings, methods
+from catalog_gen.train import embeddings, losses, methods
 from catalog_gen.train.adapters import STACKED_ADAPTER as STACKED  # a two-stage class LoRA's adapter name
 
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -215,11 +215,18 @@ def sample_latents(components: Components, mean: torch.Tensor, std: torch.Tensor
     return (mean + std * eps) * components.vae.config.scaling_factor
 
 
+ADDED_SINCE_FIRST_ADAPTERS = ("min_snr_gamma",)
+"""Settings newer than adapters already trained. At their defaults they change nothing, and they are left out
+of the fingerprint there, so such an adapter is still found finished (and its checkpoints resumable)."""
+
+
 def training_fingerprint(config: TrainConfig, job: InstanceJob, base_fingerprint: str, photo_hashes: Sequence[str]) -> str:
     """What a checkpoint must share with the run that resumes it. `steps` is left out on purpose,
     so a finished run can be extended; checkpoint and validation settings change no weights."""
     ignored = {"checkpoint_every", "keep_checkpoints", "validation_images", "validation_steps", "base_model"}
     ignored |= methods.method_of(config).unused
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    ignored |= {name for name in ADDED_SINCE_FIRST_ADAPTERS if getattr(config, name) == defaults[name]}
     if config.method == "dreambooth-lora":
         ignored.add("method")  # the only method before there were others: its adapters stay recognised
     if config.lr_schedule == "constant" and config.method != "pivotal":
@@ -523,7 +530,10 @@ def _fit_with(components: Components, config: TrainConfig, job: InstanceJob, fin
             else:
                 text = components.text_encoder(prompt_ids[text_index])[0]
             prediction = components.unet(noisy.to(components.weight_dtype), timesteps, text.to(components.weight_dtype)).sample
-        loss = _dreambooth_loss(prediction.float(), target.float(), len(picks), config.prior_loss_weight)
+        weights = (losses.min_snr_weights(scheduler.alphas_cumprod, timesteps, config.min_snr_gamma,
+                                          scheduler.config.prediction_type)
+                   if config.min_snr_gamma is not None else None)
+        loss = losses.dreambooth_loss(prediction.float(), target.float(), len(picks), config.prior_loss_weight, weights)
         if not torch.isfinite(loss):
             raise CatalogError(f"{job.key}: loss became {loss.item()} at step {step + 1}; lower the learning rate "
                                "or use mixed_precision 'no'/'bf16'")
@@ -565,10 +575,3 @@ def _fit_with(components: Components, config: TrainConfig, job: InstanceJob, fin
         tokens=tuple(new_tokens[0]) if new_tokens else (),
     )
 
-
-def _dreambooth_loss(prediction: torch.Tensor, target: torch.Tensor, n_instance: int, prior_weight: float) -> torch.Tensor:
-    """Instance MSE, plus the class-prior MSE weighted by prior_weight when class images are in the batch."""
-    loss = F.mse_loss(prediction[:n_instance], target[:n_instance])
-    if prediction.shape[0] > n_instance:
-        loss = loss + prior_weight * F.mse_loss(prediction[n_instance:], target[n_instance:])
-    return loss

@@ -1,0 +1,200 @@
+"""Training techniques, each a recipe setting: min-SNR-gamma loss weighting. For each: that it changes what it
+should and nothing else, that resume stays exact, and that leaving it at its default changes no adapter trained
+before it existed. The pure parts run in the fast loop; the rest train a few steps of the tiny preset."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import crash_in_training_step
+from safetensors.torch import load_file
+
+from catalog_gen.config import TrainConfig
+from catalog_gen.errors import CatalogError
+from catalog_gen.train import losses
+from catalog_gen.train.adapters import read_adapter
+from catalog_gen.train.training import InstanceJob, training_fingerprint
+from catalog_gen.train.workflow import train_class
+from test_training import _source, tiny_config
+
+
+# ---------------------------------------------------------------- min-SNR-gamma weights (pure)
+
+def test_min_snr_weights_are_the_hand_computed_ones_for_epsilon_and_v_prediction():
+    # alpha_bar 0.99, 0.5, 0.1 -> SNR 99, 1, 1/9; gamma 5 clamps only the first.
+    alphas_cumprod = torch.tensor([0.99, 0.5, 0.1])
+    timesteps = torch.tensor([0, 1, 2, 0])
+    epsilon = losses.min_snr_weights(alphas_cumprod, timesteps, 5.0, "epsilon")
+    v = losses.min_snr_weights(alphas_cumprod, timesteps, 5.0, "v_prediction")
+    assert epsilon.tolist() == pytest.approx([5 / 99, 1.0, 1.0, 5 / 99], rel=1e-5)  # float32 alpha_bar
+    assert v.tolist() == pytest.approx([5 / 100, 1 / 2, (1 / 9) / (1 / 9 + 1), 5 / 100], rel=1e-5)
+
+
+def test_min_snr_weights_follow_a_schedulers_alphas_for_both_prediction_types():
+    """From the schedulers the loop uses (the tiny preset is epsilon; SD 2's v-prediction comes as
+    DDPMScheduler(prediction_type="v_prediction")), against SNR worked out from the betas by hand."""
+    import math
+
+    from diffusers import DDPMScheduler
+
+    timesteps = torch.tensor([0, 10, 500, 999])
+    for prediction_type in ("epsilon", "v_prediction"):
+        scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                  prediction_type=prediction_type)
+        betas = [(math.sqrt(0.00085) + (math.sqrt(0.012) - math.sqrt(0.00085)) * i / 999) ** 2 for i in range(1000)]
+        expected = []
+        for t in timesteps.tolist():
+            alpha_bar = math.prod(1 - b for b in betas[: t + 1])
+            snr = alpha_bar / (1 - alpha_bar)
+            expected.append(min(snr, 5.0) / (snr if prediction_type == "epsilon" else snr + 1))
+        weights = losses.min_snr_weights(scheduler.alphas_cumprod, timesteps, 5.0, scheduler.config.prediction_type)
+        assert weights.tolist() == pytest.approx(expected, rel=1e-4), prediction_type
+        assert weights[0] < 0.05  # clamped at low noise; at high noise epsilon's is 1, v's SNR / (SNR + 1)
+        assert weights[-1] == 1.0 if prediction_type == "epsilon" else weights[-1] < 0.01
+
+
+def test_a_huge_gamma_is_no_weighting_for_epsilon():
+    alphas_cumprod = torch.linspace(0.999, 0.001, 1000)
+    timesteps = torch.tensor([0, 3, 400, 999])
+    weights = losses.min_snr_weights(alphas_cumprod, timesteps, 1e9, "epsilon")
+    assert torch.equal(weights, torch.ones(4))
+    prediction, target = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.zeros(4, 4, 8, 8)
+    assert float(losses.dreambooth_loss(prediction, target, 2, 0.7, weights)) == pytest.approx(
+        float(losses.dreambooth_loss(prediction, target, 2, 0.7)), rel=1e-6)
+
+
+def test_min_snr_weights_the_prior_samples_alike():
+    """Instance and class samples are each weighted by their own timestep's weight, then combined as without
+    weights: instance mean + prior_loss_weight x class mean."""
+    prediction = torch.stack([torch.full((4, 2, 2), 1.0), torch.full((4, 2, 2), 2.0), torch.full((4, 2, 2), 3.0)])
+    target = torch.zeros_like(prediction)  # per-sample MSE: 1, 4, 9
+    weights = torch.tensor([0.5, 0.25, 0.1])
+    loss = losses.dreambooth_loss(prediction, target, 1, 2.0, weights)
+    assert float(loss) == pytest.approx(0.5 * 1 + 2.0 * (0.25 * 4 + 0.1 * 9) / 2)
+
+
+def test_min_snr_refuses_a_prediction_type_it_is_not_defined_for():
+    with pytest.raises(CatalogError, match="min_snr_gamma is defined for prediction types epsilon, v_prediction; "
+                                           "the base model's scheduler predicts 'sample'"):
+        losses.min_snr_weights(torch.tensor([0.5]), torch.tensor([0]), 5.0, "sample")
+
+
+# ---------------------------------------------------------------- settings (pure)
+
+@pytest.mark.parametrize("settings, message", [
+    ({"min_snr_gamma": 0.0}, "min_snr_gamma must be > 0, got 0.0"),
+    ({"min_snr_gamma": "5"}, "min_snr_gamma must be float, got '5'"),
+])
+def test_technique_settings_are_validated(settings, message):
+    with pytest.raises(CatalogError, match=message):
+        TrainConfig(**settings)
+
+
+JOB = InstanceJob("ring", "band", "kqi", "photo of kqi ring", "photo of ring", (), Path("unused"))
+RESOLVED = TrainConfig(resolution=64, optimizer="adamw", mixed_precision="no")
+
+
+def _fingerprint(config: TrainConfig) -> str:
+    return training_fingerprint(config, JOB, "base", ["h"])
+
+
+def test_the_techniques_at_their_defaults_keep_the_fingerprints_adapters_were_trained_with():
+    """Pinned from the release before these settings existed: its adapters are still "already trained"."""
+    assert _fingerprint(RESOLVED) == "faba3d96e4c1e28e"
+    assert _fingerprint(replace(RESOLVED, method="pivotal", train_text_encoder=True)) == "1e3156f0646fdcd2"
+    assert _fingerprint(replace(RESOLVED, method="dreambooth")) == "385b4e74a2143355"
+    # Set explicitly to their defaults, the same.
+    assert _fingerprint(replace(RESOLVED, min_snr_gamma=None)) == "faba3d96e4c1e28e"
+
+
+def test_each_technique_changes_the_fingerprint_where_it_changes_training():
+    changed = [replace(RESOLVED, min_snr_gamma=5.0)]
+    prints = [_fingerprint(c) for c in changed]
+    assert len(set(prints + [_fingerprint(RESOLVED)])) == len(changed) + 1
+
+
+# ---------------------------------------------------------------- in the training loop (tiny preset)
+
+def quick(**overrides) -> TrainConfig:
+    return tiny_config(**{"steps": 3, "checkpoint_every": 0, "validation_images": 0, **overrides})
+
+
+def _train(sample_catalogue, workdir: Path, config: TrainConfig, **kwargs):
+    summary = train_class(_source(sample_catalogue), "ring", ["band"], workdir, config, **kwargs)
+    assert [o.status for o in summary.outcomes] == ["trained"], summary.outcomes
+    return read_adapter(workdir / "adapters" / "ring" / "band")
+
+
+def _weights(info) -> dict[str, torch.Tensor]:
+    return load_file(str(info.diffusers_file))
+
+
+@pytest.fixture
+def add_noise_calls(monkeypatch):
+    """Every (latents, noise, timesteps) the training loop gives the DDPM scheduler, in order."""
+    from diffusers import DDPMScheduler
+
+    calls = []
+    real = DDPMScheduler.add_noise
+
+    def recording(self, original_samples, noise, timesteps):
+        calls.append((original_samples.clone(), noise.clone(), timesteps.clone()))
+        return real(self, original_samples, noise, timesteps)
+    monkeypatch.setattr(DDPMScheduler, "add_noise", recording)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def plain(sample_catalogue, tmp_path_factory):
+    """The reference: the same quick run with no technique on."""
+    return _train(sample_catalogue, tmp_path_factory.mktemp("plain"), quick())
+
+
+def test_min_snr_weights_each_steps_loss_by_its_timestep(sample_catalogue, tmp_path, add_noise_calls, plain,
+                                                         tiny_model):
+    from diffusers import DDPMScheduler
+
+    gamma = 1.0  # low enough that the tiny preset's timesteps are weighted
+    weighted = _train(sample_catalogue, tmp_path / "gamma1", quick(min_snr_gamma=gamma))
+    scheduler = DDPMScheduler.from_pretrained(tiny_model.path, subfolder="scheduler")
+    first_t = add_noise_calls[0][2]
+    weight = losses.min_snr_weights(scheduler.alphas_cumprod, first_t, gamma, "epsilon")
+    # Step 1 starts from the same weights: its loss is the plain loss times its weight exactly.
+    assert weight.item() < 0.999
+    assert weighted.record["loss_curve"][0] == pytest.approx(weight.item() * plain.record["loss_curve"][0], abs=2e-6)
+    assert weighted.record["loss_curve"][1:] != plain.record["loss_curve"][1:]
+    # A gamma above every SNR is no weighting at all (up to float rounding of the per-sample mean).
+    unweighted = _train(sample_catalogue, tmp_path / "huge", quick(min_snr_gamma=1e9))
+    assert unweighted.record["loss_curve"] == pytest.approx(plain.record["loss_curve"], rel=1e-5)
+    a, b = _weights(unweighted), _weights(plain)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+TECHNIQUES = {
+    "min-snr": {"min_snr_gamma": 5.0},
+}
+
+
+@pytest.mark.parametrize("technique", list(TECHNIQUES))
+def test_each_technique_resumes_exactly(technique, sample_catalogue, tmp_path):
+    config = quick(steps=6, checkpoint_every=2, **TECHNIQUES[technique])
+    straight = _train(sample_catalogue, tmp_path / "straight", config)
+    with pytest.raises(InterruptedError):
+        train_class(_source(sample_catalogue), "ring", ["band"], tmp_path / "resumed", config,
+                    progress=crash_in_training_step(4))
+    resumed = _train(sample_catalogue, tmp_path / "resumed", config, resume=True)
+    assert resumed.record["resumed_from_step"] == 2
+    assert resumed.record["loss_curve"] == straight.record["loss_curve"]
+    assert resumed.record["fingerprint"] == straight.record["fingerprint"]
+    a, b = _weights(resumed), _weights(straight)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The optimizer ends in the same state too.
+    last = [tmp_path / run / "checkpoints" / "ring" / "band" / "step-000006" for run in ("straight", "resumed")]
+    groups = [json.loads((folder / "state.json").read_text())["param_groups"] for folder in last]
+    assert groups[0] == groups[1]
+    states = [load_file(str(folder / "optimizer.safetensors")) for folder in last]
+    assert states[0].keys() == states[1].keys() and all(torch.equal(states[0][k], states[1][k]) for k in states[0])
