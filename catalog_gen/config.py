@@ -74,6 +74,9 @@ class TrainConfig:
     """Min-SNR-gamma loss weighting (Hang et al. 2023): each sample's loss is weighted by min(SNR, gamma) / SNR
     for epsilon prediction, min(SNR, gamma) / (SNR + 1) for v-prediction, SNR at its drawn timestep; the
     class-prior samples alike. None: off; diffusers and kohya use 5.0."""
+    noise_offset: float = 0.0
+    """Adds noise_offset x one normal draw per image and latent channel to the noise, so the model can learn
+    to change an image's overall brightness (Guttenberg's noise offset; 0.05-0.1 typical), in [0, 1]. 0: off."""
     mixed_precision: str = AUTO
     """fp16 or bf16 autocast for the frozen model (LoRA weights always stay in fp32), no, or auto: fp16 on a
     GPU, no on a CPU."""
@@ -142,6 +145,8 @@ class TrainConfig:
             raise CatalogError(f"embedding_fraction must be in (0, 1], got {self.embedding_fraction}")
         if self.min_snr_gamma is not None:
             check_positive("min_snr_gamma", self.min_snr_gamma)
+        if not 0.0 <= self.noise_offset <= 1.0:
+            raise CatalogError(f"noise_offset must be in [0, 1], got {self.noise_offset!r}")
         if self.method == "textual-inversion" and self.train_text_encoder:
             raise CatalogError("method textual-inversion trains token embeddings only; train_text_encoder "
                                "(a text-encoder LoRA) needs method pivotal or dreambooth-lora")

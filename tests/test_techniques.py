@@ -1,6 +1,7 @@
-"""Training techniques, each a recipe setting: min-SNR-gamma loss weighting. For each: that it changes what it
-should and nothing else, that resume stays exact, and that leaving it at its default changes no adapter trained
-before it existed. The pure parts run in the fast loop; the rest train a few steps of the tiny preset."""
+"""Training techniques, each a recipe setting: min-SNR-gamma loss weighting and noise offset. For each: that it
+changes what it should and nothing else, that resume stays exact, and that leaving it at its default changes no
+adapter trained before it existed. The pure parts run in the fast loop; the rest train a few steps of the tiny
+preset."""
 
 from __future__ import annotations
 
@@ -88,6 +89,8 @@ def test_min_snr_refuses_a_prediction_type_it_is_not_defined_for():
 @pytest.mark.parametrize("settings, message", [
     ({"min_snr_gamma": 0.0}, "min_snr_gamma must be > 0, got 0.0"),
     ({"min_snr_gamma": "5"}, "min_snr_gamma must be float, got '5'"),
+    ({"noise_offset": -0.1}, r"noise_offset must be in \[0, 1\], got -0.1"),
+    ({"noise_offset": 5}, r"noise_offset must be in \[0, 1\], got 5"),
 ])
 def test_technique_settings_are_validated(settings, message):
     with pytest.raises(CatalogError, match=message):
@@ -108,11 +111,11 @@ def test_the_techniques_at_their_defaults_keep_the_fingerprints_adapters_were_tr
     assert _fingerprint(replace(RESOLVED, method="pivotal", train_text_encoder=True)) == "1e3156f0646fdcd2"
     assert _fingerprint(replace(RESOLVED, method="dreambooth")) == "385b4e74a2143355"
     # Set explicitly to their defaults, the same.
-    assert _fingerprint(replace(RESOLVED, min_snr_gamma=None)) == "faba3d96e4c1e28e"
+    assert _fingerprint(replace(RESOLVED, min_snr_gamma=None, noise_offset=0.0)) == "faba3d96e4c1e28e"
 
 
 def test_each_technique_changes_the_fingerprint_where_it_changes_training():
-    changed = [replace(RESOLVED, min_snr_gamma=5.0)]
+    changed = [replace(RESOLVED, min_snr_gamma=5.0), replace(RESOLVED, noise_offset=0.05)]
     prints = [_fingerprint(c) for c in changed]
     assert len(set(prints + [_fingerprint(RESOLVED)])) == len(changed) + 1
 
@@ -154,6 +157,23 @@ def plain(sample_catalogue, tmp_path_factory):
     return _train(sample_catalogue, tmp_path_factory.mktemp("plain"), quick())
 
 
+def test_noise_offset_shifts_each_channels_noise_and_leaves_every_other_draw(sample_catalogue, tmp_path,
+                                                                            add_noise_calls, plain):
+    """Off, the base noise is the same draw as with it on (so a run without it keeps its random stream)."""
+    _train(sample_catalogue, tmp_path / "off", quick())
+    without = list(add_noise_calls)
+    add_noise_calls.clear()
+    with_offset = _train(sample_catalogue, tmp_path / "on", quick(noise_offset=0.1))
+    assert len(without) == len(add_noise_calls) == 3
+    for (latents_a, noise_a, t_a), (latents_b, noise_b, t_b) in zip(without, add_noise_calls):
+        assert torch.equal(t_a, t_b) and torch.equal(latents_a, latents_b)  # same photos, latents, timesteps
+        shift = noise_b - noise_a  # one constant per image and channel, 0.1 x a normal draw
+        per_channel = shift[:, :, :1, :1]
+        assert torch.allclose(shift, per_channel.expand_as(shift), atol=1e-6)
+        assert 0 < per_channel.abs().max() < 0.5
+    assert with_offset.record["loss_curve"] != plain.record["loss_curve"]
+
+
 def test_min_snr_weights_each_steps_loss_by_its_timestep(sample_catalogue, tmp_path, add_noise_calls, plain,
                                                          tiny_model):
     from diffusers import DDPMScheduler
@@ -176,6 +196,7 @@ def test_min_snr_weights_each_steps_loss_by_its_timestep(sample_catalogue, tmp_p
 
 TECHNIQUES = {
     "min-snr": {"min_snr_gamma": 5.0},
+    "noise-offset": {"noise_offset": 0.1},
 }
 
 

@@ -9,7 +9,7 @@ The flow follows a setup -> load -> fit split:
                        noise, denoise, loss, step, checkpoint
 
 Resume is exact because nothing in the loop depends on hidden state: every random draw
-(which photos, the noise, the timesteps, LoRA dropout) comes from a generator seeded by
+(which photos, the noise and its offset, the timesteps, LoRA dropout) comes from a generator seeded by
 (seed, instance, step), the learning rate is a function of the step, and the optimizer
 state is saved with each checkpoint.
 """
@@ -215,7 +215,7 @@ def sample_latents(components: Components, mean: torch.Tensor, std: torch.Tensor
     return (mean + std * eps) * components.vae.config.scaling_factor
 
 
-ADDED_SINCE_FIRST_ADAPTERS = ("min_snr_gamma",)
+ADDED_SINCE_FIRST_ADAPTERS = ("min_snr_gamma", "noise_offset")
 """Settings newer than adapters already trained. At their defaults they change nothing, and they are left out
 of the fingerprint there, so such an adapter is still found finished (and its checkpoints resumable)."""
 
@@ -514,6 +514,11 @@ def _fit_with(components: Components, config: TrainConfig, job: InstanceJob, fin
             text_index += [1] * len(class_picks)
         noise = torch.randn(latents.shape, generator=generator).to(device)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(device)
+        if config.noise_offset:
+            # One draw per image and channel, from the step's generator (so resume stays exact), drawn last and
+            # only when on: the photos, noise and timesteps drawn before it are those of a run without it.
+            offset = torch.randn((*latents.shape[:2], 1, 1), generator=generator).to(device)
+            noise = noise + config.noise_offset * offset
         noisy = scheduler.add_noise(latents, noise, timesteps)
         target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
 
