@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from catalog_gen.errors import CatalogError
 
-OPTIMIZERS = ("auto", "adamw8bit", "adamw")
+OPTIMIZERS = ("auto", "adamw8bit", "adamw", "prodigy")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 AUTO = "auto"
 """A setting that follows the base model or the device; resolve_for() turns it into a value before use."""
@@ -63,8 +63,14 @@ class TrainConfig:
     class_image_steps: int = 25
     """Inference steps used to draw the class images once per class."""
     optimizer: str = AUTO
-    """adamw8bit (bitsandbytes; the T4 recipe), adamw, or auto: adamw8bit on a GPU, adamw on a CPU (where
-    8-bit AdamW is slow)."""
+    """adamw8bit (bitsandbytes; the T4 recipe), adamw, prodigy, or auto: adamw8bit on a GPU, adamw on a CPU
+    (where 8-bit AdamW is slow). prodigy (prodigyopt) estimates the step size itself: learning_rate is then a
+    multiplier of its estimate, 1.0 as usual (the 1e-4 default would barely move the LoRA), and every trained
+    part shares it, so text_encoder_lr and pivotal's embedding_lr must equal learning_rate. It takes the
+    adam_* betas, epsilon and (decoupled) weight decay, with bias correction and safeguard warm-up on (the
+    diffusers advanced DreamBooth scripts' defaults)."""
+    prodigy_d_coef: float = 1.0
+    """prodigy: scales its step-size estimate (Prodigy's preferred knob; 0.5-2 typical)."""
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2
@@ -147,9 +153,25 @@ class TrainConfig:
             check_positive("min_snr_gamma", self.min_snr_gamma)
         if not 0.0 <= self.noise_offset <= 1.0:
             raise CatalogError(f"noise_offset must be in [0, 1], got {self.noise_offset!r}")
+        check_positive("prodigy_d_coef", self.prodigy_d_coef)
         if self.method == "textual-inversion" and self.train_text_encoder:
             raise CatalogError("method textual-inversion trains token embeddings only; train_text_encoder "
                                "(a text-encoder LoRA) needs method pivotal or dreambooth-lora")
+        if self.optimizer == "prodigy":
+            self._check_prodigy_groups()
+
+    def _check_prodigy_groups(self) -> None:
+        """Prodigy adapts one step size for all parameter groups and refuses groups with other learning rates
+        (only 0 is allowed): a text-encoder LoRA or pivotal's embeddings must share learning_rate."""
+        shared = []
+        if self.train_text_encoder:
+            shared.append("text_encoder_lr")
+        if self.method == "pivotal":
+            shared.append("embedding_lr")
+        for name in shared:
+            if getattr(self, name) != self.learning_rate:
+                raise CatalogError(f"optimizer prodigy shares one step size between the trained parts; {name} "
+                                   f"({getattr(self, name)!r}) must equal learning_rate ({self.learning_rate!r})")
 
     def resolve_for(self, native_resolution: int, on_gpu: bool) -> "TrainConfig":
         """The settings left to the base model and the device, made concrete (what adapter.json records)."""

@@ -1,7 +1,7 @@
-"""Training techniques, each a recipe setting: min-SNR-gamma loss weighting and noise offset. For each: that it
-changes what it should and nothing else, that resume stays exact, and that leaving it at its default changes no
-adapter trained before it existed. The pure parts run in the fast loop; the rest train a few steps of the tiny
-preset."""
+"""Training techniques, each a recipe setting: min-SNR-gamma loss weighting, noise offset and the Prodigy
+optimizer. For each: that it changes what it should and nothing else, that resume stays exact, and that leaving
+it at its default changes no adapter trained before it existed. The pure parts run in the fast loop; the rest
+train a few steps of the tiny preset."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from catalog_gen.config import TrainConfig
 from catalog_gen.errors import CatalogError
 from catalog_gen.train import losses
 from catalog_gen.train.adapters import read_adapter
+from catalog_gen.train.checkpoints import list_checkpoints
 from catalog_gen.train.training import InstanceJob, training_fingerprint
 from catalog_gen.train.workflow import train_class
 from test_training import _source, tiny_config
@@ -91,10 +92,23 @@ def test_min_snr_refuses_a_prediction_type_it_is_not_defined_for():
     ({"min_snr_gamma": "5"}, "min_snr_gamma must be float, got '5'"),
     ({"noise_offset": -0.1}, r"noise_offset must be in \[0, 1\], got -0.1"),
     ({"noise_offset": 5}, r"noise_offset must be in \[0, 1\], got 5"),
+    ({"optimizer": "lion"}, "optimizer must be one of auto, adamw8bit, adamw, prodigy; got 'lion'"),
+    ({"prodigy_d_coef": 0.0}, "prodigy_d_coef must be > 0, got 0.0"),
+    ({"optimizer": "prodigy", "learning_rate": 1.0, "train_text_encoder": True},
+     r"optimizer prodigy shares one step size between the trained parts; text_encoder_lr \(5e-05\) must equal "
+     r"learning_rate \(1.0\)"),
+    ({"optimizer": "prodigy", "method": "pivotal", "learning_rate": 1.0},
+     r"embedding_lr \(0.0005\) must equal learning_rate \(1.0\)"),
 ])
 def test_technique_settings_are_validated(settings, message):
     with pytest.raises(CatalogError, match=message):
         TrainConfig(**settings)
+
+
+def test_prodigy_takes_one_learning_rate_for_every_part():
+    TrainConfig(optimizer="prodigy", learning_rate=1.0, train_text_encoder=True, text_encoder_lr=1.0)
+    TrainConfig(optimizer="prodigy", method="pivotal", learning_rate=1.0, embedding_lr=1.0)
+    TrainConfig(optimizer="prodigy", method="textual-inversion", embedding_lr=1.0)  # one part only
 
 
 JOB = InstanceJob("ring", "band", "kqi", "photo of kqi ring", "photo of ring", (), Path("unused"))
@@ -111,13 +125,18 @@ def test_the_techniques_at_their_defaults_keep_the_fingerprints_adapters_were_tr
     assert _fingerprint(replace(RESOLVED, method="pivotal", train_text_encoder=True)) == "1e3156f0646fdcd2"
     assert _fingerprint(replace(RESOLVED, method="dreambooth")) == "385b4e74a2143355"
     # Set explicitly to their defaults, the same.
-    assert _fingerprint(replace(RESOLVED, min_snr_gamma=None, noise_offset=0.0)) == "faba3d96e4c1e28e"
+    assert _fingerprint(replace(RESOLVED, min_snr_gamma=None, noise_offset=0.0,
+                                prodigy_d_coef=1.0)) == "faba3d96e4c1e28e"
 
 
 def test_each_technique_changes_the_fingerprint_where_it_changes_training():
-    changed = [replace(RESOLVED, min_snr_gamma=5.0), replace(RESOLVED, noise_offset=0.05)]
+    changed = [replace(RESOLVED, min_snr_gamma=5.0), replace(RESOLVED, noise_offset=0.05),
+               replace(RESOLVED, optimizer="prodigy", learning_rate=1.0),
+               replace(RESOLVED, optimizer="prodigy", learning_rate=1.0, prodigy_d_coef=2.0)]
     prints = [_fingerprint(c) for c in changed]
     assert len(set(prints + [_fingerprint(RESOLVED)])) == len(changed) + 1
+    # ... and only there: d_coef changes no optimizer but Prodigy.
+    assert _fingerprint(replace(RESOLVED, prodigy_d_coef=2.0)) == _fingerprint(RESOLVED)
 
 
 # ---------------------------------------------------------------- in the training loop (tiny preset)
@@ -194,9 +213,34 @@ def test_min_snr_weights_each_steps_loss_by_its_timestep(sample_catalogue, tmp_p
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_prodigy_estimates_its_step_size_and_checkpoints_it(sample_catalogue, tmp_path, plain):
+    info = _train(sample_catalogue, tmp_path, quick(steps=4, checkpoint_every=4, optimizer="prodigy",
+                                                    learning_rate=1.0, prodigy_d_coef=100.0))
+    assert info.record["recipe"]["optimizer"] == "prodigy"
+    assert info.record["loss_curve"][0] == plain.record["loss_curve"][0]  # the same start, another path
+    assert info.record["loss_curve"][1:3] != plain.record["loss_curve"][1:3]
+    group, = json.loads((tmp_path / "checkpoints" / "ring" / "band" / "step-000004" / "state.json").read_text())[
+        "param_groups"]
+    assert group["d"] > group["d0"] == 1e-6 and group["k"] == 4 and group["d_coef"] == 100.0
+    assert any(t.abs().max() > 0 for k, t in _weights(info).items() if "lora_B" in k)
+
+
+def test_prodigy_holds_pivotal_embeddings_still_after_their_fraction(sample_catalogue, tmp_path):
+    """Prodigy moves every parameter that has a gradient by its one step size whatever its group's lr, so
+    pivotal's second phase drops the embeddings' gradient rather than zeroing their lr."""
+    config = quick(method="pivotal", steps=4, checkpoint_every=2, optimizer="prodigy", learning_rate=1.0,
+                   embedding_lr=1.0, prodigy_d_coef=100.0)
+    _train(sample_catalogue, tmp_path, config)
+    at = {step: load_file(str(folder / "lora.safetensors"))
+          for step, folder in list_checkpoints(tmp_path / "checkpoints" / "ring" / "band")}
+    assert torch.equal(at[2]["token_embeddings"], at[4]["token_embeddings"])
+    assert any(not torch.equal(at[2][k], at[4][k]) for k in at[2] if "lora_B" in k)
+
+
 TECHNIQUES = {
     "min-snr": {"min_snr_gamma": 5.0},
     "noise-offset": {"noise_offset": 0.1},
+    "prodigy": {"optimizer": "prodigy", "learning_rate": 1.0, "prodigy_d_coef": 100.0},  # its d moves in 6 steps
 }
 
 
@@ -213,7 +257,7 @@ def test_each_technique_resumes_exactly(technique, sample_catalogue, tmp_path):
     assert resumed.record["fingerprint"] == straight.record["fingerprint"]
     a, b = _weights(resumed), _weights(straight)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    # The optimizer ends in the same state too.
+    # The optimizer ends in the same state too (Prodigy's step-size estimate lives in its param groups).
     last = [tmp_path / run / "checkpoints" / "ring" / "band" / "step-000006" for run in ("straight", "resumed")]
     groups = [json.loads((folder / "state.json").read_text())["param_groups"] for folder in last]
     assert groups[0] == groups[1]

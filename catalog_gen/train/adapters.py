@@ -116,7 +116,8 @@ def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {"python": platform.python_version()}
-    for name in ("catalog-gen", "torch", "diffusers", "transformers", "peft", "accelerate", "bitsandbytes", "safetensors"):
+    for name in ("catalog-gen", "torch", "diffusers", "transformers", "peft", "accelerate", "bitsandbytes", "prodigyopt",
+                 "safetensors"):
         try:
             found[name] = version(name)
         except PackageNotFoundError:

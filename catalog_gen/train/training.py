@@ -215,7 +215,7 @@ def sample_latents(components: Components, mean: torch.Tensor, std: torch.Tensor
     return (mean + std * eps) * components.vae.config.scaling_factor
 
 
-ADDED_SINCE_FIRST_ADAPTERS = ("min_snr_gamma", "noise_offset")
+ADDED_SINCE_FIRST_ADAPTERS = ("min_snr_gamma", "noise_offset", "prodigy_d_coef")
 """Settings newer than adapters already trained. At their defaults they change nothing, and they are left out
 of the fingerprint there, so such an adapter is still found finished (and its checkpoints resumable)."""
 
@@ -227,6 +227,8 @@ def training_fingerprint(config: TrainConfig, job: InstanceJob, base_fingerprint
     ignored |= methods.method_of(config).unused
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     ignored |= {name for name in ADDED_SINCE_FIRST_ADAPTERS if getattr(config, name) == defaults[name]}
+    if config.optimizer != "prodigy":
+        ignored.add("prodigy_d_coef")
     if config.method == "dreambooth-lora":
         ignored.add("method")  # the only method before there were others: its adapters stay recognised
     if config.lr_schedule == "constant" and config.method != "pivotal":
@@ -243,9 +245,13 @@ def training_fingerprint(config: TrainConfig, job: InstanceJob, base_fingerprint
 
 
 def optimizer_step(loss: torch.Tensor, optimizer, scaler, params: list[torch.nn.Parameter],
-                   max_grad_norm: float) -> None:
+                   max_grad_norm: float, frozen: Sequence[torch.nn.Parameter] = ()) -> None:
     """Backward and one optimizer step. Under fp16 the gradients are unscaled before clipping,
-    so the clip threshold means the same as without a scaler."""
+    so the clip threshold means the same as without a scaler.
+
+    `frozen` parameters lose their gradient after the clip (which still sees it), so no optimizer moves them:
+    setting their group's lr to 0 would not do, as Prodigy steps every parameter that has a gradient by its
+    one global step size whatever the group's lr."""
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -254,6 +260,8 @@ def optimizer_step(loss: torch.Tensor, optimizer, scaler, params: list[torch.nn.
         loss.backward()
     if max_grad_norm:
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    for param in frozen:
+        param.grad = None
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -357,6 +365,8 @@ def _make_optimizer(config: TrainConfig, groups: list[dict]) -> torch.optim.Opti
     """One parameter group per trained part, each {"params": [...], "lr": its base learning rate}."""
     kwargs = dict(betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.adam_weight_decay,
                   eps=config.adam_epsilon)
+    if config.optimizer == "prodigy":
+        return _make_prodigy(config, groups, kwargs)
     if config.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb
@@ -364,6 +374,22 @@ def _make_optimizer(config: TrainConfig, groups: list[dict]) -> torch.optim.Opti
             raise CatalogError("optimizer 'adamw8bit' needs bitsandbytes (pip install bitsandbytes)") from error
         return bnb.optim.AdamW8bit(groups, **kwargs)
     return torch.optim.AdamW(groups, **kwargs)
+
+
+def _make_prodigy(config: TrainConfig, groups: list[dict], adam_kwargs: dict) -> torch.optim.Optimizer:
+    """Prodigy: Adam whose step size it estimates as it goes (its group lr multiplies the estimate). Its
+    estimate lives in the param groups (d, d_max, d_numerator, k), which checkpoints save with the rest."""
+    import io
+
+    try:
+        from prodigyopt import Prodigy
+    except ImportError as error:
+        raise CatalogError("optimizer 'prodigy' needs prodigyopt (pip install prodigyopt)") from error
+    # Bias correction and safeguard warm-up as the diffusers advanced DreamBooth scripts default them:
+    # safeguard keeps a warm-up's small learning rate out of the estimate's denominator.
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints a notice about decoupled weight decay
+        return Prodigy(groups, decouple=True, use_bias_correction=True, safeguard_warmup=True,
+                       d_coef=config.prodigy_d_coef, **adam_kwargs)
 
 
 def fit(components: Components, config: TrainConfig, job: InstanceJob, fingerprint: str, *, resume: bool,
@@ -525,10 +551,8 @@ def _fit_with(components: Components, config: TrainConfig, job: InstanceJob, fin
         lr_scale = learning_rate_at(step, config, 1.0)
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base * lr_scale
-        if embedding_params and step >= embedding_until:
-            # Pivotal's second phase: the embeddings hold still (AdamW scales its whole update, weight decay
-            # included, by the learning rate) while the LoRA goes on.
-            optimizer.param_groups[-1]["lr"] = 0.0
+        # Pivotal's second phase: the embeddings hold still while the LoRA goes on.
+        frozen = [vectors] if embedding_params and step >= embedding_until else []
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             if cached_text is not None:
                 text = cached_text[text_index]
@@ -542,7 +566,7 @@ def _fit_with(components: Components, config: TrainConfig, job: InstanceJob, fin
         if not torch.isfinite(loss):
             raise CatalogError(f"{job.key}: loss became {loss.item()} at step {step + 1}; lower the learning rate "
                                "or use mixed_precision 'no'/'bf16'")
-        optimizer_step(loss, optimizer, scaler, list(trainable.values()), config.max_grad_norm)
+        optimizer_step(loss, optimizer, scaler, list(trainable.values()), config.max_grad_norm, frozen)
 
         state.step = step + 1
         state.losses.append(round(float(loss.item()), 6))
