@@ -83,6 +83,10 @@ class TrainConfig:
     noise_offset: float = 0.0
     """Adds noise_offset x one normal draw per image and latent channel to the noise, so the model can learn
     to change an image's overall brightness (Guttenberg's noise offset; 0.05-0.1 typical), in [0, 1]. 0: off."""
+    use_dora: bool = False
+    """Train the LoRA(s) as DoRA (peft's use_dora: a learned magnitude per output feature beside the low-rank
+    direction update). The diffusers file carries the magnitudes and loads with load_lora_weights; no kohya
+    file is written (A1111 and ComfyUI apply a DoRA magnitude otherwise than peft: see lora_files.py)."""
     mixed_precision: str = AUTO
     """fp16 or bf16 autocast for the frozen model (LoRA weights always stay in fp32), no, or auto: fp16 on a
     GPU, no on a CPU."""

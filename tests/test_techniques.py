@@ -1,5 +1,5 @@
-"""Training techniques, each a recipe setting: min-SNR-gamma loss weighting, noise offset and the Prodigy
-optimizer. For each: that it changes what it should and nothing else, that resume stays exact, and that leaving
+"""Training techniques, each a recipe setting: min-SNR-gamma loss weighting, noise offset, the Prodigy optimizer
+and DoRA. For each: that it changes what it should and nothing else, that resume stays exact, and that leaving
 it at its default changes no adapter trained before it existed. The pure parts run in the fast loop; the rest
 train a few steps of the tiny preset."""
 
@@ -9,6 +9,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import crash_in_training_step
@@ -92,6 +93,7 @@ def test_min_snr_refuses_a_prediction_type_it_is_not_defined_for():
     ({"min_snr_gamma": "5"}, "min_snr_gamma must be float, got '5'"),
     ({"noise_offset": -0.1}, r"noise_offset must be in \[0, 1\], got -0.1"),
     ({"noise_offset": 5}, r"noise_offset must be in \[0, 1\], got 5"),
+    ({"use_dora": 1}, "use_dora must be bool, got 1"),
     ({"optimizer": "lion"}, "optimizer must be one of auto, adamw8bit, adamw, prodigy; got 'lion'"),
     ({"prodigy_d_coef": 0.0}, "prodigy_d_coef must be > 0, got 0.0"),
     ({"optimizer": "prodigy", "learning_rate": 1.0, "train_text_encoder": True},
@@ -125,18 +127,27 @@ def test_the_techniques_at_their_defaults_keep_the_fingerprints_adapters_were_tr
     assert _fingerprint(replace(RESOLVED, method="pivotal", train_text_encoder=True)) == "1e3156f0646fdcd2"
     assert _fingerprint(replace(RESOLVED, method="dreambooth")) == "385b4e74a2143355"
     # Set explicitly to their defaults, the same.
-    assert _fingerprint(replace(RESOLVED, min_snr_gamma=None, noise_offset=0.0,
+    assert _fingerprint(replace(RESOLVED, min_snr_gamma=None, noise_offset=0.0, use_dora=False,
                                 prodigy_d_coef=1.0)) == "faba3d96e4c1e28e"
 
 
 def test_each_technique_changes_the_fingerprint_where_it_changes_training():
     changed = [replace(RESOLVED, min_snr_gamma=5.0), replace(RESOLVED, noise_offset=0.05),
-               replace(RESOLVED, optimizer="prodigy", learning_rate=1.0),
+               replace(RESOLVED, use_dora=True), replace(RESOLVED, optimizer="prodigy", learning_rate=1.0),
                replace(RESOLVED, optimizer="prodigy", learning_rate=1.0, prodigy_d_coef=2.0)]
     prints = [_fingerprint(c) for c in changed]
     assert len(set(prints + [_fingerprint(RESOLVED)])) == len(changed) + 1
-    # ... and only there: d_coef changes no optimizer but Prodigy.
+    # ... and only there: DoRA changes no method without a LoRA, d_coef no optimizer but Prodigy.
     assert _fingerprint(replace(RESOLVED, prodigy_d_coef=2.0)) == _fingerprint(RESOLVED)
+    for method in ("textual-inversion", "dreambooth"):
+        assert _fingerprint(replace(RESOLVED, method=method, use_dora=True)) == _fingerprint(replace(RESOLVED, method=method))
+
+
+def test_the_kohya_converter_refuses_dora_magnitudes():
+    from catalog_gen.train.lora_files import diffusers_to_kohya
+
+    with pytest.raises(CatalogError, match="is a DoRA magnitude; no kohya file is written for DoRA"):
+        diffusers_to_kohya({"unet.a.to_q.lora_magnitude_vector.weight": torch.ones(4)}, 4.0)
 
 
 # ---------------------------------------------------------------- in the training loop (tiny preset)
@@ -241,6 +252,7 @@ TECHNIQUES = {
     "min-snr": {"min_snr_gamma": 5.0},
     "noise-offset": {"noise_offset": 0.1},
     "prodigy": {"optimizer": "prodigy", "learning_rate": 1.0, "prodigy_d_coef": 100.0},  # its d moves in 6 steps
+    "dora": {"use_dora": True},
 }
 
 
@@ -263,3 +275,100 @@ def test_each_technique_resumes_exactly(technique, sample_catalogue, tmp_path):
     assert groups[0] == groups[1]
     states = [load_file(str(folder / "optimizer.safetensors")) for folder in last]
     assert states[0].keys() == states[1].keys() and all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+# ---------------------------------------------------------------- DoRA's files
+
+@pytest.fixture(scope="module")
+def dora(sample_catalogue, tmp_path_factory):
+    """DoRA on the UNet and the text encoder; its last checkpoint draws a validation image in memory."""
+    workdir = tmp_path_factory.mktemp("dora")
+    config = quick(steps=4, checkpoint_every=4, validation_images=1, validation_steps=3, use_dora=True,
+                   train_text_encoder=True, text_encoder_lr=1e-2)
+    return _train(sample_catalogue, workdir, config), config
+
+
+def test_dora_writes_its_magnitudes_and_no_kohya_file(dora, plain):
+    info, _ = dora
+    assert info.record["files"]["kohya"] is None and info.kohya_file is None
+    assert "no kohya file" in info.record["notes"][0]
+    assert info.record["lora"]["unet"]["use_dora"] and info.record["lora"]["text_encoder"]["use_dora"]
+    tensors = _weights(info)
+    magnitudes = [k for k in tensors if k.endswith(".lora_magnitude_vector.weight")]
+    modules = [k[: -len(".lora_A.weight")] for k in tensors if k.endswith(".lora_A.weight")]
+    assert sorted(magnitudes) == sorted(f"{m}.lora_magnitude_vector.weight" for m in modules)
+    assert any(m.startswith("text_encoder.") for m in magnitudes)
+    # DoRA starts where LoRA does (magnitude = the base weight's norms, B = 0): the same first loss.
+    assert info.record["loss_curve"][0] == pytest.approx(plain.record["loss_curve"][0], rel=1e-5)
+
+
+def test_a_dora_adapter_draws_in_plain_diffusers_what_the_trained_model_drew(dora, tiny_model):
+    from catalog_gen import seeds
+    from catalog_gen.models.loading import load_pipeline
+    from catalog_gen.models.sampling import draw, make_scheduler
+    from catalog_gen.train.adapters import adapter_weights, attach, detach
+    from PIL import Image
+
+    info, config = dora
+    prompt = info.record["instance_prompt"]
+    checkpoint = info.folder.parents[2] / "checkpoints" / "ring" / "band" / "step-000004"
+    in_memory = np.asarray(Image.open(checkpoint / "validation" / "00.png"))
+    pipeline = load_pipeline(tiny_model)
+    pipeline.scheduler = make_scheduler("ddim", pipeline.scheduler.config)  # the validation images' sampler
+
+    def image():
+        return np.asarray(draw(pipeline, [prompt], [seeds.validation_image(config.seed, 0)],
+                               steps=config.validation_steps, resolution=64)[0])
+
+    base = image()
+    norms = {name: module.weight.detach().norm(dim=1) for name, module in pipeline.unet.named_modules()
+             if name.endswith("attn1.to_q")}
+    pipeline.load_lora_weights(str(info.folder), weight_name=info.diffusers_file.name, adapter_name="dora")
+    # Every trained magnitude arrived (none left at its initial value), the text encoder's too.
+    tensors = _weights(info)
+    loaded = {f"{prefix}.{name}".replace(".dora.", ".").replace("text_model.", ""): p
+              for prefix, module in (("unet", pipeline.unet), ("text_encoder", pipeline.text_encoder))
+              for name, p in module.named_parameters() if "lora_magnitude_vector" in name}
+    wanted = {k.replace("text_model.", ""): t for k, t in tensors.items() if "lora_magnitude_vector" in k}
+    assert loaded.keys() == wanted.keys()
+    assert all(torch.equal(loaded[k].detach(), wanted[k]) for k in wanted)
+    assert any(not torch.allclose(wanted[f"unet.{name}.lora_magnitude_vector.weight"], norm) for name, norm in norms.items())
+    tuned = image()
+    assert np.array_equal(tuned, in_memory) and not np.array_equal(tuned, base)
+
+    # The generator's own hash-checked load draws the same; detach leaves the base model.
+    pipeline.unload_lora_weights()
+    attached = attach(pipeline, adapter_weights(info), "sku_adapter")
+    assert np.array_equal(image(), tuned)
+    detach(pipeline, attached)
+    assert np.array_equal(image(), base)
+
+
+def test_a_dora_checkpoint_converts_to_the_adapters_own_file(dora, tmp_path):
+    from catalog_gen.evaluate.evaluation import checkpoint_as_adapter_file
+
+    info, _ = dora
+    last = list_checkpoints(info.folder.parents[2] / "checkpoints" / "ring" / "band")[-1][1]
+    converted = load_file(str(checkpoint_as_adapter_file(last, tmp_path)))
+    shipped = _weights(info)
+    assert converted.keys() == shipped.keys() and all(torch.equal(converted[k], shipped[k]) for k in shipped)
+
+
+def test_removing_a_dora_lora_restores_the_base_model(sample_catalogue, tmp_path, tiny_model):
+    from catalog_gen.catalog.intake import IntakeConfig, intake_photos, save_training_set
+    from catalog_gen.train import training
+
+    config = quick(steps=2, use_dora=True, train_text_encoder=True).resolve_for(64, on_gpu=False)
+    components = training.load_components(tiny_model, config, torch.device("cpu"))
+    before = {name: {k: v.clone() for k, v in getattr(components, name).state_dict().items()}
+              for name in ("unet", "text_encoder")}
+    photos = sorted(sample_catalogue.photos_dir.glob("rg-sign-*"))[:2]
+    dataset = save_training_set(intake_photos(photos, sample_catalogue.photos_dir, IntakeConfig(resolution=64)),
+                                tmp_path / "set")
+    job = InstanceJob("ring", "signet", "kqi", "photo of a kqi signet ring", "photo of a ring",
+                      tuple(sorted(dataset.glob("*.png"))), tmp_path / "ckpt")
+    training.fit(components, config, job, "test", resume=False)
+    training.remove_lora(components)
+    for name, state in before.items():
+        after = getattr(components, name).state_dict()
+        assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state), name

@@ -215,7 +215,7 @@ def sample_latents(components: Components, mean: torch.Tensor, std: torch.Tensor
     return (mean + std * eps) * components.vae.config.scaling_factor
 
 
-ADDED_SINCE_FIRST_ADAPTERS = ("min_snr_gamma", "noise_offset", "prodigy_d_coef")
+ADDED_SINCE_FIRST_ADAPTERS = ("min_snr_gamma", "noise_offset", "use_dora", "prodigy_d_coef")
 """Settings newer than adapters already trained. At their defaults they change nothing, and they are left out
 of the fingerprint there, so such an adapter is still found finished (and its checkpoints resumable)."""
 
@@ -286,7 +286,7 @@ def _add_lora(components: Components, config: TrainConfig, instance_key: str):
     from peft import LoraConfig
 
     unet_config = LoraConfig(r=config.lora_rank, lora_alpha=config.resolved_lora_alpha, lora_dropout=config.lora_dropout,
-                             init_lora_weights=True, target_modules=UNET_LORA_TARGETS)
+                             init_lora_weights=True, target_modules=UNET_LORA_TARGETS, use_dora=config.use_dora)
     text_config = None
     # LoRA's A matrices start random (peft draws them from torch's global generator): seeded, so a rerun
     # starts from the same point, and isolated, so the caller's generator is left as it was.
@@ -295,7 +295,7 @@ def _add_lora(components: Components, config: TrainConfig, instance_key: str):
         if config.train_text_encoder:
             text_config = LoraConfig(r=config.lora_rank, lora_alpha=config.resolved_lora_alpha,
                                      lora_dropout=config.lora_dropout, init_lora_weights=True,
-                                     target_modules=TEXT_ENCODER_LORA_TARGETS)
+                                     target_modules=TEXT_ENCODER_LORA_TARGETS, use_dora=config.use_dora)
             _inject_text_encoder_lora(components.text_encoder, text_config)
     return unet_config, text_config
 
