@@ -56,6 +56,7 @@ class TrainConfig:
     """Also train the text encoder: a LoRA on it, or for method dreambooth all of it (then text embeddings
     cannot be cached)."""
     text_encoder_lr: float = 5e-5
+    """Learning rate of the text-encoder LoRA (its own optimizer parameter group; train_text_encoder)."""
     prior_preservation: bool = False
     """Add the class-prior loss (seed 004 found it no help with 3-7 photos, so off by default)."""
     prior_loss_weight: float = 1.0

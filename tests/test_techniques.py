@@ -1,7 +1,7 @@
-"""Training techniques, each a recipe setting: min-SNR-gamma loss weighting, noise offset, the Prodigy optimizer
-and DoRA. For each: that it changes what it should and nothing else, that resume stays exact, and that leaving
-it at its default changes no adapter trained before it existed. The pure parts run in the fast loop; the rest
-train a few steps of the tiny preset."""
+"""Training techniques, each a recipe setting: min-SNR-gamma loss weighting, noise offset, the Prodigy
+optimizer, DoRA, and the text-encoder LoRA's own learning rate. For each: that it changes what it should and
+nothing else, that resume stays exact, and that leaving it at its default changes no adapter trained before
+it existed. The pure parts run in the fast loop; the rest train a few steps of the tiny preset."""
 
 from __future__ import annotations
 
@@ -224,6 +224,21 @@ def test_min_snr_weights_each_steps_loss_by_its_timestep(sample_catalogue, tmp_p
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_the_text_encoder_lora_learns_at_its_own_rate(sample_catalogue, tmp_path):
+    """One AdamW step moves each weight by about its group's lr (the step is lr x g / |g|): the text-encoder
+    LoRA's B matrices by text_encoder_lr, the UNet's by learning_rate, and a different text_encoder_lr changes
+    the text encoder's LoRA alone."""
+    runs = {lr: _weights(_train(sample_catalogue, tmp_path / str(lr), quick(
+        steps=1, learning_rate=1e-3, train_text_encoder=True, text_encoder_lr=lr))) for lr in (1e-2, 3e-2)}
+    for lr, tensors in runs.items():
+        text_b = max(t.abs().max().item() for k, t in tensors.items() if k.startswith("text_encoder.") and "lora_B" in k)
+        unet_b = max(t.abs().max().item() for k, t in tensors.items() if k.startswith("unet.") and "lora_B" in k)
+        assert text_b == pytest.approx(lr, rel=1e-3) and unet_b == pytest.approx(1e-3, rel=1e-3)
+    a, b = runs[1e-2], runs[3e-2]
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("unet."))
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("text_encoder."))
+
+
 def test_prodigy_estimates_its_step_size_and_checkpoints_it(sample_catalogue, tmp_path, plain):
     info = _train(sample_catalogue, tmp_path, quick(steps=4, checkpoint_every=4, optimizer="prodigy",
                                                     learning_rate=1.0, prodigy_d_coef=100.0))
@@ -253,6 +268,7 @@ TECHNIQUES = {
     "noise-offset": {"noise_offset": 0.1},
     "prodigy": {"optimizer": "prodigy", "learning_rate": 1.0, "prodigy_d_coef": 100.0},  # its d moves in 6 steps
     "dora": {"use_dora": True},
+    "text-encoder-lora": {"train_text_encoder": True, "text_encoder_lr": 1e-2},
 }
 
 
