@@ -49,14 +49,14 @@ def no_gradient(monkeypatch) -> None:
 
     real = training.optimizer_step
 
-    def step_without_gradient(loss, optimizer, scaler, params, max_grad_norm):
+    def step_without_gradient(loss, optimizer, scaler, params, max_grad_norm, frozen=()):
         def zeroed():
             for param in params:
                 param.grad = None if param.grad is None else param.grad.zero_()
         original_step = optimizer.step
         optimizer.step = lambda *a, **k: (zeroed(), original_step(*a, **k))[1]
         try:
-            real(loss, optimizer, scaler, params, max_grad_norm)
+            real(loss, optimizer, scaler, params, max_grad_norm, frozen)
         finally:
             optimizer.step = original_step
     monkeypatch.setattr(training, "optimizer_step", step_without_gradient)

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from catalog_gen.errors import CatalogError
 
-OPTIMIZERS = ("auto", "adamw8bit", "adamw")
+OPTIMIZERS = ("auto", "adamw8bit", "adamw", "prodigy")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 AUTO = "auto"
 """A setting that follows the base model or the device; resolve_for() turns it into a value before use."""
@@ -57,6 +57,7 @@ class TrainConfig:
     """Also train the text encoder: a LoRA on it, or for method dreambooth all of it (then text embeddings
     cannot be cached)."""
     text_encoder_lr: float = 5e-5
+    """Learning rate of the text-encoder LoRA (its own optimizer parameter group; train_text_encoder)."""
     prior_preservation: bool = False
     """Add the class-prior loss (seed 004 found it no help with 3-7 photos, so off by default)."""
     prior_loss_weight: float = 1.0
@@ -64,13 +65,30 @@ class TrainConfig:
     class_image_steps: int = 25
     """Inference steps used to draw the class images once per class."""
     optimizer: str = AUTO
-    """adamw8bit (bitsandbytes; the T4 recipe), adamw, or auto: adamw8bit on a GPU, adamw on a CPU (where
-    8-bit AdamW is slow)."""
+    """adamw8bit (bitsandbytes; the T4 recipe), adamw, prodigy, or auto: adamw8bit on a GPU, adamw on a CPU
+    (where 8-bit AdamW is slow). prodigy (prodigyopt) estimates the step size itself: learning_rate is then a
+    multiplier of its estimate, 1.0 as usual (the 1e-4 default would barely move the LoRA), and every trained
+    part shares it, so text_encoder_lr and pivotal's embedding_lr must equal learning_rate. It takes the
+    adam_* betas, epsilon and (decoupled) weight decay, with bias correction and safeguard warm-up on (the
+    diffusers advanced DreamBooth scripts' defaults)."""
+    prodigy_d_coef: float = 1.0
+    """prodigy: scales its step-size estimate (Prodigy's preferred knob; 0.5-2 typical)."""
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
+    min_snr_gamma: float | None = None
+    """Min-SNR-gamma loss weighting (Hang et al. 2023): each sample's loss is weighted by min(SNR, gamma) / SNR
+    for epsilon prediction, min(SNR, gamma) / (SNR + 1) for v-prediction, SNR at its drawn timestep; the
+    class-prior samples alike. None: off; diffusers and kohya use 5.0."""
+    noise_offset: float = 0.0
+    """Adds noise_offset x one normal draw per image and latent channel to the noise, so the model can learn
+    to change an image's overall brightness (Guttenberg's noise offset; 0.05-0.1 typical), in [0, 1]. 0: off."""
+    use_dora: bool = False
+    """Train the LoRA(s) as DoRA (peft's use_dora: a learned magnitude per output feature beside the low-rank
+    direction update). The diffusers file carries the magnitudes and loads with load_lora_weights; no kohya
+    file is written (A1111 and ComfyUI apply a DoRA magnitude otherwise than peft: see lora_files.py)."""
     mixed_precision: str = AUTO
     """fp16 or bf16 autocast for the frozen model (LoRA weights always stay in fp32), no, or auto: fp16 on a
     GPU, no on a CPU."""
@@ -137,9 +155,29 @@ class TrainConfig:
             check_positive("class_stage_steps", self.class_stage_steps)
         if not 0.0 < self.embedding_fraction <= 1.0:
             raise CatalogError(f"embedding_fraction must be in (0, 1], got {self.embedding_fraction}")
+        if self.min_snr_gamma is not None:
+            check_positive("min_snr_gamma", self.min_snr_gamma)
+        if not 0.0 <= self.noise_offset <= 1.0:
+            raise CatalogError(f"noise_offset must be in [0, 1], got {self.noise_offset!r}")
+        check_positive("prodigy_d_coef", self.prodigy_d_coef)
         if self.method == "textual-inversion" and self.train_text_encoder:
             raise CatalogError("method textual-inversion trains token embeddings only; train_text_encoder "
                                "(a text-encoder LoRA) needs method pivotal or dreambooth-lora")
+        if self.optimizer == "prodigy":
+            self._check_prodigy_groups()
+
+    def _check_prodigy_groups(self) -> None:
+        """Prodigy adapts one step size for all parameter groups and refuses groups with other learning rates
+        (only 0 is allowed): a text-encoder LoRA or pivotal's embeddings must share learning_rate."""
+        shared = []
+        if self.train_text_encoder:
+            shared.append("text_encoder_lr")
+        if self.method == "pivotal":
+            shared.append("embedding_lr")
+        for name in shared:
+            if getattr(self, name) != self.learning_rate:
+                raise CatalogError(f"optimizer prodigy shares one step size between the trained parts; {name} "
+                                   f"({getattr(self, name)!r}) must equal learning_rate ({self.learning_rate!r})")
 
     def resolve_for(self, native_resolution: int, on_gpu: bool) -> "TrainConfig":
         """The settings left to the base model and the device, made concrete (what adapter.json records)."""

@@ -132,7 +132,7 @@ def train(
     lora_rank: Annotated[Optional[int], typer.Option("--lora-rank", help="LoRA rank (recipe key lora_rank).")] = None,
     prior_preservation: Annotated[Optional[bool], typer.Option("--prior-preservation/--no-prior-preservation")] = None,
     mixed_precision: Annotated[Optional[str], typer.Option("--mixed-precision", help="auto | no | fp16 | bf16 (default auto: fp16 on a CUDA GPU, no on a CPU).")] = None,
-    optimizer: Annotated[Optional[str], typer.Option(help="auto | adamw8bit | adamw (default auto: adamw8bit on a CUDA GPU, adamw on a CPU).")] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="auto | adamw8bit | adamw | prodigy (default auto: adamw8bit on a CUDA GPU, adamw on a CPU; prodigy wants --learning-rate 1.0).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Training seed.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoints.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Retrain even finished adapters; drops old checkpoints.")] = False,

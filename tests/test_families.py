@@ -69,7 +69,7 @@ def test_the_v_prediction_target_is_the_velocity():
     from diffusers import DDPMScheduler
 
     from catalog_gen.models.presets import SD_SCHEDULER
-    from catalog_gen.train.training import training_target
+    from catalog_gen.train.losses import training_target
 
     generator = torch.Generator().manual_seed(0)
     latents, noise = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 4, 8, 8, generator=generator)

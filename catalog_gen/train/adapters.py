@@ -3,7 +3,8 @@
     pytorch_lora_weights.safetensors   the LoRA, diffusers format (StableDiffusionPipeline.load_lora_weights);
                                        dreambooth-lora and pivotal
     <class>_<instance>.kohya.safetensors  the LoRA, kohya format for AUTOMATIC1111 / ComfyUI; pivotal's
-                                       carries its embeddings too (A1111's bundle_emb keys)
+                                       carries its embeddings too (A1111's bundle_emb keys); not for DoRA
+                                       (adapter.json's notes say why; lora_files.py explains)
     learned_embeds.safetensors         textual-inversion: {token: (vectors, dim)}, the file diffusers'
                                        train_textual_inversion.py writes; load_textual_inversion and A1111
                                        (which names the embedding after the file) read it
@@ -35,7 +36,7 @@ from typing import Any
 
 from catalog_gen.errors import CatalogError
 from catalog_gen.layout import ADAPTER_JSON, checkpoint_folder, workdir_of_adapter
-from catalog_gen.train.lora_files import DIFFUSERS_WEIGHTS_NAME, save_diffusers_lora, save_kohya_lora
+from catalog_gen.train.lora_files import DIFFUSERS_WEIGHTS_NAME, is_dora, save_diffusers_lora, save_kohya_lora
 from catalog_gen.storage import atomic_directory, atomic_write_json, sha256_bytes, sha256_file
 
 TEXTUAL_INVERSION_NAME = "learned_embeds.safetensors"
@@ -61,8 +62,9 @@ class AdapterInfo:
         return self.folder / DIFFUSERS_WEIGHTS_NAME
 
     @property
-    def kohya_file(self) -> Path:
-        return self.folder / self.record["files"]["kohya"]
+    def kohya_file(self) -> Path | None:
+        name = self.record.get("files", {}).get("kohya")
+        return self.folder / name if name else None
 
     @property
     def embeddings_file(self) -> Path | None:
@@ -142,7 +144,8 @@ def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {"python": platform.python_version()}
-    for name in ("catalog-gen", "torch", "diffusers", "transformers", "peft", "accelerate", "bitsandbytes", "safetensors"):
+    for name in ("catalog-gen", "torch", "diffusers", "transformers", "peft", "accelerate", "bitsandbytes", "prodigyopt",
+                 "safetensors"):
         try:
             found[name] = version(name)
         except PackageNotFoundError:
@@ -164,6 +167,7 @@ def write_adapter(folder: Path, fit_result, record: dict[str, Any], class_key: s
 
     files: dict[str, str | None] = {"diffusers": None, "kohya": None, "embeddings": None}
     hashes: dict[str, str] = {}
+    notes: list[str] = []
     unet_config, text_config = fit_result.unet_lora_config, fit_result.text_encoder_lora_config
     with atomic_directory(folder) as staging:
         for part, state in (fit_result.full_weights or {}).items():
@@ -192,11 +196,16 @@ def write_adapter(folder: Path, fit_result, record: dict[str, Any], class_key: s
                       metadata={"tokens": json.dumps(list(fit_result.tokens))})
             hashes["embeddings_sha256"] = sha256_file(staging / files["embeddings"])
         if fit_result.unet_layers is not None:
+            diffusers_file = save_diffusers_lora(staging, fit_result.unet_layers, fit_result.text_encoder_layers,
+                                                 unet_config, text_config)
+            files["diffusers"], hashes["weights_sha256"] = DIFFUSERS_WEIGHTS_NAME, sha256_file(diffusers_file)
+        if fit_result.unet_layers is not None and is_dora(unet_config):
+            notes.append("no kohya file: A1111 and ComfyUI apply a DoRA magnitude (dora_scale) otherwise than "
+                         "peft trained it; load the diffusers file (see catalog_gen/train/lora_files.py)")
+        elif fit_result.unet_layers is not None:
             kohya_name = kohya_file_name(class_key, instance_key)
             alpha = float(unet_config["lora_alpha"])
             text_alpha = float(text_config["lora_alpha"]) if text_config else None
-            diffusers_file = save_diffusers_lora(staging, fit_result.unet_layers, fit_result.text_encoder_layers,
-                                                 unet_config, text_config)
             save_kohya_lora(staging / kohya_name, diffusers_file, alpha, text_alpha, metadata={
                 "ss_network_module": "networks.lora",
                 "ss_network_dim": unet_config["r"],
@@ -207,13 +216,13 @@ def write_adapter(folder: Path, fit_result, record: dict[str, Any], class_key: s
                                                             for p in record["photos"]))),
                 "catalog_gen_token": record["token"],
             }, bundled_embeddings={record["token"]: embeddings} if embeddings is not None else None)
-            files.update(diffusers=DIFFUSERS_WEIGHTS_NAME, kohya=kohya_name)
-            hashes.update(weights_sha256=sha256_file(diffusers_file), kohya_sha256=sha256_file(staging / kohya_name))
+            files["kohya"], hashes["kohya_sha256"] = kohya_name, sha256_file(staging / kohya_name)
         full = {
             **record,
             "lora": {"unet": unet_config, "text_encoder": text_config},
             "files": files,
             **hashes,
+            **({"notes": notes} if notes else {}),
         }
         atomic_write_json(staging / ADAPTER_JSON, full)
     return AdapterInfo(folder, full)

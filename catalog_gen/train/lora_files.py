@@ -7,6 +7,17 @@ kohya-ss (and so AUTOMATIC1111 and ComfyUI) wants one flat name per module plus 
     lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight
     lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha
     lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight
+
+DoRA (use_dora) adds one magnitude vector per module, `...to_q.lora_magnitude_vector.weight` in the diffusers file,
+whose LoRA config (in the file's metadata) says use_dora, so load_lora_weights rebuilds the DoRA layers.
+No kohya file is written for DoRA. The kohya-format key A1111 and ComfyUI read is `dora_scale`, but in the
+versions read for this (A1111's extensions-builtin/Lora/network.py, ComfyUI 0.3.77's
+comfy/weight_adapter/base.py) neither applies it as peft trains it. peft rescales each output row of W + BA
+to its magnitude (magnitude shape (out,)). A1111 rescales the columns instead (shape (1, in)), and no
+per-row magnitude can be rewritten as one per column. ComfyUI also takes an (out, 1) scale, but divides
+by the row norms of W before the LoRA's update. Neither can be run here to check a file against, and
+diffusers drops `dora_scale` keys when it loads a kohya file, so nothing here could show that such a file
+draws what was trained.
 """
 
 from __future__ import annotations
@@ -22,13 +33,26 @@ from catalog_gen.storage import atomic_path
 DIFFUSERS_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 _PREFIXES = {"unet.": "lora_unet_", "text_encoder.": "lora_te_"}
 _MATRICES = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
+DORA_MAGNITUDE = "lora_magnitude_vector"
+"""peft's name for a DoRA module's magnitude (its parameter `...lora_magnitude_vector.default.weight`)."""
 
 
 def peft_layers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The LoRA tensors of a peft-wrapped model, with the adapter name taken out of the keys."""
+    """The LoRA tensors of a peft-wrapped model, with the adapter name taken out of the keys: its parameter
+    names without ".default", as checkpoints' names become when converted.
+
+    peft's state dict names a DoRA magnitude `...lora_magnitude_vector` (its older name); it is written
+    `...lora_magnitude_vector.weight`, which peft's loader (the UNet's) reads as well, and which transformers
+    5's (the text encoder's, through load_lora_weights) needs: given the older name it leaves the text
+    encoder's magnitudes at their initial values."""
     from peft.utils import get_peft_model_state_dict
 
-    return {name: tensor.detach().float().cpu().contiguous() for name, tensor in get_peft_model_state_dict(model).items()}
+    return {(name + ".weight" if name.endswith(DORA_MAGNITUDE) else name): tensor.detach().float().cpu().contiguous()
+            for name, tensor in get_peft_model_state_dict(model).items()}
+
+
+def is_dora(lora_config: Mapping | None) -> bool:
+    return bool(lora_config and lora_config.get("use_dora"))
 
 
 def save_diffusers_lora(out_dir: Path, unet_layers: Mapping[str, torch.Tensor], text_encoder_layers=None,
@@ -55,6 +79,9 @@ def diffusers_to_kohya(state_dict: Mapping[str, torch.Tensor], alpha: float, tex
     """Rename diffusers/peft LoRA keys to kohya names and add one alpha tensor per module."""
     converted: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
+        if DORA_MAGNITUDE in key:
+            raise CatalogError(f"LoRA key '{key}' is a DoRA magnitude; no kohya file is written for DoRA "
+                               "(see catalog_gen.train.lora_files)")
         prefix = next((p for p in _PREFIXES if key.startswith(p)), None)
         matrix = next((m for m in _MATRICES if key.endswith("." + m)), None)
         if prefix is None or matrix is None:

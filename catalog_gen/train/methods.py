@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 from catalog_gen.config import METHODS, TrainConfig
 
-LORA_SETTINGS = frozenset({"lora_rank", "lora_alpha", "lora_dropout", "learning_rate", "train_text_encoder",
-                           "text_encoder_lr"})
+LORA_SETTINGS = frozenset({"lora_rank", "lora_alpha", "lora_dropout", "use_dora", "learning_rate",
+                           "train_text_encoder", "text_encoder_lr"})
 EMBEDDING_SETTINGS = frozenset({"embedding_vectors", "embedding_lr", "embedding_fraction"})
 CLASS_STAGE_SETTINGS = frozenset({"class_stage_steps", "class_stage_weight"})
 
@@ -52,7 +52,8 @@ _ALL = {
     "pivotal": Method("pivotal", lora=True, new_tokens=True, full=False, class_stage=False,
                       unused=CLASS_STAGE_SETTINGS),
     "dreambooth": Method("dreambooth", lora=False, new_tokens=False, full=True, class_stage=False,
-                         unused=EMBEDDING_SETTINGS | CLASS_STAGE_SETTINGS | {"lora_rank", "lora_alpha", "lora_dropout"}),
+                         unused=EMBEDDING_SETTINGS | CLASS_STAGE_SETTINGS | {"lora_rank", "lora_alpha", "lora_dropout",
+                                                                             "use_dora"}),
     "lora-captions": Method("lora-captions", lora=True, new_tokens=False, full=False, class_stage=False,
                             unused=EMBEDDING_SETTINGS | CLASS_STAGE_SETTINGS, captions=True),
     # The class stage's own settings reach the instance through the class LoRA's hash (in the fingerprint).

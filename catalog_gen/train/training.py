@@ -9,7 +9,7 @@ The flow follows a setup -> load -> fit split:
                        noise, denoise, loss, step, checkpoint
 
 Resume is exact because nothing in the loop depends on hidden state: every random draw
-(which photos, the noise, the timesteps, LoRA dropout) comes from a generator seeded by
+(which photos, the noise and its offset, the timesteps, LoRA dropout) comes from a generator seeded by
 (seed, instance, step), the learning rate is a function of the step, and the optimizer
 state is saved with each checkpoint.
 """
@@ -17,6 +17,7 @@ state is saved with each checkpoint.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -26,7 +27,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from catalog_gen.train.checkpoints import (
     TrainingState, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint,
@@ -35,7 +35,7 @@ from catalog_gen.config import TrainConfig
 from catalog_gen import seeds
 from catalog_gen.errors import CatalogError
 from catalog_gen.models.loading import BaseModel
-from catalog_gen.train import embeddings, methods
+from catalog_gen.train import embeddings, losses, methods
 from catalog_gen.train.adapters import STACKED_ADAPTER as STACKED  # a two-stage class LoRA's adapter name
 
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -217,11 +217,20 @@ def sample_latents(components: Components, mean: torch.Tensor, std: torch.Tensor
     return (mean + std * eps) * components.vae.config.scaling_factor
 
 
+ADDED_SINCE_FIRST_ADAPTERS = ("min_snr_gamma", "noise_offset", "use_dora", "prodigy_d_coef")
+"""Settings newer than adapters already trained. At their defaults they change nothing, and they are left out
+of the fingerprint there, so such an adapter is still found finished (and its checkpoints resumable)."""
+
+
 def training_fingerprint(config: TrainConfig, job: InstanceJob, base_fingerprint: str, photo_hashes: Sequence[str]) -> str:
     """What a checkpoint must share with the run that resumes it. `steps` is left out on purpose,
     so a finished run can be extended; checkpoint and validation settings change no weights."""
     ignored = {"checkpoint_every", "keep_checkpoints", "validation_images", "validation_steps", "base_model"}
     ignored |= methods.method_of(config).unused
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    ignored |= {name for name in ADDED_SINCE_FIRST_ADAPTERS if getattr(config, name) == defaults[name]}
+    if config.optimizer != "prodigy":
+        ignored.add("prodigy_d_coef")
     if config.method == "dreambooth-lora":
         ignored.add("method")  # the only method before there were others: its adapters stay recognised
     if config.lr_schedule == "constant" and config.method != "pivotal":
@@ -240,9 +249,13 @@ def training_fingerprint(config: TrainConfig, job: InstanceJob, base_fingerprint
 
 
 def optimizer_step(loss: torch.Tensor, optimizer, scaler, params: list[torch.nn.Parameter],
-                   max_grad_norm: float) -> None:
+                   max_grad_norm: float, frozen: Sequence[torch.nn.Parameter] = ()) -> None:
     """Backward and one optimizer step. Under fp16 the gradients are unscaled before clipping,
-    so the clip threshold means the same as without a scaler."""
+    so the clip threshold means the same as without a scaler.
+
+    `frozen` parameters lose their gradient after the clip (which still sees it), so no optimizer moves them:
+    setting their group's lr to 0 would not do, as Prodigy steps every parameter that has a gradient by its
+    one global step size whatever the group's lr."""
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -251,6 +264,8 @@ def optimizer_step(loss: torch.Tensor, optimizer, scaler, params: list[torch.nn.
         loss.backward()
     if max_grad_norm:
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    for param in frozen:
+        param.grad = None
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -275,7 +290,7 @@ def _add_lora(components: Components, config: TrainConfig, instance_key: str):
     from peft import LoraConfig
 
     unet_config = LoraConfig(r=config.lora_rank, lora_alpha=config.resolved_lora_alpha, lora_dropout=config.lora_dropout,
-                             init_lora_weights=True, target_modules=UNET_LORA_TARGETS)
+                             init_lora_weights=True, target_modules=UNET_LORA_TARGETS, use_dora=config.use_dora)
     text_config = None
     # LoRA's A matrices start random (peft draws them from torch's global generator): seeded, so a rerun
     # starts from the same point, and isolated, so the caller's generator is left as it was.
@@ -284,7 +299,7 @@ def _add_lora(components: Components, config: TrainConfig, instance_key: str):
         if config.train_text_encoder:
             text_config = LoraConfig(r=config.lora_rank, lora_alpha=config.resolved_lora_alpha,
                                      lora_dropout=config.lora_dropout, init_lora_weights=True,
-                                     target_modules=TEXT_ENCODER_LORA_TARGETS)
+                                     target_modules=TEXT_ENCODER_LORA_TARGETS, use_dora=config.use_dora)
             _inject_text_encoder_lora(components.text_encoder, text_config)
     return unet_config, text_config
 
@@ -354,6 +369,8 @@ def _make_optimizer(config: TrainConfig, groups: list[dict]) -> torch.optim.Opti
     """One parameter group per trained part, each {"params": [...], "lr": its base learning rate}."""
     kwargs = dict(betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.adam_weight_decay,
                   eps=config.adam_epsilon)
+    if config.optimizer == "prodigy":
+        return _make_prodigy(config, groups, kwargs)
     if config.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb
@@ -361,6 +378,22 @@ def _make_optimizer(config: TrainConfig, groups: list[dict]) -> torch.optim.Opti
             raise CatalogError("optimizer 'adamw8bit' needs bitsandbytes (pip install bitsandbytes)") from error
         return bnb.optim.AdamW8bit(groups, **kwargs)
     return torch.optim.AdamW(groups, **kwargs)
+
+
+def _make_prodigy(config: TrainConfig, groups: list[dict], adam_kwargs: dict) -> torch.optim.Optimizer:
+    """Prodigy: Adam whose step size it estimates as it goes (its group lr multiplies the estimate). Its
+    estimate lives in the param groups (d, d_max, d_numerator, k), which checkpoints save with the rest."""
+    import io
+
+    try:
+        from prodigyopt import Prodigy
+    except ImportError as error:
+        raise CatalogError("optimizer 'prodigy' needs prodigyopt (pip install prodigyopt)") from error
+    # Bias correction and safeguard warm-up as the diffusers advanced DreamBooth scripts default them:
+    # safeguard keeps a warm-up's small learning rate out of the estimate's denominator.
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints a notice about decoupled weight decay
+        return Prodigy(groups, decouple=True, use_bias_correction=True, safeguard_warmup=True,
+                       d_coef=config.prodigy_d_coef, **adam_kwargs)
 
 
 def fit(components: Components, config: TrainConfig, job: InstanceJob, fingerprint: str, *, resume: bool,
@@ -515,27 +548,33 @@ def _fit_with(components: Components, config: TrainConfig, job: InstanceJob, fin
             text_index += [class_prompt_index] * len(class_picks)
         noise = torch.randn(latents.shape, generator=generator).to(device)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(device)
+        if config.noise_offset:
+            # One draw per image and channel, from the step's generator (so resume stays exact), drawn last and
+            # only when on: the photos, noise and timesteps drawn before it are those of a run without it.
+            offset = torch.randn((*latents.shape[:2], 1, 1), generator=generator).to(device)
+            noise = noise + config.noise_offset * offset
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        target = training_target(scheduler, latents, noise, timesteps)
+        target = losses.training_target(scheduler, latents, noise, timesteps)
 
         lr_scale = learning_rate_at(step, config, 1.0)
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base * lr_scale
-        if embedding_params and step >= embedding_until:
-            # Pivotal's second phase: the embeddings hold still (AdamW scales its whole update, weight decay
-            # included, by the learning rate) while the LoRA goes on.
-            optimizer.param_groups[-1]["lr"] = 0.0
+        # Pivotal's second phase: the embeddings hold still while the LoRA goes on.
+        frozen = [vectors] if embedding_params and step >= embedding_until else []
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             if cached_text is not None:
                 text = cached_text[text_index]
             else:
                 text = components.text_encoder(prompt_ids[text_index])[0]
             prediction = components.unet(noisy.to(components.weight_dtype), timesteps, text.to(components.weight_dtype)).sample
-        loss = _dreambooth_loss(prediction.float(), target.float(), len(picks), config.prior_loss_weight)
+        weights = (losses.min_snr_weights(scheduler.alphas_cumprod, timesteps, config.min_snr_gamma,
+                                          scheduler.config.prediction_type)
+                   if config.min_snr_gamma is not None else None)
+        loss = losses.dreambooth_loss(prediction.float(), target.float(), len(picks), config.prior_loss_weight, weights)
         if not torch.isfinite(loss):
             raise CatalogError(f"{job.key}: loss became {loss.item()} at step {step + 1}; lower the learning rate "
                                "or use mixed_precision 'no'/'bf16'")
-        optimizer_step(loss, optimizer, scaler, list(trainable.values()), config.max_grad_norm)
+        optimizer_step(loss, optimizer, scaler, list(trainable.values()), config.max_grad_norm, frozen)
 
         state.step = step + 1
         state.losses.append(round(float(loss.item()), 6))
@@ -572,22 +611,3 @@ def _fit_with(components: Components, config: TrainConfig, job: InstanceJob, fin
                        if trained} if method.full else None),
         tokens=tuple(new_tokens[0]) if new_tokens else (),
     )
-
-
-def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """What the UNet learns to predict, as its scheduler says: the noise (epsilon; SD 1.x, the SD 2 base) or the
-    velocity alpha_t * noise - sigma_t * latents (v_prediction; SD 2.x at 768 px)."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    raise CatalogError(f"prediction_type {kind!r} is not trained here; epsilon and v_prediction are")
-
-
-def _dreambooth_loss(prediction: torch.Tensor, target: torch.Tensor, n_instance: int, prior_weight: float) -> torch.Tensor:
-    """Instance MSE, plus the class-prior MSE weighted by prior_weight when class images are in the batch."""
-    loss = F.mse_loss(prediction[:n_instance], target[:n_instance])
-    if prediction.shape[0] > n_instance:
-        loss = loss + prior_weight * F.mse_loss(prediction[n_instance:], target[n_instance:])
-    return loss
