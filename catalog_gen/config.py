@@ -36,7 +36,7 @@ class TrainConfig:
     LoRA over every chosen instance of the class, each photo prompted by its own caption, no identifier token)
     or two-stage (a class LoRA on every photo of the class first, then each instance's LoRA on top of it)."""
     base_model: str = "tiny"
-    """Preset name (toy, tiny, tiny-sd2, sd15-shape), local diffusers folder, or cached hub id."""
+    """Preset name (toy, tiny, tiny-sd2, tiny-sdxl, sd15-shape, sdxl-shape), local diffusers folder, or cached hub id."""
     resolution: int | None = None
     """Training image side in pixels; photos are padded to square, never cropped. None: the base model's
     native resolution (512 for SD 1.5, 64 for the tiny and toy presets)."""

@@ -54,3 +54,31 @@ def test_an_adapter_json_without_a_weights_hash_is_refused(tmp_path):
     data = save_safetensors({KEY: torch.ones(1)})
     with pytest.raises(CatalogError, match="records no weights_sha256"):
         load_adapter_weights(adapter_with(tmp_path, data, None))
+
+
+def test_lora_files_are_the_same_bytes_for_the_same_weights(tmp_path):
+    """safetensors orders metadata by a hash map's whim: sorted, identical weights and metadata always give
+    identical bytes (and so the same sha256, which two-stage's instances are fingerprinted with)."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from catalog_gen.train.lora_files import sort_safetensors_metadata
+
+    tensors = {"b.weight": torch.arange(6.0).reshape(2, 3), "a.weight": torch.ones(3)}
+    metadata = {f"key_{n}": str(n) for n in range(12)}
+    written = []
+    for n in range(6):
+        path = tmp_path / f"{n}.safetensors"
+        save_file(tensors, str(path), metadata=metadata)
+        written.append(sort_safetensors_metadata(path).read_bytes())
+    assert len(set(written)) == 1
+    import json
+    import struct
+
+    (length,) = struct.unpack("<Q", written[0][:8])
+    assert list(json.loads(written[0][8:8 + length])["__metadata__"]) == sorted(metadata)
+    with safe_open(str(tmp_path / "0.safetensors"), "pt") as handle:
+        assert handle.metadata() == metadata
+    loaded = load_file(str(tmp_path / "0.safetensors"))
+    assert all(torch.equal(loaded[k], tensors[k]) for k in tensors)

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 
 # ~33 steps/s on one thread of this 2-core machine when it is idle: the run lasts about three
 # seconds past its first checkpoint (step 5), so the kill lands mid-run, and the whole test stays short
-# (seven of them run: every method, and SD 2.x).
+# (eight of them run: every method, SD 2.x and SDXL).
 STEPS = 100
 CATALOG = Path(sys.executable).parent / "catalog"
 
@@ -78,7 +78,7 @@ def _wait_for_a_checkpoint(process: subprocess.Popen, checkpoints: Path, log: Pa
 # Every method: textual inversion and pivotal tuning resume their learned tokens too (where the reference
 # scripts lose them).
 @pytest.mark.parametrize(("method", "base_model"), [(method, "tiny") for method in METHODS]
-                         + [("dreambooth-lora", "tiny-sd2")])  # SD 2.x: v-prediction
+                         + [("dreambooth-lora", "tiny-sd2"), ("dreambooth-lora", "tiny-sdxl")])
 def test_kill_9_then_resume_gives_the_uninterrupted_adapter(method, base_model, sample_catalogue, tiny_model, tmp_path,
                                                            one_torch_thread):
     recipe = _write_recipe(tmp_path / "kill.toml", method, base_model)

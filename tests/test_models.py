@@ -103,7 +103,7 @@ def test_single_file_checkpoint_is_refused(tmp_path):
 
 
 def test_unknown_preset_lists_presets(tmp_path):
-    with pytest.raises(CatalogError, match="toy, tiny, tiny-sd2, sd15-shape"):
+    with pytest.raises(CatalogError, match="toy, tiny, tiny-sd2, tiny-sdxl, sd15-shape, sdxl-shape"):
         materialise_preset("huge", cache_dir=tmp_path)
 
 

@@ -21,8 +21,12 @@ from catalog_gen.models.presets import PRESETS, cache_root, materialise_preset
 from catalog_gen.storage import atomic_write_json, sha256_file
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
-# Components whose weights the training and generation stages load.
+# Components whose weights the training and generation stages load (SDXL adds text_encoder_2).
 _WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder")
+
+
+def weighted_components(family: ModelFamily | None) -> tuple[str, ...]:
+    return _WEIGHTED_COMPONENTS + (("text_encoder_2",) if family is not None and family.two_text_encoders else ())
 
 
 @dataclass(frozen=True)
@@ -111,8 +115,8 @@ def check_model_folder(path: Path, spec: str) -> None:
         )
     if not (path / "model_index.json").is_file():
         raise CatalogError(f"base model '{spec}' ({path}) has no model_index.json: not a diffusers folder")
-    detect_family(path, spec)  # another family (SDXL, SD3, Flux) is named before its folders are looked for
-    for component in _WEIGHTED_COMPONENTS:
+    family = detect_family(path, spec)  # another family (SD3, Flux) is named before its folders are looked for
+    for component in weighted_components(family):
         folder = path / component
         if not folder.is_dir():
             raise CatalogError(f"base model '{spec}' has no {component}/ folder")
@@ -166,30 +170,29 @@ def inference_dtype(precision: str, device):
 
 
 def load_pipeline(model: BaseModel, device="cpu", precision: str = "auto"):
-    """The StableDiffusionPipeline of a resolved model on `device`, offline, safetensors only.
+    """The pipeline of a resolved model (StableDiffusionPipeline, or StableDiffusionXLPipeline for SDXL) on
+    `device`, offline, safetensors only.
 
     Every component is loaded in one dtype: left to the files, a model stored in fp16 (like
     the published SD 1.5 and our sd15-shape preset) keeps an fp16 text encoder beside whatever
     the rest becomes, and the first prompt fails with a dtype mismatch.
     """
-    from diffusers import StableDiffusionPipeline
+    import diffusers
 
+    family = model.family or detect_family(model.path, model.spec)
+    # Neither is used (the gates judge the images), so a download may leave both folders out: README's
+    # `hf download --include` line fetches only what this loader reads. (SDXL pipelines have neither.)
+    no_checker = (dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+                  if family.pipeline_class == "StableDiffusionPipeline" else {})
     with quiet_model_loading():
-        pipeline = StableDiffusionPipeline.from_pretrained(
-            model.path,
-            **_dtype_argument(inference_dtype(precision, device)),
-            use_safetensors=True,
-            local_files_only=True,
-            # Neither is used (the gates judge the images), so a download may leave both folders out:
-            # README's `hf download --include` line fetches only what this loader reads.
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        pipeline = getattr(diffusers, family.pipeline_class).from_pretrained(
+            model.path, **_dtype_argument(inference_dtype(precision, device)), use_safetensors=True,
+            local_files_only=True, **no_checker)
     pipeline.set_progress_bar_config(disable=True)
     pipeline = pipeline.to(device)
-    for module in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
-        own_aligned_memory(module)  # CPU results must not depend on how the weights sat in the file
+    for module in (pipeline.unet, pipeline.vae, pipeline.text_encoder, getattr(pipeline, "text_encoder_2", None)):
+        if module is not None:
+            own_aligned_memory(module)  # CPU results must not depend on how the weights sat in the file
     return pipeline
 
 
@@ -235,7 +238,7 @@ def model_fingerprint(model: BaseModel) -> str:
     import hashlib
 
     digest = hashlib.sha256()
-    for component in _WEIGHTED_COMPONENTS:
+    for component in weighted_components(model.family):
         for weights in sorted((model.path / component).glob("*.safetensors")):
             digest.update(f"{component}/{weights.name}:{cached_file_hash(weights)}".encode())
     return digest.hexdigest()[:16]

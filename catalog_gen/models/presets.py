@@ -5,8 +5,10 @@ loaded through exactly the same loader as a user's real model folder:
 
 - `tiny`: a few MB, 64 px, a small real BPE tokenizer; fast enough to train on a CPU.
 - `tiny-sd2`: `tiny` with SD 2.x's architecture changes and v-prediction, for the SD 2 code paths.
+- `tiny-sdxl`: `tiny` as SDXL is built (two text encoders, micro-conditioning), for the SDXL code paths.
 - `sd15-shape`: the Stable Diffusion 1.5 architecture (UNet 860M, CLIP ViT-L/14 text
   encoder, VAE) with random weights, for speed and memory figures. It draws noise.
+- `sdxl-shape`: the SDXL base 1.0 architecture (UNet 2.6B, CLIP-L and OpenCLIP-bigG), random weights, likewise.
 
 Weights are drawn from a fixed seed, so a preset is the same on every machine.
 """
@@ -179,6 +181,75 @@ def _build(out_dir: Path, spec: dict) -> None:
     shutil.rmtree(tokenizer_dir, ignore_errors=True)
 
 
+# SDXL at the tiny size: two text encoders (CLIP-L-style, and an OpenCLIP-bigG-style one with a projection whose
+# pooled output conditions the UNet), size/crop micro-conditioning ("text_time"), linear projections, no
+# attention in the first block and more transformer layers deeper down, as SDXL's UNet has; its VAE scaling
+# factor and force_upcast (SDXL's VAE overflows in fp16).
+_TINY_SDXL = dict(
+    text_encoder=_TINY["text_encoder"],
+    text_encoder_2={**_TINY["text_encoder"], "hidden_act": "gelu"},
+    vae={**_TINY["vae"], "scaling_factor": 0.13025, "force_upcast": True},
+    unet=dict(sample_size=8, layers_per_block=1, block_out_channels=(32, 64),
+              down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+              up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
+              cross_attention_dim=64, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8,
+              addition_embed_type="text_time", addition_time_embed_dim=8,
+              projection_class_embeddings_input_dim=6 * 8 + 32),  # 6 size/crop numbers, then the pooled text
+    dtype=torch.float32,
+)
+# The published SDXL base 1.0 configurations; only the weights are random.
+_SDXL = dict(
+    text_encoder=_SD15["text_encoder"],
+    text_encoder_2=dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                        num_attention_heads=20, projection_dim=1280, hidden_act="gelu"),
+    vae={**_SD15["vae"], "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True},
+    unet=dict(sample_size=128, layers_per_block=2, block_out_channels=(320, 640, 1280),
+              down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+              up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+              transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048, attention_head_dim=(5, 10, 20),
+              use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+              projection_class_embeddings_input_dim=2816),
+    dtype=torch.float16,
+)
+SDXL_SCHEDULER = {**{k: v for k, v in SD_SCHEDULER.items() if k != "clip_sample"}, "timestep_spacing": "leading"}
+"""SDXL base's EulerDiscreteScheduler settings (the same noise schedule as SD 1.x)."""
+
+
+def _build_sdxl(out_dir: Path, spec: dict) -> None:
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    tokenizer_dir = out_dir / "_tokenizer_build"
+    bpe.write_clip_tokenizer(tokenizer_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    common = dict(vocab_size=len(tokenizer), max_position_embeddings=77, hidden_act="quick_gelu",
+                  **_special_token_ids(tokenizer))
+    with isolated_rng(0):
+        text_encoder = CLIPTextModel(CLIPTextConfig(**{**common, **spec["text_encoder"]}))
+    with isolated_rng(3):
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**common, **spec["text_encoder_2"]}))
+    with isolated_rng(1):
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            **spec["vae"])
+    with isolated_rng(2):
+        unet = UNet2DConditionModel(in_channels=4, out_channels=4, **spec["unet"])
+    modules = (vae, text_encoder, text_encoder_2, unet)
+    if spec["dtype"] != torch.float32:
+        modules = tuple(module.to(spec["dtype"]) for module in modules)
+    vae, text_encoder, text_encoder_2, unet = modules
+    pipeline = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
+                                         scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER))
+    pipeline.save_pretrained(out_dir, safe_serialization=True)
+    for part, encoder in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+        save_transformers_model(encoder, out_dir / part)  # see save_transformers_model
+    for folder in ("tokenizer", "tokenizer_2"):  # vocab.json + merges.txt, as the published SDXL ships them
+        for source in tokenizer_dir.iterdir():
+            shutil.copyfile(source, out_dir / folder / source.name)
+    shutil.rmtree(tokenizer_dir, ignore_errors=True)
+
+
 def _special_token_ids(tokenizer) -> dict[str, int]:
     # CLIP pools the text embedding at the end-of-text token, so the config must know its id.
     return dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -204,8 +275,12 @@ PRESETS: dict[str, Preset] = {
                    lambda out_dir: _build(out_dir, _TINY)),
     "tiny-sd2": Preset("tiny-sd2", "tiny SD 2.x-style model (v-prediction, GELU text encoder, linear projections), "
                        "64 px (tests)", 64, lambda out_dir: _build(out_dir, _TINY_SD2)),
+    "tiny-sdxl": Preset("tiny-sdxl", "tiny SDXL-style model (two text encoders, size/crop conditioning), 64 px "
+                        "(tests)", 64, lambda out_dir: _build_sdxl(out_dir, _TINY_SDXL)),
     "sd15-shape": Preset(
         "sd15-shape", "Stable Diffusion 1.5 architecture with random weights (benchmarks)", 512,
         lambda out_dir: _build(out_dir, _SD15)  # random towers: its images are noise, real CLIP would add nothing
     ),
+    "sdxl-shape": Preset("sdxl-shape", "SDXL base 1.0 architecture with random weights (benchmarks)", 1024,
+                         lambda out_dir: _build_sdxl(out_dir, _SDXL)),
 }

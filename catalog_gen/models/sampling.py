@@ -32,19 +32,18 @@ def make_scheduler(name: str, base_config):
 
 
 def pipeline_from_components(components, scheduler: str = "ddim"):
-    """A StableDiffusionPipeline sharing the already-loaded modules (no second copy in memory)."""
-    from diffusers import StableDiffusionPipeline
+    """A pipeline sharing the already-loaded modules (no second copy in memory): StableDiffusionPipeline, or
+    StableDiffusionXLPipeline when the components have SDXL's second text encoder."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    pipeline = StableDiffusionPipeline(
-        vae=components.vae,
-        text_encoder=components.text_encoder,
-        tokenizer=components.tokenizer,
-        unet=components.unet,
-        scheduler=make_scheduler(scheduler, components.noise_scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    shared = dict(vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
+                  unet=components.unet, scheduler=make_scheduler(scheduler, components.noise_scheduler.config))
+    if components.text_encoder_2 is not None:
+        pipeline = StableDiffusionXLPipeline(**shared, text_encoder_2=components.text_encoder_2,
+                                             tokenizer_2=components.tokenizer_2)
+    else:
+        pipeline = StableDiffusionPipeline(**shared, safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 

@@ -71,7 +71,31 @@ def save_diffusers_lora(out_dir: Path, unet_layers: Mapping[str, torch.Tensor], 
         unet_lora_adapter_metadata=unet_config,
         text_encoder_lora_adapter_metadata=text_encoder_config if text_encoder_layers else None,
     )
-    return out_dir / DIFFUSERS_WEIGHTS_NAME
+    return sort_safetensors_metadata(out_dir / DIFFUSERS_WEIGHTS_NAME)
+
+
+def sort_safetensors_metadata(path: Path) -> Path:
+    """Rewrite a safetensors file with its metadata keys in sorted order, in place.
+
+    safetensors keeps the metadata in a hash map whose order changes from process to process, so a file with
+    two or more metadata keys got other bytes (and another sha256) from identical weights: two identical runs
+    of a two-stage class stage looked like two different class LoRAs. Tensor entries and data are untouched.
+    """
+    import json
+    import struct
+
+    data = Path(path).read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    metadata = header.get("__metadata__")
+    if not metadata or len(metadata) < 2:
+        return path
+    header["__metadata__"] = dict(sorted(metadata.items()))
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with atomic_path(Path(path)) as tmp:
+        Path(tmp).write_bytes(struct.pack("<Q", len(encoded)) + encoded + data[8 + length:])
+    return path
 
 
 def diffusers_to_kohya(state_dict: Mapping[str, torch.Tensor], alpha: float, text_encoder_alpha: float | None = None
@@ -106,4 +130,4 @@ def save_kohya_lora(path: Path, diffusers_file: Path, alpha: float, text_encoder
     # ss_* keys are what kohya-trained files carry; A1111's extra-networks page shows them.
     with atomic_path(path) as tmp:
         save_file(kohya, str(tmp), metadata={str(k): str(v) for k, v in metadata.items()})
-    return path
+    return sort_safetensors_metadata(path)

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from catalog_gen.config import METHODS, TrainConfig
+from catalog_gen.errors import CatalogError
 
 LORA_SETTINGS = frozenset({"lora_rank", "lora_alpha", "lora_dropout", "use_dora", "learning_rate",
                            "train_text_encoder", "text_encoder_lr"})
@@ -65,6 +66,19 @@ assert tuple(_ALL) == METHODS, "config.METHODS and the methods described here mu
 
 def method_of(config: TrainConfig) -> Method:
     return _ALL[config.method]
+
+
+def check_family(method: Method, config: TrainConfig, family, base_model: str) -> None:
+    """Refuse, naming it, what is not built for the base model's family: on SDXL the UNet LoRA methods train
+    (new tokens would need an embedding in each of its two text encoders, a full fine-tune its 2.6B UNet's
+    own recipe, a text-encoder LoRA both encoders' LoRAs in every file format; none of these is built yet)."""
+    if family is None or not family.two_text_encoders:
+        return
+    what = (f"method {method.name}" if method.new_tokens or method.full
+            else "train_text_encoder" if config.train_text_encoder else None)
+    if what is not None:
+        raise CatalogError(f"{what} is not built for SDXL base models yet (base model '{base_model}'); on SDXL "
+                           "use dreambooth-lora, lora-captions or two-stage without train_text_encoder")
 
 
 def embedding_steps(config: TrainConfig) -> int:

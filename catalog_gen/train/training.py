@@ -82,6 +82,9 @@ class Components:
     noise_scheduler: object
     device: torch.device
     weight_dtype: torch.dtype
+    text_encoder_2: torch.nn.Module | None = None
+    """SDXL's second text encoder (OpenCLIP-bigG with the pooled projection); None for SD 1.x and 2.x."""
+    tokenizer_2: object | None = None
 
 
 @dataclass
@@ -117,7 +120,7 @@ def weight_dtype_for(config: TrainConfig, device: torch.device) -> torch.dtype:
 def load_components(model: BaseModel, config: TrainConfig, device: torch.device) -> Components:
     """Load the base model once, frozen, in the training precision."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from catalog_gen.models.loading import own_aligned_memory, quiet_model_loading
 
@@ -129,9 +132,19 @@ def load_components(model: BaseModel, config: TrainConfig, device: torch.device)
         vae = AutoencoderKL.from_pretrained(model.path, subfolder="vae", **common)
         unet = UNet2DConditionModel.from_pretrained(model.path, subfolder="unet", **common)
         noise_scheduler = DDPMScheduler.from_pretrained(model.path, subfolder="scheduler", local_files_only=True)
-    for module in (text_encoder, vae, unet):
+        tokenizer_2 = text_encoder_2 = None
+        if model.family is not None and model.family.two_text_encoders:
+            tokenizer_2 = CLIPTokenizer.from_pretrained(model.path / "tokenizer_2", local_files_only=True)
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(model.path, subfolder="text_encoder_2",
+                                                                         **common)
+    for module in (text_encoder, text_encoder_2, vae, unet):
+        if module is None:
+            continue
         module.requires_grad_(False)
-        module.to(device, dtype=dtype)
+        # A VAE that says it overflows in fp16 (SDXL's: force_upcast) encodes in fp32; the photos are encoded
+        # once, so this costs memory only while they are.
+        upcast = module is vae and dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        module.to(device, dtype=torch.float32 if upcast else dtype)
         if device.type == "cpu":
             own_aligned_memory(module)
     if config.attention == "xformers":
@@ -145,7 +158,8 @@ def load_components(model: BaseModel, config: TrainConfig, device: torch.device)
             # transformers 5 renamed it (the old name warns); older releases know only the old one.
             enable = getattr(text_encoder, "activation_checkpointing_enable", None) or text_encoder.gradient_checkpointing_enable
             enable()
-    return Components(model, tokenizer, text_encoder, vae, unet, noise_scheduler, device, dtype)
+    return Components(model, tokenizer, text_encoder, vae, unet, noise_scheduler, device, dtype, text_encoder_2,
+                      tokenizer_2)
 
 
 def learning_rate_at(step: int, config: TrainConfig, base_lr: float) -> float:
@@ -185,14 +199,35 @@ def load_image_tensor(path: Path, resolution: int) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_prompts(components: Components, prompts: Sequence[str]) -> torch.Tensor:
-    ids = tokenize(components, prompts)
-    return components.text_encoder(ids)[0]
+    return encode_text(components, tokenize(components, prompts))[0]
 
 
 def tokenize(components: Components, prompts: Sequence[str]) -> torch.Tensor:
-    tokenizer = components.tokenizer
-    return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True, return_tensors="pt").input_ids.to(components.device)
+    """Token ids, (n, 77); SDXL's two tokenizers give (n, 2, 77), so a row still indexes one prompt."""
+    def ids(tokenizer):
+        return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids.to(components.device)
+    if components.text_encoder_2 is None:
+        return ids(components.tokenizer)
+    return torch.stack([ids(components.tokenizer), ids(components.tokenizer_2)], dim=1)
+
+
+def encode_text(components: Components, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The UNet's text conditioning: the text encoder's last hidden states (SD 1.x, 2.x; pooled None), or for
+    SDXL both encoders' penultimate hidden states side by side and the second's pooled projection, as
+    StableDiffusionXLPipeline.encode_prompt builds them."""
+    if components.text_encoder_2 is None:
+        return components.text_encoder(ids)[0], None
+    first = components.text_encoder(ids[:, 0], output_hidden_states=True).hidden_states[-2]
+    second = components.text_encoder_2(ids[:, 1], output_hidden_states=True)
+    return torch.cat([first, second.hidden_states[-2]], dim=-1), second.text_embeds
+
+
+def micro_conditioning(components: Components, resolution: int, count: int) -> torch.Tensor:
+    """SDXL's size and crop conditioning per sample: original size, crop top-left, target size. Intake pads
+    every photo to a square at the training resolution and never crops: (res, res, 0, 0, res, res)."""
+    values = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float32)
+    return values.repeat(count, 1).to(components.device)
 
 
 VAE_ENCODE_BATCH = 4
@@ -479,7 +514,10 @@ def _fit_with(components: Components, config: TrainConfig, job: InstanceJob, fin
     prompt_ids = tokenize(components, prompts)
     # The text embeddings can be cached unless something inside the text encoder learns.
     text_learns = config.train_text_encoder or new_tokens is not None
-    cached_text = None if text_learns else encode_prompts(components, prompts)
+    cached_text = None
+    if not text_learns:
+        with torch.no_grad():
+            cached_text = encode_text(components, prompt_ids)
 
     # 2. What the method trains: a fresh LoRA on the frozen base model, new token embeddings, or both.
     unet_lora_config = text_lora_config = None
@@ -562,11 +600,14 @@ def _fit_with(components: Components, config: TrainConfig, job: InstanceJob, fin
         # Pivotal's second phase: the embeddings hold still while the LoRA goes on.
         frozen = [vectors] if embedding_params and step >= embedding_until else []
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            text, pooled = cached_text if cached_text is not None else encode_text(components, prompt_ids[text_index])
             if cached_text is not None:
-                text = cached_text[text_index]
-            else:
-                text = components.text_encoder(prompt_ids[text_index])[0]
-            prediction = components.unet(noisy.to(components.weight_dtype), timesteps, text.to(components.weight_dtype)).sample
+                text, pooled = text[text_index], pooled[text_index] if pooled is not None else None
+            added = None if pooled is None else {  # SDXL: the pooled text and the size/crop conditioning
+                "text_embeds": pooled.to(components.weight_dtype),
+                "time_ids": micro_conditioning(components, config.resolution, len(text_index)).to(components.weight_dtype)}
+            prediction = components.unet(noisy.to(components.weight_dtype), timesteps, text.to(components.weight_dtype),
+                                         added_cond_kwargs=added).sample
         weights = (losses.min_snr_weights(scheduler.alphas_cumprod, timesteps, config.min_snr_gamma,
                                           scheduler.config.prediction_type)
                    if config.min_snr_gamma is not None else None)

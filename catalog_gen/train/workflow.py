@@ -281,9 +281,10 @@ def train_class(source: PhotoSource, class_key: str, instance_keys: Sequence[str
         config = config.resolve_for(native_resolution(model), on_gpu=is_cuda(state.device))
         base_fingerprint = model_fingerprint(model)
         tokenizer = load_tokenizer(model)
+        method = methods.method_of(config)
+        methods.check_family(method, config, model.family, config.base_model)
         # 2-4. Photos -> instances -> clean training sets -> rare tokens.
         try:
-            method = methods.method_of(config)
             prepared, skipped = prepare_instances(
                 source, class_key, instance_keys, workdir, config.resolution, tokenizer, config.min_photos,
                 chosen_tokens, new_token_vectors=config.embedding_vectors if method.new_tokens else None,
