@@ -441,11 +441,13 @@ def measure_floor(components, config: TrainConfig, job, warmup: int, steps: int,
     steps_total = components.noise_scheduler.config.num_train_timesteps
     timesteps = torch.randint(0, steps_total, (latents.shape[0],), generator=generator).to(components.device)
     noisy = components.noise_scheduler.add_noise(latents, noise, timesteps).to(components.weight_dtype)
-    text = training.encode_prompts(components, prompts).to(components.weight_dtype)
+    with torch.no_grad():
+        text, pooled = training.encode_text(components, training.tokenize(components, prompts))
+    text, added = text.to(components.weight_dtype), _added_conditioning(components, config, pooled)
 
     def step(_: int) -> None:
         with _autocast(components, config):
-            prediction = components.unet(noisy, timesteps, text).sample
+            prediction = components.unet(noisy, timesteps, text, added_cond_kwargs=added).sample
         optimizer_step(F.mse_loss(prediction.float(), noise.float()))
 
     return _time_loop("floor", step, components.device, warmup, steps)
@@ -474,11 +476,22 @@ def measure_baseline(components, config: TrainConfig, job, warmup: int, steps: i
         input_ids = training.tokenize(components, prompts)
         with _autocast(components, config):
             with torch.no_grad():
-                text = components.text_encoder(input_ids)[0]
-            prediction = components.unet(noisy.to(components.weight_dtype), timesteps, text.to(components.weight_dtype)).sample
+                text, pooled = training.encode_text(components, input_ids)
+            prediction = components.unet(noisy.to(components.weight_dtype), timesteps, text.to(components.weight_dtype),
+                                         added_cond_kwargs=_added_conditioning(components, config, pooled)).sample
         optimizer_step(F.mse_loss(prediction.float(), noise.float()))
 
     return _time_loop("baseline", step, components.device, warmup, steps)
+
+
+def _added_conditioning(components, config: TrainConfig, pooled) -> dict | None:
+    """SDXL's pooled text and size/crop conditioning, as fit() gives them (None for SD 1.x and 2.x)."""
+    from catalog_gen.train import training
+
+    if pooled is None:
+        return None
+    return {"text_embeds": pooled.to(components.weight_dtype),
+            "time_ids": training.micro_conditioning(components, config.resolution, len(pooled)).to(components.weight_dtype)}
 
 
 def _lora_and_optimizer(components, config: TrainConfig, job) -> Callable:
