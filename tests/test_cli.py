@@ -170,7 +170,7 @@ def test_library_error_exits_2_with_its_message(fake_train, sample_catalogue):
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    (["--optimizer", "sgd"], "optimizer must be one of auto, adamw8bit, adamw; got 'sgd'"),
+    (["--optimizer", "sgd"], "optimizer must be one of auto, adamw8bit, adamw, prodigy; got 'sgd'"),
     (["--steps", "0"], "steps must be > 0, got 0"),
     (["--mixed-precision", "fp32"], "mixed_precision must be one of auto, no, fp16, bf16; got 'fp32'"),
     (["--resolution", "100"], "resolution must be a multiple of 8"),
