@@ -276,3 +276,17 @@ def test_sdxl_text_encoder_lora_trains_both_encoders_resumes_exactly_and_loads_i
     attached = attach(ours, adapter_weights(whole), "sku_adapter")
     assert np.abs(image(ours) - with_lora).max() <= 1  # see the family test above on aligned memory
     detach(ours, attached)
+
+
+@pytest.mark.slow
+def test_catalog_eval_scores_each_familys_checkpoints(trained_on):
+    import polars as pl
+
+    from catalog_gen.config import build_config, read_recipe
+    from catalog_gen.evaluate.evaluation import EvalConfig, run_eval
+
+    _, workdir, _ = trained_on
+    out = run_eval(workdir, "ring", ["band"], build_config(EvalConfig, read_recipe("tiny_sweep", "eval"), {}))
+    table = pl.read_parquet(out / "eval.parquet")
+    assert table["step"].to_list() == [2, 4, 6] and table["clip_i"].is_finite().all()
+    assert table["fid_base"][0] != table["fid_base"][2]  # each checkpoint's own weights drew its images
