@@ -216,7 +216,7 @@ def test_sdxl_conditions_the_unet_on_both_encoders_pooled_text_and_size():
 
 @pytest.mark.parametrize(("method", "extra", "named"), [
     ("textual-inversion", {}, "method textual-inversion"), ("pivotal", {}, "method pivotal"),
-    ("dreambooth", {}, "method dreambooth"), ("dreambooth-lora", {"train_text_encoder": True}, "train_text_encoder")])
+    ("dreambooth", {}, "method dreambooth")])
 def test_what_is_not_built_for_sdxl_is_refused_by_name(method, extra, named, sample_catalogue, tmp_path):
     from catalog_gen.train.workflow import train_class
     from test_training import _source, tiny_config
@@ -225,3 +225,68 @@ def test_what_is_not_built_for_sdxl_is_refused_by_name(method, extra, named, sam
         train_class(_source(sample_catalogue), "ring", ["band"], tmp_path, tiny_config(base_model="tiny-sdxl",
                                                                                         method=method, **extra))
     assert not (tmp_path / "adapters").exists()
+
+
+@pytest.mark.slow
+def test_sdxl_text_encoder_lora_trains_both_encoders_resumes_exactly_and_loads_in_plain_diffusers(
+        sample_catalogue, tmp_path):
+    """train_text_encoder on SDXL: a LoRA on each text encoder (kohya's te1 and te2), exact resume after a crash,
+    and plain StableDiffusionXLPipeline draws with either file what the generator draws."""
+    import diffusers
+    from conftest import crash_in_training_step
+    from safetensors.torch import load_file
+
+    from catalog_gen.models.loading import load_pipeline
+    from catalog_gen.models.sampling import draw
+    from catalog_gen.train.adapters import adapter_weights, attach, detach, read_adapter
+    from catalog_gen.train.workflow import train_class
+    from test_training import _source, tiny_config
+
+    config = tiny_config(base_model="tiny-sdxl", train_text_encoder=True, text_encoder_lr=1e-2, validation_images=0)
+    source = _source(sample_catalogue)
+    train_class(source, "ring", ["band"], tmp_path / "whole", config)
+    with pytest.raises(InterruptedError):
+        train_class(source, "ring", ["band"], tmp_path / "resumed", config, progress=crash_in_training_step(4))
+    train_class(source, "ring", ["band"], tmp_path / "resumed", config, resume=True)
+    whole, resumed = (read_adapter(tmp_path / run / "adapters" / "ring" / "band") for run in ("whole", "resumed"))
+    assert resumed.record["resumed_from_step"] == 2 and resumed.record["loss_curve"] == whole.record["loss_curve"]
+    tensors = load_file(str(whole.diffusers_file))
+    again = load_file(str(resumed.diffusers_file))
+    assert tensors.keys() == again.keys() and all(torch.equal(tensors[k], again[k]) for k in tensors)
+    assert {key.split(".")[0] for key in tensors} == {"unet", "text_encoder", "text_encoder_2"}
+    # Both encoders' LoRAs learned (peft starts each B at zero).
+    for part in ("text_encoder.", "text_encoder_2."):
+        assert any(k.startswith(part) and "lora_B" in k and tensors[k].abs().max() > 0 for k in tensors), part
+    kohya = load_file(str(whole.kohya_file))
+    assert {key.split("_")[1] for key in kohya} == {"unet", "te1", "te2"}
+
+    model = resolve_base_model("tiny-sdxl")
+    plain = diffusers.StableDiffusionXLPipeline.from_pretrained(model.path, local_files_only=True)
+
+    def image(pipeline):
+        return np.asarray(draw(pipeline, [whole.record["instance_prompt"]], [3], steps=3, resolution=64)[0]).astype(int)
+
+    base = image(plain)
+    plain.load_lora_weights(str(whole.folder), weight_name=whole.diffusers_file.name)
+    with_lora = image(plain)
+    plain.unload_lora_weights()
+    plain.load_lora_weights(str(whole.folder), weight_name=whole.kohya_file.name)
+    assert np.array_equal(image(plain), with_lora) and not np.array_equal(with_lora, base)
+    ours = load_pipeline(model, "cpu")
+    attached = attach(ours, adapter_weights(whole), "sku_adapter")
+    assert np.abs(image(ours) - with_lora).max() <= 1  # see the family test above on aligned memory
+    detach(ours, attached)
+
+
+@pytest.mark.slow
+def test_catalog_eval_scores_each_familys_checkpoints(trained_on):
+    import polars as pl
+
+    from catalog_gen.config import build_config, read_recipe
+    from catalog_gen.evaluate.evaluation import EvalConfig, run_eval
+
+    _, workdir, _ = trained_on
+    out = run_eval(workdir, "ring", ["band"], build_config(EvalConfig, read_recipe("tiny_sweep", "eval"), {}))
+    table = pl.read_parquet(out / "eval.parquet")
+    assert table["step"].to_list() == [2, 4, 6] and table["clip_i"].is_finite().all()
+    assert table["fid_base"][0] != table["fid_base"][2]  # each checkpoint's own weights drew its images

@@ -159,7 +159,8 @@ def checkpoint_as_adapter_file(checkpoint: Path, out_dir: Path, adapter: Adapter
             return {name[len(prefix):].replace(".default.", "."): t for name, t in tensors.items()
                     if name.startswith(prefix)}
         return save_diffusers_lora(Path(out_dir), layers("unet."), layers("text_encoder.") or None,
-                                   configs["unet"], configs.get("text_encoder"))
+                                   configs["unet"], configs.get("text_encoder"), layers("text_encoder_2.") or None,
+                                   configs.get("text_encoder_2"))
     if adapter is None:
         raise CatalogError(f"checkpoint {checkpoint} records no LoRA config (made by an older release); "
                            "convert it with its finished adapter")

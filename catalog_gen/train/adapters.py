@@ -197,7 +197,8 @@ def write_adapter(folder: Path, fit_result, record: dict[str, Any], class_key: s
             hashes["embeddings_sha256"] = sha256_file(staging / files["embeddings"])
         if fit_result.unet_layers is not None:
             diffusers_file = save_diffusers_lora(staging, fit_result.unet_layers, fit_result.text_encoder_layers,
-                                                 unet_config, text_config)
+                                                 unet_config, text_config, fit_result.text_encoder_2_layers,
+                                                 text_config if fit_result.text_encoder_2_layers else None)
             files["diffusers"], hashes["weights_sha256"] = DIFFUSERS_WEIGHTS_NAME, sha256_file(diffusers_file)
         if fit_result.unet_layers is not None and is_dora(unet_config):
             notes.append("no kohya file: A1111 and ComfyUI apply a DoRA magnitude (dora_scale) otherwise than "
@@ -219,7 +220,8 @@ def write_adapter(folder: Path, fit_result, record: dict[str, Any], class_key: s
             files["kohya"], hashes["kohya_sha256"] = kohya_name, sha256_file(staging / kohya_name)
         full = {
             **record,
-            "lora": {"unet": unet_config, "text_encoder": text_config},
+            "lora": {"unet": unet_config, "text_encoder": text_config,
+                     **({"text_encoder_2": text_config} if fit_result.text_encoder_2_layers else {})},
             "files": files,
             **hashes,
             **({"notes": notes} if notes else {}),

@@ -31,7 +31,9 @@ from catalog_gen.errors import CatalogError
 from catalog_gen.storage import atomic_path
 
 DIFFUSERS_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
-_PREFIXES = {"unet.": "lora_unet_", "text_encoder.": "lora_te_"}
+_PREFIXES = {"unet.": "lora_unet_", "text_encoder.": "lora_te_", "text_encoder_2.": "lora_te2_"}
+_SDXL_FIRST_ENCODER = "lora_te1_"
+"""kohya names SDXL's first text encoder te1 (beside te2), SD 1.x's only one te."""
 _MATRICES = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
 DORA_MAGNITUDE = "lora_magnitude_vector"
 """peft's name for a DoRA module's magnitude (its parameter `...lora_magnitude_vector.default.weight`)."""
@@ -56,21 +58,23 @@ def is_dora(lora_config: Mapping | None) -> bool:
 
 
 def save_diffusers_lora(out_dir: Path, unet_layers: Mapping[str, torch.Tensor], text_encoder_layers=None,
-                        unet_config: dict | None = None, text_encoder_config: dict | None = None) -> Path:
-    """Write the file `StableDiffusionPipeline.load_lora_weights` reads, through diffusers' own writer."""
-    from diffusers import StableDiffusionPipeline
+                        unet_config: dict | None = None, text_encoder_config: dict | None = None,
+                        text_encoder_2_layers=None, text_encoder_2_config: dict | None = None) -> Path:
+    """Write the file `load_lora_weights` reads, through diffusers' own writer (SDXL's when there is a second
+    text encoder's LoRA)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    StableDiffusionPipeline.save_lora_weights(
-        save_directory=str(out_dir),
-        unet_lora_layers=dict(unet_layers),
-        text_encoder_lora_layers=dict(text_encoder_layers) if text_encoder_layers else None,
-        weight_name=DIFFUSERS_WEIGHTS_NAME,
-        safe_serialization=True,
-        # The adapter config (rank, alpha, targets) travels in the file's metadata, so
-        # alpha != rank loads with the right scale.
-        unet_lora_adapter_metadata=unet_config,
-        text_encoder_lora_adapter_metadata=text_encoder_config if text_encoder_layers else None,
-    )
+    # The adapter config (rank, alpha, targets) travels in the file's metadata, so alpha != rank loads with
+    # the right scale.
+    common = dict(save_directory=str(out_dir), unet_lora_layers=dict(unet_layers),
+                  text_encoder_lora_layers=dict(text_encoder_layers) if text_encoder_layers else None,
+                  weight_name=DIFFUSERS_WEIGHTS_NAME, safe_serialization=True, unet_lora_adapter_metadata=unet_config,
+                  text_encoder_lora_adapter_metadata=text_encoder_config if text_encoder_layers else None)
+    if text_encoder_2_layers:
+        StableDiffusionXLPipeline.save_lora_weights(**common, text_encoder_2_lora_layers=dict(text_encoder_2_layers),
+                                                    text_encoder_2_lora_adapter_metadata=text_encoder_2_config)
+    else:
+        StableDiffusionPipeline.save_lora_weights(**common)
     return sort_safetensors_metadata(out_dir / DIFFUSERS_WEIGHTS_NAME)
 
 
@@ -102,6 +106,7 @@ def diffusers_to_kohya(state_dict: Mapping[str, torch.Tensor], alpha: float, tex
                        ) -> dict[str, torch.Tensor]:
     """Rename diffusers/peft LoRA keys to kohya names and add one alpha tensor per module."""
     converted: dict[str, torch.Tensor] = {}
+    sdxl = any(key.startswith("text_encoder_2.") for key in state_dict)
     for key, tensor in state_dict.items():
         if DORA_MAGNITUDE in key:
             raise CatalogError(f"LoRA key '{key}' is a DoRA magnitude; no kohya file is written for DoRA "
@@ -111,7 +116,8 @@ def diffusers_to_kohya(state_dict: Mapping[str, torch.Tensor], alpha: float, tex
         if prefix is None or matrix is None:
             raise CatalogError(f"LoRA key '{key}' is not a unet/text_encoder lora_A/lora_B weight")
         module = key[len(prefix): -len(matrix) - 1]
-        kohya_module = _PREFIXES[prefix] + module.replace(".", "_")
+        kohya_prefix = _SDXL_FIRST_ENCODER if sdxl and prefix == "text_encoder." else _PREFIXES[prefix]
+        kohya_module = kohya_prefix + module.replace(".", "_")
         converted[f"{kohya_module}.{_MATRICES[matrix]}"] = tensor.contiguous()
         module_alpha = alpha if prefix == "unet." else (text_encoder_alpha or alpha)
         converted[f"{kohya_module}.alpha"] = torch.tensor(float(module_alpha))

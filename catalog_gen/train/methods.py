@@ -69,16 +69,14 @@ def method_of(config: TrainConfig) -> Method:
 
 
 def check_family(method: Method, config: TrainConfig, family, base_model: str) -> None:
-    """Refuse, naming it, what is not built for the base model's family: on SDXL the UNet LoRA methods train
-    (new tokens would need an embedding in each of its two text encoders, a full fine-tune its 2.6B UNet's
-    own recipe, a text-encoder LoRA both encoders' LoRAs in every file format; none of these is built yet)."""
+    """Refuse, naming it, what is not built for the base model's family: on SDXL the LoRA methods train (with
+    train_text_encoder, a LoRA on each of its two text encoders); new tokens would need an embedding in each
+    encoder and a full fine-tune its 2.6B UNet's own recipe, neither built yet."""
     if family is None or not family.two_text_encoders:
         return
-    what = (f"method {method.name}" if method.new_tokens or method.full
-            else "train_text_encoder" if config.train_text_encoder else None)
-    if what is not None:
-        raise CatalogError(f"{what} is not built for SDXL base models yet (base model '{base_model}'); on SDXL "
-                           "use dreambooth-lora, lora-captions or two-stage without train_text_encoder")
+    if method.new_tokens or method.full:
+        raise CatalogError(f"method {method.name} is not built for SDXL base models yet (base model "
+                           f"'{base_model}'); on SDXL use dreambooth-lora, lora-captions or two-stage")
 
 
 def embedding_steps(config: TrainConfig) -> int:

@@ -17,6 +17,7 @@ state is saved with each checkpoint.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -94,6 +95,8 @@ class FitResult:
     unet_layers: dict[str, torch.Tensor] | None
     """The UNet's LoRA tensors (None: the method trains no LoRA)."""
     text_encoder_layers: dict[str, torch.Tensor] | None
+    text_encoder_2_layers: dict[str, torch.Tensor] | None
+    """SDXL with train_text_encoder: the second text encoder's LoRA tensors."""
     unet_lora_config: dict | None
     text_encoder_lora_config: dict | None
     state: TrainingState
@@ -154,9 +157,11 @@ def load_components(model: BaseModel, config: TrainConfig, device: torch.device)
             raise CatalogError(f"attention 'xformers' is not available ({error}); install '.[gpu]' or use 'sdpa'") from error
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if config.train_text_encoder:
+        for encoder in (text_encoder, text_encoder_2) if config.train_text_encoder else ():
+            if encoder is None:
+                continue
             # transformers 5 renamed it (the old name warns); older releases know only the old one.
-            enable = getattr(text_encoder, "activation_checkpointing_enable", None) or text_encoder.gradient_checkpointing_enable
+            enable = getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable
             enable()
     return Components(model, tokenizer, text_encoder, vae, unet, noise_scheduler, device, dtype, text_encoder_2,
                       tokenizer_2)
@@ -336,6 +341,8 @@ def _add_lora(components: Components, config: TrainConfig, instance_key: str):
                                      lora_dropout=config.lora_dropout, init_lora_weights=True,
                                      target_modules=TEXT_ENCODER_LORA_TARGETS, use_dora=config.use_dora)
             _inject_text_encoder_lora(components.text_encoder, text_config)
+            if components.text_encoder_2 is not None:  # SDXL: both encoders, one setting
+                _inject_text_encoder_lora(components.text_encoder_2, copy.deepcopy(text_config))
     return unet_config, text_config
 
 
@@ -382,7 +389,7 @@ def remove_lora(components: Components) -> None:
     """
     from diffusers.utils import recurse_remove_peft_layers
 
-    for module in (components.unet, components.text_encoder):
+    for module in (components.unet, components.text_encoder, components.text_encoder_2):
         if getattr(module, "peft_config", None):
             recurse_remove_peft_layers(module)
             del module.peft_config
@@ -528,7 +535,9 @@ def _fit_with(components: Components, config: TrainConfig, job: InstanceJob, fin
     # What a checkpoint needs to stand on its own (evaluated or converted without the finished adapter):
     # the resolved recipe and the LoRA configs, the same objects the adapter files are written from.
     lora_configs = {"unet": lora_config_record(unet_lora_config) if unet_lora_config else None,
-                    "text_encoder": lora_config_record(text_lora_config) if text_lora_config else None}
+                    "text_encoder": lora_config_record(text_lora_config) if text_lora_config else None,
+                    **({"text_encoder_2": lora_config_record(text_lora_config)}
+                       if text_lora_config and components.text_encoder_2 is not None else {})}
     checkpoint_record = {"recipe": config.to_dict(), "lora_configs": lora_configs, "method": config.method,
                          "tokens": list(new_tokens[0]) if new_tokens else []}
     vectors = new_tokens[1] if new_tokens else None
@@ -541,6 +550,8 @@ def _fit_with(components: Components, config: TrainConfig, job: InstanceJob, fin
                    if method.lora or method.full else {})
     text_params = ({name: p for name, p in _trainable(components.text_encoder, "text_encoder.").items()
                     if p is not vectors} if config.train_text_encoder else {})
+    if config.train_text_encoder and components.text_encoder_2 is not None:  # SDXL: its second encoder's LoRA
+        text_params.update(_trainable(components.text_encoder_2, "text_encoder_2."))
     embedding_params = {embeddings.EMBEDDINGS_KEY: vectors} if vectors is not None else {}
     trainable = {**unet_params, **text_params, **embedding_params}
     # Parameter groups with their base learning rates; the embeddings' is 0 once embedding_steps are done.
@@ -639,6 +650,8 @@ def _fit_with(components: Components, config: TrainConfig, job: InstanceJob, fin
     return FitResult(
         unet_layers=peft_layers(components.unet) if method.lora else None,
         text_encoder_layers=peft_layers(components.text_encoder) if method.lora and config.train_text_encoder else None,
+        text_encoder_2_layers=(peft_layers(components.text_encoder_2) if method.lora and config.train_text_encoder
+                               and components.text_encoder_2 is not None else None),
         unet_lora_config=lora_configs["unet"],
         text_encoder_lora_config=lora_configs["text_encoder"],
         state=state,
