@@ -516,19 +516,31 @@ def floor_inputs(pipeline, config: GenerateConfig, prompts: list[str], seeds: li
         torch.randn((pipeline.unet.config.in_channels, config.resolution // pipeline.vae_scale_factor,
                      config.resolution // pipeline.vae_scale_factor), generator=g)
         for g in generators]).to(pipeline.device, dtype=pipeline.unet.dtype)
-    text = encode_text(pipeline, prompts, config.negative_prompt or None)
+    text, pooled = encode_text(pipeline, prompts, config.negative_prompt or None)
+    added = None
+    if pooled is not None:  # SDXL: the pooled text and the size/crop conditioning its pipeline gives the UNet
+        size = (config.resolution, config.resolution)
+        time_ids = pipeline._get_add_time_ids(size, (0, 0), size, text.dtype,
+                                              text_encoder_projection_dim=pipeline.text_encoder_2.config.projection_dim)
+        added = {"text_embeds": pooled, "time_ids": time_ids.to(pipeline.device).repeat(len(pooled), 1)}
     pipeline.scheduler.set_timesteps(config.inference_steps, device=pipeline.device)
-    return {"latents": latents, "doubled": torch.cat([latents] * 2), "text": text,
+    return {"latents": latents, "doubled": torch.cat([latents] * 2), "text": text, "added": added,
             "timesteps": pipeline.scheduler.timesteps.clone()}
 
 
 def encode_text(pipeline, prompts: list[str], negative: str | None):
+    """The classifier-free-guidance text batch (negative, then positive), and for SDXL its pooled text too."""
     import torch
 
+    negatives = [negative] * len(prompts) if negative else None
     with torch.no_grad():
-        positive, negative_embeds = pipeline.encode_prompt(
-            prompts, pipeline.device, 1, True, negative_prompt=[negative] * len(prompts) if negative else None)
-    return torch.cat([negative_embeds, positive])
+        if getattr(pipeline, "text_encoder_2", None) is not None:
+            positive, negative_embeds, pooled, negative_pooled = pipeline.encode_prompt(
+                prompts, device=pipeline.device, num_images_per_prompt=1, do_classifier_free_guidance=True,
+                negative_prompt=negatives)
+            return torch.cat([negative_embeds, positive]), torch.cat([negative_pooled, pooled])
+        positive, negative_embeds = pipeline.encode_prompt(prompts, pipeline.device, 1, True, negative_prompt=negatives)
+    return torch.cat([negative_embeds, positive]), None
 
 
 def floor_once(pipeline, inputs: dict) -> None:
@@ -536,7 +548,8 @@ def floor_once(pipeline, inputs: dict) -> None:
 
     with torch.no_grad():
         for t in inputs["timesteps"]:
-            pipeline.unet(inputs["doubled"], t, encoder_hidden_states=inputs["text"], return_dict=False)
+            pipeline.unet(inputs["doubled"], t, encoder_hidden_states=inputs["text"],
+                          added_cond_kwargs=inputs["added"], return_dict=False)
         decode(pipeline, inputs["latents"])
 
 
