@@ -290,3 +290,22 @@ def test_catalog_eval_scores_each_familys_checkpoints(trained_on):
     table = pl.read_parquet(out / "eval.parquet")
     assert table["step"].to_list() == [2, 4, 6] and table["clip_i"].is_finite().all()
     assert table["fid_base"][0] != table["fid_base"][2]  # each checkpoint's own weights drew its images
+
+
+def test_an_fp16_vae_that_overflows_encodes_in_fp32_and_stays_fp16():
+    """SDXL's VAE says force_upcast: under fp16 training the photos are encoded in fp32 (here: the same latents
+    as an fp32 VAE with the fp16 weights), and the VAE is fp16 again afterwards, as SDXL's pipeline leaves it."""
+    from catalog_gen.config import TrainConfig
+    from catalog_gen.train import training
+
+    model = resolve_base_model("tiny-sdxl")
+    components = training.load_components(model, TrainConfig(base_model="tiny-sdxl", mixed_precision="no"),
+                                          torch.device("cpu"))
+    assert components.vae.config.force_upcast
+    photos = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    components.vae.to(torch.float16)
+    mean, std = training.encode_latent_distribution(components, photos)
+    assert components.vae.dtype == torch.float16 and mean.dtype == torch.float32
+    components.vae.to(torch.float32)  # the same (fp16-rounded) weights in fp32
+    expected, _ = training.encode_latent_distribution(components, photos)
+    assert torch.allclose(mean, expected, rtol=0, atol=1e-6)  # an fp16 encode is off by ~1e-3

@@ -144,10 +144,7 @@ def load_components(model: BaseModel, config: TrainConfig, device: torch.device)
         if module is None:
             continue
         module.requires_grad_(False)
-        # A VAE that says it overflows in fp16 (SDXL's: force_upcast) encodes in fp32; the photos are encoded
-        # once, so this costs memory only while they are.
-        upcast = module is vae and dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
-        module.to(device, dtype=torch.float32 if upcast else dtype)
+        module.to(device, dtype=dtype)
         if device.type == "cpu":
             own_aligned_memory(module)
     if config.attention == "xformers":
@@ -244,11 +241,20 @@ fp32, so 100 class images in one call would need the memory of a much larger GPU
 def encode_latent_distribution(components: Components, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The VAE's posterior mean and std per image; latents are sampled from it every step."""
     vae = components.vae
+    # A VAE that says it overflows in fp16 (SDXL's: force_upcast) encodes in fp32, then goes back to fp16, as
+    # diffusers' SDXL pipeline decodes with it; the photos are encoded once, so the fp32 copy is brief.
+    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    if upcast:
+        vae.to(torch.float32)
     means, stds = [], []
-    for chunk in images.split(VAE_ENCODE_BATCH):
-        dist = vae.encode(chunk.to(components.device, dtype=vae.dtype)).latent_dist
-        means.append(dist.mean.float())
-        stds.append(dist.std.float())
+    try:
+        for chunk in images.split(VAE_ENCODE_BATCH):
+            dist = vae.encode(chunk.to(components.device, dtype=vae.dtype)).latent_dist
+            means.append(dist.mean.float())
+            stds.append(dist.std.float())
+    finally:
+        if upcast:
+            vae.to(torch.float16)
     return torch.cat(means), torch.cat(stds)
 
 

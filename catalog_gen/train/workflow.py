@@ -87,8 +87,8 @@ class PreparedInstance:
     dataset_dir: Path
     captions: tuple[captions.Caption, ...] = ()
     """lora-captions: each photo's caption (same order as photos)."""
-    caption_notes: tuple[str, ...] = ()
-    """Which photos had no caption of their own, and what captioned them instead."""
+    caption_column: bool = False
+    """The captions' first source was a products CSV caption column (what a photo's own caption is)."""
 
 
 @dataclass
@@ -184,25 +184,22 @@ def prepare_instances(source: PhotoSource, class_key: str, instance_keys: Sequen
             continue
         manifest = json.loads((dataset / "intake.json").read_text())
         sources = tuple(item["source"] for item in manifest["accepted"])
-        found, notes = (), ()
-        if with_captions:
-            found, notes = _captions_of(assigned, class_spec, instance_key, sources)
+        found = _captions_of(assigned, class_spec, instance_key, sources) if with_captions else ()
         prepared.append(PreparedInstance(
             class_key, instance_key, token_of[f"{class_key}/{instance_key}"],
             tuple(dataset / item["file"] for item in manifest["accepted"]),
-            tuple(item["sha256"] for item in manifest["accepted"]), sources, refused, dataset, found, notes))
+            tuple(item["sha256"] for item in manifest["accepted"]), sources, refused, dataset, found,
+            assigned.caption_column))
     return prepared, skipped
 
 
 def _captions_of(assigned: taxonomy.Taxonomy, class_spec, instance_key: str,
-                 sources: Sequence[str]) -> tuple[tuple[captions.Caption, ...], tuple[str, ...]]:
-    """Each accepted photo's caption (by its source photo) and the notes on the fallbacks used."""
+                 sources: Sequence[str]) -> tuple[captions.Caption, ...]:
+    """Each accepted photo's caption, found by its source photo."""
     by_photo = {str(a.image): a for a in assigned.assignments}
     fallback = class_spec.plain_prompt_for(instance_key)
-    found = tuple(captions.caption_for(Path(source), by_photo[source].caption, by_photo[source].title, fallback)
-                  for source in sources)
-    notes = captions.fallback_notes(f"{class_spec.key}/{instance_key}", sources, found, assigned.caption_column)
-    return found, tuple(notes)
+    return tuple(captions.caption_for(Path(source), by_photo[source].caption, by_photo[source].title, fallback)
+                 for source in sources)
 
 
 def ensure_class_images(components, class_key: str, class_prompt: str, config: TrainConfig, workdir: Path,
@@ -329,7 +326,9 @@ def train_class(source: PhotoSource, class_key: str, instance_keys: Sequence[str
     # 6c. lora-captions: one LoRA over every chosen instance, each photo with its caption; each instance's
     #     adapter folder is then a copy of it.
     if method.captions:
-        summary.notes.extend(note for item in prepared for note in item.caption_notes)
+        # Said for the photos it trains on (after max_photos), not for every photo of the instance.
+        summary.notes.extend(note for item in prepared for note in captions.fallback_notes(
+            f"{class_key}/{item.instance_key}", item.photo_sources, item.captions, item.caption_column))
         with state.main_process_first():
             outcomes = ensure_caption_lora(components, config, class_spec, prepared, workdir, model,
                                            base_fingerprint, class_images, resume=resume, force=force,
