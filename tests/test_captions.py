@@ -220,3 +220,18 @@ def test_a_caption_lora_for_another_set_of_instances_leaves_the_first_in_place(c
     assert signet.diffusers_file.read_bytes() == (copy / "caption_loras/ring/band+signet" /
                                                   signet.diffusers_file.name).read_bytes()
     assert len(list(band.checkpoint_dir.glob("step-*"))) == 2 and band.checkpoint_dir != signet.checkpoint_dir
+
+
+@pytest.mark.slow
+def test_a_dora_caption_lora_is_shared_without_a_kohya_file(sample_catalogue, tmp_path):
+    from catalog_gen.train.adapters import adapter_weights, read_adapter
+    from catalog_gen.train.workflow import PhotoSource, train_class
+    from test_methods import method_config
+
+    source = PhotoSource(photos_dir=sample_catalogue.photos_dir, products_csv=sample_catalogue.products_csv)
+    config = method_config("lora-captions", use_dora=True, steps=2, checkpoint_every=0, validation_images=0)
+    summary = train_class(source, "ring", ["band", "signet"], tmp_path, config)
+    assert [o.status for o in summary.outcomes] == ["trained"] * 3
+    band = read_adapter(tmp_path / "adapters" / "ring" / "band")
+    assert band.record["files"]["kohya"] is None and not list(band.folder.glob("*.kohya.safetensors"))
+    assert adapter_weights(band).lora  # the DoRA file itself, hash-checked

@@ -238,16 +238,19 @@ def write_shared_lora_copy(folder: Path, shared: AdapterInfo, record: dict[str, 
     import shutil
 
     files = dict(shared.record["files"])
+    has_kohya = files.get("kohya") is not None  # a DoRA LoRA has none (lora_files.py says why)
     with atomic_directory(folder) as staging:
-        kohya_name = kohya_file_name(record["class"], record["instance"])
-        for source, name in ((shared.diffusers_file, DIFFUSERS_WEIGHTS_NAME), (shared.kohya_file, kohya_name)):
+        copies = [(shared.diffusers_file, DIFFUSERS_WEIGHTS_NAME)]
+        if has_kohya:
+            files["kohya"] = kohya_file_name(record["class"], record["instance"])
+            copies.append((shared.kohya_file, files["kohya"]))
+        for source, name in copies:
             try:
                 os.link(source, staging / name)
             except OSError:
                 shutil.copyfile(source, staging / name)
-        files["kohya"] = kohya_name
         full = {**record, "lora": shared.record["lora"], "files": files,
-                **{key: shared.record[key] for key in ("weights_sha256", "kohya_sha256")}}
+                **{key: shared.record[key] for key in ("weights_sha256", "kohya_sha256") if key in shared.record}}
         atomic_write_json(staging / ADAPTER_JSON, full)
     return AdapterInfo(folder, full)
 
