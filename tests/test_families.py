@@ -259,6 +259,12 @@ def test_sdxl_text_encoder_lora_trains_both_encoders_resumes_exactly_and_loads_i
         assert any(k.startswith(part) and "lora_B" in k and tensors[k].abs().max() > 0 for k in tensors), part
     kohya = load_file(str(whole.kohya_file))
     assert {key.split("_")[1] for key in kohya} == {"unet", "te1", "te2"}
+    # sd-scripts' SDXL names: the UNet's SGM blocks (tiny-sdxl attends at its second level: input_blocks.3-4,
+    # output_blocks.0-1, the middle block), not diffusers' down_blocks / up_blocks.
+    unet_modules = {key.split(".")[0] for key in kohya if key.startswith("lora_unet_")}
+    assert unet_modules and all(m.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_",
+                                              "lora_unet_output_blocks_")) for m in unet_modules)
+    assert "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q" in unet_modules
 
     model = resolve_base_model("tiny-sdxl")
     plain = diffusers.StableDiffusionXLPipeline.from_pretrained(model.path, local_files_only=True)

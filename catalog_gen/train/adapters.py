@@ -216,7 +216,8 @@ def write_adapter(folder: Path, fit_result, record: dict[str, Any], class_key: s
                 "ss_tag_frequency": json.dumps(dict(Counter(p.get("caption", record["instance_prompt"])
                                                             for p in record["photos"]))),
                 "catalog_gen_token": record["token"],
-            }, bundled_embeddings={record["token"]: embeddings} if embeddings is not None else None)
+            }, bundled_embeddings={record["token"]: embeddings} if embeddings is not None else None,
+               sgm_unet_config=_sdxl_unet_config(record))
             files["kohya"], hashes["kohya_sha256"] = kohya_name, sha256_file(staging / kohya_name)
         full = {
             **record,
@@ -253,6 +254,14 @@ def write_shared_lora_copy(folder: Path, shared: AdapterInfo, record: dict[str, 
                 **{key: shared.record[key] for key in ("weights_sha256", "kohya_sha256") if key in shared.record}}
         atomic_write_json(staging / ADAPTER_JSON, full)
     return AdapterInfo(folder, full)
+
+
+def _sdxl_unet_config(record: dict[str, Any]) -> dict | None:
+    """An SDXL base's UNet config (its kohya file names the UNet's modules as sd-scripts' SDXL files do);
+    None for SD 1.x and 2.x."""
+    if record["base_model"].get("family") != "sdxl":
+        return None
+    return json.loads((Path(record["base_model"]["path"]) / "unet" / "config.json").read_text())
 
 
 def read_adapter(folder: Path) -> AdapterInfo:

@@ -102,11 +102,17 @@ def sort_safetensors_metadata(path: Path) -> Path:
     return path
 
 
-def diffusers_to_kohya(state_dict: Mapping[str, torch.Tensor], alpha: float, text_encoder_alpha: float | None = None
-                       ) -> dict[str, torch.Tensor]:
-    """Rename diffusers/peft LoRA keys to kohya names and add one alpha tensor per module."""
+def diffusers_to_kohya(state_dict: Mapping[str, torch.Tensor], alpha: float, text_encoder_alpha: float | None = None,
+                       sgm_unet_config: Mapping | None = None) -> dict[str, torch.Tensor]:
+    """Rename diffusers/peft LoRA keys to kohya names and add one alpha tensor per module.
+
+    sgm_unet_config (SDXL): the UNet's modules get the SGM names sd-scripts gives SDXL LoRAs
+    (lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q), placed from that config as the single-file
+    checkpoint's are; without it they keep diffusers' names (lora_unet_down_blocks_1_attentions_0_...), as
+    sd-scripts names SD 1.x's. Text encoders are te (SD 1.x), or te1 and te2 (SDXL)."""
     converted: dict[str, torch.Tensor] = {}
-    sdxl = any(key.startswith("text_encoder_2.") for key in state_dict)
+    sdxl = sgm_unet_config is not None or any(key.startswith("text_encoder_2.") for key in state_dict)
+    unet_names = _sgm_unet_names(sgm_unet_config) if sgm_unet_config is not None else None
     for key, tensor in state_dict.items():
         if DORA_MAGNITUDE in key:
             raise CatalogError(f"LoRA key '{key}' is a DoRA magnitude; no kohya file is written for DoRA "
@@ -116,6 +122,8 @@ def diffusers_to_kohya(state_dict: Mapping[str, torch.Tensor], alpha: float, tex
         if prefix is None or matrix is None:
             raise CatalogError(f"LoRA key '{key}' is not a unet/text_encoder lora_A/lora_B weight")
         module = key[len(prefix): -len(matrix) - 1]
+        if prefix == "unet." and unet_names is not None:
+            module = unet_names(module, key)
         kohya_prefix = _SDXL_FIRST_ENCODER if sdxl and prefix == "text_encoder." else _PREFIXES[prefix]
         kohya_module = kohya_prefix + module.replace(".", "_")
         converted[f"{kohya_module}.{_MATRICES[matrix]}"] = tensor.contiguous()
@@ -124,13 +132,31 @@ def diffusers_to_kohya(state_dict: Mapping[str, torch.Tensor], alpha: float, tex
     return converted
 
 
+def _sgm_unet_names(unet_config: Mapping):
+    """diffusers UNet module name -> its SGM name, from the UNet's config (single_file.unet_places)."""
+    from catalog_gen.train.single_file import unet_places
+
+    places = {place.diffusers: place.original for place in unet_places(unet_config)}
+
+    def rename(module: str, key: str) -> str:
+        parts = module.split(".")
+        for cut in range(len(parts), 0, -1):
+            original = places.get(".".join(parts[:cut]))
+            if original is not None:
+                return ".".join([original, *parts[cut:]])
+        raise CatalogError(f"LoRA key '{key}': its UNet module has no SGM name for this UNet's config")
+    return rename
+
+
 def save_kohya_lora(path: Path, diffusers_file: Path, alpha: float, text_encoder_alpha: float | None,
-                    metadata: Mapping[str, str], bundled_embeddings: Mapping[str, torch.Tensor] | None = None) -> Path:
+                    metadata: Mapping[str, str], bundled_embeddings: Mapping[str, torch.Tensor] | None = None,
+                    sgm_unet_config: Mapping | None = None) -> Path:
     """bundled_embeddings (token -> (n, dim)): textual-inversion embeddings carried inside the LoRA file under
-    A1111's `bundle_emb.<token>.string_to_param.*` keys, so one file brings both (pivotal tuning)."""
+    A1111's `bundle_emb.<token>.string_to_param.*` keys, so one file brings both (pivotal tuning).
+    sgm_unet_config: an SDXL UNet's config, for sd-scripts' SDXL names (diffusers_to_kohya)."""
     from safetensors.torch import load_file, save_file
 
-    kohya = diffusers_to_kohya(load_file(str(diffusers_file)), alpha, text_encoder_alpha)
+    kohya = diffusers_to_kohya(load_file(str(diffusers_file)), alpha, text_encoder_alpha, sgm_unet_config)
     for token, vectors in (bundled_embeddings or {}).items():
         kohya[f"bundle_emb.{token}.string_to_param.*"] = vectors.contiguous()
     # ss_* keys are what kohya-trained files carry; A1111's extra-networks page shows them.
