@@ -315,3 +315,27 @@ def test_an_fp16_vae_that_overflows_encodes_in_fp32_and_stays_fp16():
     components.vae.to(torch.float32)  # the same (fp16-rounded) weights in fp32
     expected, _ = training.encode_latent_distribution(components, photos)
     assert torch.allclose(mean, expected, rtol=0, atol=1e-6)  # an fp16 encode is off by ~1e-3
+
+
+@pytest.mark.slow
+def test_catalog_compare_runs_on_sdxl(sample_catalogue, tmp_path):
+    """compare (a sweep over the method) trains and scores SDXL adapters through the same calls as SD 1.x's."""
+    import polars as pl
+    from typer.testing import CliRunner
+
+    from catalog_gen.cli.main import app
+    from catalog_gen.config import _recipe_path
+
+    recipe = tmp_path / "compare.toml"
+    recipe.write_text(_recipe_path("tiny_sweep").read_text().replace('base_model = "tiny"', 'base_model = "tiny-sdxl"'))
+    assert 'base_model = "tiny-sdxl"' in recipe.read_text()
+    result = CliRunner().invoke(app, [
+        "compare", "--class", "ring", "--instance", "band", "--photos", str(sample_catalogue.photos_dir),
+        "--products", str(sample_catalogue.products_csv), "--workdir", str(tmp_path), "--recipe", str(recipe),
+        "--methods", "dreambooth-lora,lora-captions,two-stage", "--quiet"])
+    assert result.exit_code == 0, result.output
+    table = pl.read_parquet(tmp_path / "sweeps" / "compare-ring-band" / "compare.parquet")
+    assert table["method"].to_list() == ["base model (no fine-tuning)", "dreambooth-lora", "lora-captions", "two-stage"]
+    assert table["clip_i"].is_finite().all() and table["kid_photos"].is_finite().all()
+    records = [json.loads(p.read_text()) for p in tmp_path.glob("sweeps/*/points/*/adapters/ring/band/adapter.json")]
+    assert {r["base_model"]["family"] for r in records} == {"sdxl"} and len(records) == 3
