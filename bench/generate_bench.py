@@ -69,7 +69,9 @@ QUIET_BUSY_CORES = 0.25  # or: cores busy over a 10 s window while this bench sa
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.generate_bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default="tiny", help="base model: a preset (tiny, sd15-shape) or any --base-model spec")
+    parser.add_argument("--preset", default="tiny",
+                        help="base model: a preset (tiny, tiny-sd2, tiny-sdxl, sd15-shape, sdxl-shape, ...) or any "
+                             "--base-model spec")
     parser.add_argument("--recipe", default="tiny_nightly", help="generation recipe ([generate] and [templates])")
     parser.add_argument("--resolution", type=int, default=None, help="image side in px (default: the preset's own)")
     parser.add_argument("--steps", type=int, default=None, help="inference steps (default: the recipe's)")

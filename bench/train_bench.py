@@ -57,7 +57,9 @@ BENCH_CLASS = "ring"  # the sample catalogue's class whose first instance is tra
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.train_bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default="tiny", help="base model: a preset (tiny, sd15-shape) or any --base-model spec")
+    parser.add_argument("--preset", default="tiny",
+                        help="base model: a preset (tiny, tiny-sd2, tiny-sdxl, sd15-shape, sdxl-shape, ...) or any "
+                             "--base-model spec")
     parser.add_argument("--resolution", type=int, default=None, help="training side in px (default: the preset's own)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=3, help="steps run first and left out of the timing")
@@ -443,7 +445,7 @@ def measure_floor(components, config: TrainConfig, job, warmup: int, steps: int,
     noisy = components.noise_scheduler.add_noise(latents, noise, timesteps).to(components.weight_dtype)
     with torch.no_grad():
         text, pooled = training.encode_text(components, training.tokenize(components, prompts))
-    text, added = text.to(components.weight_dtype), _added_conditioning(components, config, pooled)
+    text, added = text.to(components.weight_dtype), training.added_conditioning(components, config.resolution, pooled)
 
     def step(_: int) -> None:
         with _autocast(components, config):
@@ -478,20 +480,11 @@ def measure_baseline(components, config: TrainConfig, job, warmup: int, steps: i
             with torch.no_grad():
                 text, pooled = training.encode_text(components, input_ids)
             prediction = components.unet(noisy.to(components.weight_dtype), timesteps, text.to(components.weight_dtype),
-                                         added_cond_kwargs=_added_conditioning(components, config, pooled)).sample
+                                         added_cond_kwargs=training.added_conditioning(components, config.resolution,
+                                                                                       pooled)).sample
         optimizer_step(F.mse_loss(prediction.float(), noise.float()))
 
     return _time_loop("baseline", step, components.device, warmup, steps)
-
-
-def _added_conditioning(components, config: TrainConfig, pooled) -> dict | None:
-    """SDXL's pooled text and size/crop conditioning, as fit() gives them (None for SD 1.x and 2.x)."""
-    from catalog_gen.train import training
-
-    if pooled is None:
-        return None
-    return {"text_embeds": pooled.to(components.weight_dtype),
-            "time_ids": training.micro_conditioning(components, config.resolution, len(pooled)).to(components.weight_dtype)}
 
 
 def _lora_and_optimizer(components, config: TrainConfig, job) -> Callable:

@@ -190,3 +190,33 @@ def is_inside(child: Path, parent: Path) -> bool:
         return True
     except ValueError:
         return False
+
+
+def sort_safetensors_metadata(path: Path) -> Path:
+    """Rewrite a safetensors file with its metadata keys in sorted order, in place.
+
+    safetensors keeps the metadata in a hash map whose order changes from write to write, so a file with two or
+    more metadata keys got other bytes (and another sha256) from identical weights: two identical runs of a
+    two-stage class stage looked like two different class LoRAs. Every weights file whose hash adapter.json
+    records goes through here. Tensor entries and data are untouched.
+    """
+    import struct
+
+    path = Path(path)
+    with open(path, "rb") as source:
+        (length,) = struct.unpack("<Q", source.read(8))
+        header = json.loads(source.read(length))
+    metadata = header.get("__metadata__")
+    if not metadata or len(metadata) < 2:
+        return path
+    header["__metadata__"] = dict(sorted(metadata.items()))
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    # Streamed: a single-file checkpoint is gigabytes, and only its header changes. Both files are closed
+    # before atomic_path renames (Windows renames no open file).
+    with atomic_path(path) as tmp:
+        with open(path, "rb") as source, open(tmp, "wb") as target:
+            source.seek(8 + length)
+            target.write(struct.pack("<Q", len(encoded)) + encoded)
+            shutil.copyfileobj(source, target, 16 * 1024 * 1024)
+    return path

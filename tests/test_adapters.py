@@ -63,7 +63,7 @@ def test_lora_files_are_the_same_bytes_for_the_same_weights(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from catalog_gen.train.lora_files import sort_safetensors_metadata
+    from catalog_gen.storage import sort_safetensors_metadata
 
     tensors = {"b.weight": torch.arange(6.0).reshape(2, 3), "a.weight": torch.ones(3)}
     metadata = {f"key_{n}": str(n) for n in range(12)}

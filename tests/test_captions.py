@@ -43,6 +43,8 @@ def test_a_caption_file_that_is_not_a_caption_is_named(tmp_path):
     (tmp_path / "b.txt").write_text("word " * 5000)
     with pytest.raises(CatalogError, match=r"caption file .*b\.txt: 25000 bytes is not a caption"):
         captions.caption_for(tmp_path / "b.png", None, None, "x")
+    # A photo captioned by its sheet cell does not have its caption file read at all.
+    assert captions.caption_for(tmp_path / "b.png", "from the sheet", None, "x").source == "column"
 
 
 def test_fallback_notes_name_the_photos_and_what_captioned_them():

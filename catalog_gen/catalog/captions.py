@@ -61,8 +61,10 @@ def clean_caption(text: str | None) -> str | None:
 
 def caption_for(photo: Path, column: str | None, title: str | None, instance_prompt: str) -> Caption:
     """The caption of one photo from the first source that has one (the module docstring's order)."""
-    for text, source in ((clean_caption(column), "column"), (read_caption_file(photo), "caption file"),
-                         (clean_caption(title), "title")):
+    # Looked up in turn: a photo with a caption cell never has its caption file read.
+    for source, find in (("column", lambda: clean_caption(column)), ("caption file", lambda: read_caption_file(photo)),
+                         ("title", lambda: clean_caption(title))):
+        text = find()
         if text is not None:
             return Caption(text, source)
     return Caption(instance_prompt, "instance prompt")

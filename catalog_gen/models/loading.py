@@ -53,8 +53,7 @@ def resolve_base_model(spec: str, cache_dir: Path | None = None) -> BaseModel:
             f"base model '{spec}' not found: it is not a preset ({', '.join(PRESETS)}), "
             "not an existing folder, and not a hub id of the form owner/name"
         )
-    check_model_folder(model.path, spec)
-    return replace(model, family=detect_family(model.path, spec))
+    return replace(model, family=check_model_folder(model.path, spec))
 
 
 REAL_EMBEDDERS = ("openai/clip-vit-base-patch32", "facebook/dino-vits16")
@@ -105,8 +104,9 @@ def find_in_hf_cache(repo_id: str, what: str = "base model", exclude: str = "'*.
         ) from error
 
 
-def check_model_folder(path: Path, spec: str) -> None:
-    """Refuse anything that is not a diffusers folder with safetensors weights."""
+def check_model_folder(path: Path, spec: str) -> ModelFamily:
+    """Refuse anything that is not a diffusers folder of a supported family with safetensors weights; the
+    family found."""
     if path.is_file():
         raise CatalogError(
             f"base model '{spec}' is a single-file checkpoint; catalog-gen trains SD 1.x and SD 2.x diffusers "
@@ -131,6 +131,8 @@ def check_model_folder(path: Path, spec: str) -> None:
                 "*.safetensors variant or convert the folder with safetensors' convert script"
             )
         raise CatalogError(f"base model '{spec}': {component}/ has no weights file (*.safetensors)")
+    return family
+
 
 
 @contextmanager

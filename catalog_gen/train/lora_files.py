@@ -28,7 +28,7 @@ from typing import Mapping
 import torch
 
 from catalog_gen.errors import CatalogError
-from catalog_gen.storage import atomic_path
+from catalog_gen.storage import atomic_path, sort_safetensors_metadata
 
 DIFFUSERS_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 _PREFIXES = {"unet.": "lora_unet_", "text_encoder.": "lora_te_", "text_encoder_2.": "lora_te2_"}
@@ -76,30 +76,6 @@ def save_diffusers_lora(out_dir: Path, unet_layers: Mapping[str, torch.Tensor], 
     else:
         StableDiffusionPipeline.save_lora_weights(**common)
     return sort_safetensors_metadata(out_dir / DIFFUSERS_WEIGHTS_NAME)
-
-
-def sort_safetensors_metadata(path: Path) -> Path:
-    """Rewrite a safetensors file with its metadata keys in sorted order, in place.
-
-    safetensors keeps the metadata in a hash map whose order changes from process to process, so a file with
-    two or more metadata keys got other bytes (and another sha256) from identical weights: two identical runs
-    of a two-stage class stage looked like two different class LoRAs. Tensor entries and data are untouched.
-    """
-    import json
-    import struct
-
-    data = Path(path).read_bytes()
-    (length,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + length])
-    metadata = header.get("__metadata__")
-    if not metadata or len(metadata) < 2:
-        return path
-    header["__metadata__"] = dict(sorted(metadata.items()))
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    with atomic_path(Path(path)) as tmp:
-        Path(tmp).write_bytes(struct.pack("<Q", len(encoded)) + encoded + data[8 + length:])
-    return path
 
 
 def diffusers_to_kohya(state_dict: Mapping[str, torch.Tensor], alpha: float, text_encoder_alpha: float | None = None,

@@ -68,7 +68,7 @@ def method_of(config: TrainConfig) -> Method:
     return _ALL[config.method]
 
 
-def check_family(method: Method, config: TrainConfig, family, base_model: str) -> None:
+def check_family(method: Method, family, base_model: str) -> None:
     """Refuse, naming it, what is not built for the base model's family: on SDXL the LoRA methods train (with
     train_text_encoder, a LoRA on each of its two text encoders); new tokens would need an embedding in each
     encoder and a full fine-tune its 2.6B UNet's own recipe, neither built yet."""

@@ -22,6 +22,7 @@ from typing import Mapping, Sequence
 import torch
 
 from catalog_gen.errors import CatalogError
+from catalog_gen.storage import sort_safetensors_metadata
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -260,6 +261,7 @@ def write_single_file(path: Path, base_model: Path, trained: Mapping[str, Mappin
     placed = original_layout(states["unet"], unet_config, states["vae"], vae_config, states["text_encoder"])
     tensors = {key: in_single_file_dtype(key, tensor) for key, tensor in placed.items()}
     save_file(tensors, str(path), metadata={"format": "pt", **metadata})
+    sort_safetensors_metadata(path)  # the same bytes from the same weights: single_file_sha256 is recorded
     return path
 
 

@@ -225,6 +225,15 @@ def encode_text(components: Components, ids: torch.Tensor) -> tuple[torch.Tensor
     return torch.cat([first, second.hidden_states[-2]], dim=-1), second.text_embeds
 
 
+def added_conditioning(components: Components, resolution: int, pooled: torch.Tensor | None) -> dict | None:
+    """The UNet's added_cond_kwargs: for SDXL the pooled text and the size/crop conditioning of each sample, in
+    the training precision; None for SD 1.x and 2.x."""
+    if pooled is None:
+        return None
+    return {"text_embeds": pooled.to(components.weight_dtype),
+            "time_ids": micro_conditioning(components, resolution, len(pooled)).to(components.weight_dtype)}
+
+
 def micro_conditioning(components: Components, resolution: int, count: int) -> torch.Tensor:
     """SDXL's size and crop conditioning per sample: original size, crop top-left, target size. Intake pads
     every photo to a square at the training resolution and never crops: (res, res, 0, 0, res, res)."""
@@ -617,14 +626,13 @@ def _fit_with(components: Components, config: TrainConfig, job: InstanceJob, fin
         # Pivotal's second phase: the embeddings hold still while the LoRA goes on.
         frozen = [vectors] if embedding_params and step >= embedding_until else []
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            text, pooled = cached_text if cached_text is not None else encode_text(components, prompt_ids[text_index])
             if cached_text is not None:
-                text, pooled = text[text_index], pooled[text_index] if pooled is not None else None
-            added = None if pooled is None else {  # SDXL: the pooled text and the size/crop conditioning
-                "text_embeds": pooled.to(components.weight_dtype),
-                "time_ids": micro_conditioning(components, config.resolution, len(text_index)).to(components.weight_dtype)}
+                text, pooled = (part[text_index] if part is not None else None for part in cached_text)
+            else:
+                text, pooled = encode_text(components, prompt_ids[text_index])
             prediction = components.unet(noisy.to(components.weight_dtype), timesteps, text.to(components.weight_dtype),
-                                         added_cond_kwargs=added).sample
+                                         added_cond_kwargs=added_conditioning(components, config.resolution,
+                                                                              pooled)).sample
         weights = (losses.min_snr_weights(scheduler.alphas_cumprod, timesteps, config.min_snr_gamma,
                                           scheduler.config.prediction_type)
                    if config.min_snr_gamma is not None else None)
