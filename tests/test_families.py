@@ -214,19 +214,6 @@ def test_sdxl_conditions_the_unet_on_both_encoders_pooled_text_and_size():
     assert torch.equal(time_ids, expected_ids.repeat(2, 1))
 
 
-@pytest.mark.parametrize(("method", "extra", "named"), [
-    ("textual-inversion", {}, "method textual-inversion"), ("pivotal", {}, "method pivotal"),
-    ("dreambooth", {}, "method dreambooth")])
-def test_what_is_not_built_for_sdxl_is_refused_by_name(method, extra, named, sample_catalogue, tmp_path):
-    from catalog_gen.train.workflow import train_class
-    from test_training import _source, tiny_config
-
-    with pytest.raises(CatalogError, match=f"{named} is not built for SDXL base models yet .base model 'tiny-sdxl'."):
-        train_class(_source(sample_catalogue), "ring", ["band"], tmp_path, tiny_config(base_model="tiny-sdxl",
-                                                                                        method=method, **extra))
-    assert not (tmp_path / "adapters").exists()
-
-
 @pytest.mark.slow
 def test_sdxl_text_encoder_lora_trains_both_encoders_resumes_exactly_and_loads_in_plain_diffusers(
         sample_catalogue, tmp_path):

@@ -175,7 +175,7 @@ def checkpoint_weights(checkpoint: Path, scratch: Path, adapter: AdapterInfo) ->
     """What a checkpoint of `adapter`'s run puts on a pipeline: its LoRA as a file in `scratch` (read while
     scratch exists), and its token embeddings for textual inversion and pivotal tuning."""
     from catalog_gen.train.checkpoints import checkpoint_lora
-    from catalog_gen.train.embeddings import EMBEDDINGS_KEY
+    from catalog_gen.train.embeddings import EMBEDDINGS_KEYS
 
     lora = checkpoint_as_adapter_file(checkpoint, scratch, adapter) if adapter.has_lora else None
     tensors = checkpoint_lora(checkpoint)[0] if adapter.embeddings_file or adapter.full_parts else {}
@@ -183,7 +183,8 @@ def checkpoint_weights(checkpoint: Path, scratch: Path, adapter: AdapterInfo) ->
             for part in adapter.full_parts}
     stage = adapter.class_stage  # two-stage: the class LoRA the checkpoint trained on top of
     stacked = (stage.diffusers_file, float(adapter.record["class_stage"]["weight"])) if stage is not None else None
-    return AdapterWeights(lora, tensors.get(EMBEDDINGS_KEY), tuple(adapter.tokens), full or None, stacked)
+    embeddings = tuple(tensors[key] for key in EMBEDDINGS_KEYS if key in tensors) or None
+    return AdapterWeights(lora, embeddings, tuple(adapter.tokens), full or None, stacked)
 
 
 def score_images(models: EvalModels, config: EvalConfig, images, photo_features, base_features, text,

@@ -7,10 +7,13 @@
                                        (adapter.json's notes say why; lora_files.py explains)
     learned_embeds.safetensors         textual-inversion: {token: (vectors, dim)}, the file diffusers'
                                        train_textual_inversion.py writes; load_textual_inversion and A1111
-                                       (which names the embedding after the file) read it
-    <class>_<instance>_emb.safetensors pivotal: {"clip_l": (vectors, dim)}, as the diffusers advanced
-                                       scripts write it (load_textual_inversion(state_dict["clip_l"], token=[...]))
+                                       (which names the embedding after the file) read it. SDXL:
+                                       {"clip_l": ..., "clip_g": ...}, the SDXL embedding A1111 and ComfyUI read
+    <class>_<instance>_emb.safetensors pivotal: {"clip_l": (vectors, dim)} (SDXL: and "clip_g"), as the
+                                       diffusers advanced scripts write it (load_textual_inversion(
+                                       state_dict["clip_l"], token=[...]); clip_g into text_encoder_2)
     unet/, text_encoder/               dreambooth: the fine-tuned components as diffusers model folders
+    (text_encoder_2/)                  (SDXL's second text encoder with train_text_encoder)
                                        (config.json + safetensors); the rest is the base model's
                                        (UNet2DConditionModel.from_pretrained(folder, subfolder="unet"))
     <class>_<instance>.safetensors     dreambooth: the whole pipeline (fine-tuned parts + the base's VAE, and its
@@ -30,22 +33,22 @@ from __future__ import annotations
 import json
 import platform
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from catalog_gen.errors import CatalogError
 from catalog_gen.layout import ADAPTER_JSON, checkpoint_folder, workdir_of_adapter
+from catalog_gen.train.embeddings import ENCODERS, FILE_KEYS, encoder_pairs
 from catalog_gen.train.lora_files import DIFFUSERS_WEIGHTS_NAME, is_dora, save_diffusers_lora, save_kohya_lora
 from catalog_gen.storage import atomic_directory, atomic_write_json, sha256_bytes, sha256_file
 
 TEXTUAL_INVERSION_NAME = "learned_embeds.safetensors"
 STACKED_ADAPTER = "class_stage"
 """The adapter name a two-stage class LoRA is loaded under (training.STACKED is the same name)."""
-FULL_PARTS = {"unet": "diffusion_pytorch_model.safetensors", "text_encoder": "model.safetensors"}
+FULL_PARTS = {"unet": "diffusion_pytorch_model.safetensors", "text_encoder": "model.safetensors",
+              "text_encoder_2": "model.safetensors"}
 """Components full DreamBooth writes, with the weight-file names diffusers and transformers look for."""
-PIVOTAL_EMBEDDINGS_KEY = "clip_l"
-"""The key the diffusers advanced scripts give SD 1.x's (CLIP-L) embeddings; SDXL adds clip_g."""
 
 @dataclass(frozen=True)
 class AdapterInfo:
@@ -157,6 +160,14 @@ def embeddings_file_name(method: str, class_key: str, instance_key: str) -> str:
     return TEXTUAL_INVERSION_NAME if method == "textual-inversion" else f"{class_key}_{instance_key}_emb.safetensors"
 
 
+def embeddings_file_tensors(method: str, token: str, embeddings) -> dict:
+    """The embeddings file's tensors: SD 1.x/2.x textual inversion {token: vectors} as diffusers'
+    train_textual_inversion.py writes it; otherwise one key per text encoder, clip_l (and SDXL's clip_g)."""
+    if method == "textual-inversion" and len(embeddings) == 1:
+        return {token: embeddings[0].contiguous()}
+    return {key: vectors.contiguous() for key, vectors in zip(FILE_KEYS, embeddings)}
+
+
 def write_adapter(folder: Path, fit_result, record: dict[str, Any], class_key: str, instance_key: str) -> AdapterInfo:
     """Write the method's weight files and adapter.json as one atomic folder. The LoRA files come from the
     fit's LoRA configs (rank and alpha have one source: the config the LoRA was trained with)."""
@@ -188,11 +199,14 @@ def write_adapter(folder: Path, fit_result, record: dict[str, Any], class_key: s
             write_single_file(staging / files["single_file"], Path(record["base_model"]["path"]),
                               fit_result.full_weights, metadata)
             hashes["single_file_sha256"] = sha256_file(staging / files["single_file"])
+        elif fit_result.full_weights:
+            notes.append(f"no single-file checkpoint: the original layout catalog-gen writes is SD 1.x's, this base "
+                         f"model is {record['base_model']['family']}; load the diffusers folders "
+                         f"({', '.join(fit_result.full_weights)}) over the base model")
         embeddings = fit_result.embeddings
         if embeddings is not None:
             files["embeddings"] = embeddings_file_name(method, class_key, instance_key)
-            key = record["token"] if method == "textual-inversion" else PIVOTAL_EMBEDDINGS_KEY
-            save_file({key: embeddings.contiguous()}, str(staging / files["embeddings"]),
+            save_file(embeddings_file_tensors(method, record["token"], embeddings), str(staging / files["embeddings"]),
                       metadata={"tokens": json.dumps(list(fit_result.tokens))})
             hashes["embeddings_sha256"] = sha256_file(staging / files["embeddings"])
         if fit_result.unet_layers is not None:
@@ -216,7 +230,8 @@ def write_adapter(folder: Path, fit_result, record: dict[str, Any], class_key: s
                 "ss_tag_frequency": json.dumps(dict(Counter(p.get("caption", record["instance_prompt"])
                                                             for p in record["photos"]))),
                 "catalog_gen_token": record["token"],
-            }, bundled_embeddings={record["token"]: embeddings} if embeddings is not None else None,
+            }, bundled_embeddings=({record["token"]: dict(zip(FILE_KEYS, embeddings))} if embeddings is not None
+                                   else None),
                sgm_unet_config=_sdxl_unet_config(record))
             files["kohya"], hashes["kohya_sha256"] = kohya_name, sha256_file(staging / kohya_name)
         full = {
@@ -285,17 +300,25 @@ def read_adapter(folder: Path) -> AdapterInfo:
     return info
 
 
-def load_embeddings(info: AdapterInfo):
-    """The adapter's learned token embeddings, (len(info.tokens), dim), checked like every weights file."""
+def load_embeddings(info: AdapterInfo) -> tuple:
+    """The adapter's learned token embeddings, one (len(info.tokens), dim) tensor per text encoder of its base
+    model, checked like every weights file."""
     tensors = _checked_safetensors(info, info.embeddings_file, "embeddings_sha256")
-    if len(tensors) != 1:
-        raise CatalogError(f"adapter {info.folder}: {info.embeddings_file.name} holds {len(tensors)} tensors, "
-                           "expected one embedding")
-    vectors = next(iter(tensors.values()))
-    if vectors.ndim != 2 or len(vectors) != len(info.tokens):
-        raise CatalogError(f"adapter {info.folder}: {info.embeddings_file.name} has shape {tuple(vectors.shape)}, "
-                           f"expected {len(info.tokens)} vectors for tokens {info.tokens}")
-    return vectors
+    name = info.embeddings_file.name
+    if info.record["base_model"].get("family") == "sdxl":
+        if sorted(tensors) != sorted(FILE_KEYS):
+            raise CatalogError(f"adapter {info.folder}: {name} holds {sorted(tensors)}, expected an SDXL "
+                               f"embedding's {list(FILE_KEYS)}")
+        found = tuple(tensors[key] for key in FILE_KEYS)
+    elif len(tensors) != 1:
+        raise CatalogError(f"adapter {info.folder}: {name} holds {len(tensors)} tensors, expected one embedding")
+    else:
+        found = tuple(tensors.values())
+    for vectors in found:
+        if vectors.ndim != 2 or len(vectors) != len(info.tokens):
+            raise CatalogError(f"adapter {info.folder}: {name} has shape {tuple(vectors.shape)}, "
+                               f"expected {len(info.tokens)} vectors for tokens {info.tokens}")
+    return found
 
 
 def _checked_safetensors(info: AdapterInfo, path: Path, hash_key: str) -> dict:
@@ -342,11 +365,11 @@ class AdapterWeights:
     lora: bytes | Path | None
     """A diffusers-format LoRA file, or its checked bytes. Never a bare state dict: the file's metadata holds
     the LoRA config, without which diffusers assumes alpha = rank and scales a LoRA trained otherwise wrong."""
-    embeddings: Any = None
-    """(len(tokens), dim) tensor, or None."""
+    embeddings: tuple | None = None
+    """One (len(tokens), dim) tensor per text encoder (SDXL: CLIP-L's, then OpenCLIP-bigG's), or None."""
     tokens: tuple[str, ...] = ()
     full: dict | None = None
-    """method dreambooth: component name ("unet", "text_encoder") -> its fine-tuned state dict."""
+    """method dreambooth: component name ("unet", "text_encoder", "text_encoder_2") -> its fine-tuned state dict."""
     stacked: tuple[bytes | Path, float] | None = None
     """two-stage: the class LoRA (file or checked bytes) under this one, and its weight."""
 
@@ -370,9 +393,9 @@ class Attached:
     lora: bool
     replaced: dict | None = None
     """Component name -> a copy of the base weights a full fine-tune's replaced."""
-    tokenizer: Any = None
-    embedding: Any = None
-    vocab_size: int | None = None
+    text_encoders: list = field(default_factory=list)
+    """Per text encoder given new tokens: (tokenizer attribute, its original tokenizer, the original embedding
+    module, the original vocab_size)."""
 
 
 def attach(pipeline, weights: AdapterWeights, adapter_name: str) -> Attached:
@@ -403,16 +426,21 @@ def attach(pipeline, weights: AdapterWeights, adapter_name: str) -> Attached:
         if weights.embeddings is not None:
             import copy
 
-            # load_textual_inversion grows the tokenizer and swaps in a larger embedding module. It is given a
-            # copy of the tokenizer, and the original embedding module is kept, so detach restores both exactly
-            # (diffusers' unload_textual_inversion rebuilds them instead).
-            text_encoder = pipeline.text_encoder
-            attached.tokenizer, attached.embedding = pipeline.tokenizer, text_encoder.get_input_embeddings()
-            attached.vocab_size = text_encoder.config.vocab_size
-            pipeline.tokenizer = copy.deepcopy(pipeline.tokenizer)
-            pipeline.load_textual_inversion(weights.embeddings if len(weights.tokens) > 1 else weights.embeddings[0],
-                                            token=list(weights.tokens) if len(weights.tokens) > 1 else weights.tokens[0],
-                                            tokenizer=pipeline.tokenizer, text_encoder=text_encoder)
+            pairs = encoder_pairs(pipeline)
+            if len(pairs) != len(weights.embeddings):
+                raise CatalogError(f"the adapter's embeddings are for {len(weights.embeddings)} text encoder(s), "
+                                   f"the pipeline has {len(pairs)}")
+            for (tokenizer_name, encoder_name), vectors in zip(pairs, weights.embeddings):
+                # load_textual_inversion grows the tokenizer and swaps in a larger embedding module. It is given
+                # a copy of the tokenizer, and the original embedding module is kept, so detach restores both
+                # exactly (diffusers' unload_textual_inversion rebuilds them instead).
+                text_encoder = getattr(pipeline, encoder_name)
+                attached.text_encoders.append((tokenizer_name, getattr(pipeline, tokenizer_name),
+                                               text_encoder.get_input_embeddings(), text_encoder.config.vocab_size))
+                setattr(pipeline, tokenizer_name, copy.deepcopy(getattr(pipeline, tokenizer_name)))
+                pipeline.load_textual_inversion(vectors if len(weights.tokens) > 1 else vectors[0],
+                                                token=list(weights.tokens) if len(weights.tokens) > 1 else weights.tokens[0],
+                                                tokenizer=getattr(pipeline, tokenizer_name), text_encoder=text_encoder)
     except Exception:
         detach(pipeline, attached)
         raise
@@ -436,10 +464,11 @@ def detach(pipeline, attached: Attached) -> None:
         pipeline.unload_lora_weights()
     for part, state in (attached.replaced or {}).items():
         getattr(pipeline, part).load_state_dict(state)
-    if attached.tokenizer is not None:
-        pipeline.text_encoder.set_input_embeddings(attached.embedding)
-        pipeline.text_encoder.config.vocab_size = attached.vocab_size
-        pipeline.tokenizer = attached.tokenizer
+    for (tokenizer_name, encoder_name), (_, tokenizer, embedding, vocab_size) in zip(ENCODERS, attached.text_encoders):
+        text_encoder = getattr(pipeline, encoder_name)
+        text_encoder.set_input_embeddings(embedding)
+        text_encoder.config.vocab_size = vocab_size
+        setattr(pipeline, tokenizer_name, tokenizer)
 
 
 def finished_adapter(folder: Path, fingerprint: str, steps: int) -> AdapterInfo | None:

@@ -4,8 +4,12 @@ An instance's placeholder `<ring-band>` with n vectors is n tokens, `<ring-band>
 names diffusers' load_textual_inversion gives a multi-vector embedding, so a prompt written with the
 placeholder alone is expanded the same way in training and in any diffusers pipeline.
 
-Training never changes the shared tokenizer or the text encoder's embedding matrix: a copy of the tokenizer
-knows the new tokens, and the text encoder's token embedding is wrapped so that the new ids read the
+SDXL has two text encoders (CLIP-L, 768 wide, and OpenCLIP-bigG, 1280 wide), each with its own tokenizer: a
+new token gets vectors in each, as the diffusers SDXL textual-inversion and advanced scripts train it, and
+the files name them clip_l and clip_g as A1111 and ComfyUI read SDXL embeddings.
+
+Training never changes the shared tokenizers or the text encoders' embedding matrices: a copy of each tokenizer
+knows the new tokens, and each text encoder's token embedding is wrapped so that the new ids read the
 trainable vectors. Leaving the context puts the very same objects back.
 """
 
@@ -13,14 +17,36 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from catalog_gen.errors import CatalogError
 
-EMBEDDINGS_KEY = "token_embeddings"
-"""The name the trainable vectors have in checkpoints (beside the LoRA's parameter names)."""
+EMBEDDINGS_KEYS = ("token_embeddings", "token_embeddings_2")
+"""The names the trainable vectors have in checkpoints (beside the LoRA's parameter names), one per text
+encoder: SD 1.x and 2.x have the first only."""
+FILE_KEYS = ("clip_l", "clip_g")
+"""The keys the diffusers advanced scripts, A1111 and ComfyUI give each text encoder's vectors."""
+ENCODERS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
+"""The attribute names of each (tokenizer, text encoder) pair, on training Components and diffusers pipelines."""
+
+
+def encoder_pairs(holder) -> list[tuple[str, str]]:
+    """The (tokenizer, text encoder) attribute pairs `holder` has: one for SD 1.x and 2.x, two for SDXL."""
+    return [pair for pair in ENCODERS if getattr(holder, pair[1], None) is not None]
+
+
+@dataclass(frozen=True)
+class NewTokens:
+    """The tokens a method adds and their trainable vectors, one Parameter per text encoder."""
+
+    names: list[str]
+    vectors: tuple[torch.nn.Parameter, ...]
+
+    def is_vector(self, parameter) -> bool:
+        return any(parameter is vectors for vectors in self.vectors)
 
 
 class ExtendedTokenEmbedding(torch.nn.Module):
@@ -56,21 +82,33 @@ def initial_vectors(text_encoder: torch.nn.Module, tokenizer, initializer: str, 
     return start.repeat(count, 1).cpu()
 
 
+def start_tokens(components, names: Sequence[str], initializer: str) -> NewTokens:
+    """Trainable vectors for `names` in each text encoder, every one at its encoder's initializer mean."""
+    return NewTokens(list(names), tuple(
+        torch.nn.Parameter(initial_vectors(getattr(components, encoder), getattr(components, tokenizer), initializer,
+                                           len(names)).to(components.device))
+        for tokenizer, encoder in encoder_pairs(components)))
+
+
 @contextlib.contextmanager
-def new_tokens_applied(components, names: Sequence[str], vectors: torch.nn.Parameter):
-    """Within: components.tokenizer knows `names`, and the text encoder reads `vectors` for them."""
-    original_tokenizer = components.tokenizer
-    text_encoder = components.text_encoder
-    original_embedding = text_encoder.get_input_embeddings()
-    tokenizer = copy.deepcopy(original_tokenizer)
-    added = tokenizer.add_tokens(list(names))
-    ids = tokenizer.convert_tokens_to_ids(list(names))
-    if added != len(names) or ids != list(range(ids[0], ids[0] + len(names))):
-        raise CatalogError(f"new tokens {list(names)} could not be added to the tokenizer as fresh tokens")
-    text_encoder.set_input_embeddings(ExtendedTokenEmbedding(original_embedding, ids[0], vectors))
-    components.tokenizer = tokenizer
+def new_tokens_applied(components, new: NewTokens):
+    """Within: each of components' tokenizers knows the new names, and each text encoder reads its vectors for
+    them."""
+    originals = []
     try:
+        for (tokenizer_name, encoder_name), vectors in zip(encoder_pairs(components), new.vectors, strict=True):
+            original_tokenizer = getattr(components, tokenizer_name)
+            text_encoder = getattr(components, encoder_name)
+            tokenizer = copy.deepcopy(original_tokenizer)
+            added = tokenizer.add_tokens(list(new.names))
+            ids = tokenizer.convert_tokens_to_ids(list(new.names))
+            if added != len(new.names) or ids != list(range(ids[0], ids[0] + len(new.names))):
+                raise CatalogError(f"new tokens {new.names} could not be added to {tokenizer_name} as fresh tokens")
+            originals.append((tokenizer_name, original_tokenizer, text_encoder, text_encoder.get_input_embeddings()))
+            text_encoder.set_input_embeddings(ExtendedTokenEmbedding(originals[-1][3], ids[0], vectors))
+            setattr(components, tokenizer_name, tokenizer)
         yield
     finally:
-        text_encoder.set_input_embeddings(original_embedding)
-        components.tokenizer = original_tokenizer
+        for tokenizer_name, original_tokenizer, text_encoder, original_embedding in originals:
+            text_encoder.set_input_embeddings(original_embedding)
+            setattr(components, tokenizer_name, original_tokenizer)

@@ -125,16 +125,22 @@ def _sgm_unet_names(unet_config: Mapping):
 
 
 def save_kohya_lora(path: Path, diffusers_file: Path, alpha: float, text_encoder_alpha: float | None,
-                    metadata: Mapping[str, str], bundled_embeddings: Mapping[str, torch.Tensor] | None = None,
+                    metadata: Mapping[str, str],
+                    bundled_embeddings: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
                     sgm_unet_config: Mapping | None = None) -> Path:
-    """bundled_embeddings (token -> (n, dim)): textual-inversion embeddings carried inside the LoRA file under
-    A1111's `bundle_emb.<token>.string_to_param.*` keys, so one file brings both (pivotal tuning).
+    """bundled_embeddings (token -> {"clip_l": (n, dim), SDXL's "clip_g": ...}): textual-inversion embeddings
+    carried inside the LoRA file, so one file brings both (pivotal tuning): A1111's
+    `bundle_emb.<token>.string_to_param.*` for one text encoder, `bundle_emb.<token>.clip_l` and `.clip_g` for
+    SDXL's two (the keys A1111 and ComfyUI read SDXL embeddings by).
     sgm_unet_config: an SDXL UNet's config, for sd-scripts' SDXL names (diffusers_to_kohya)."""
     from safetensors.torch import load_file, save_file
 
     kohya = diffusers_to_kohya(load_file(str(diffusers_file)), alpha, text_encoder_alpha, sgm_unet_config)
-    for token, vectors in (bundled_embeddings or {}).items():
-        kohya[f"bundle_emb.{token}.string_to_param.*"] = vectors.contiguous()
+    for token, per_encoder in (bundled_embeddings or {}).items():
+        if len(per_encoder) == 1:
+            kohya[f"bundle_emb.{token}.string_to_param.*"] = next(iter(per_encoder.values())).contiguous()
+        else:
+            kohya.update({f"bundle_emb.{token}.{key}": vectors.contiguous() for key, vectors in per_encoder.items()})
     # ss_* keys are what kohya-trained files carry; A1111's extra-networks page shows them.
     with atomic_path(path) as tmp:
         save_file(kohya, str(tmp), metadata={str(k): str(v) for k, v in metadata.items()})

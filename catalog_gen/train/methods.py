@@ -2,10 +2,11 @@
 
     dreambooth-lora    a LoRA on the UNet (text encoder optional), bound to a rare token the vocabulary
                        already has; the seeds' default (004)
-    textual-inversion  new token embeddings only; the base model is untouched (seed 002)
+    textual-inversion  new token embeddings only (on SDXL in both text encoders); the base model is untouched
+                       (seed 002)
     pivotal            new token embeddings and a LoRA trained together, the embeddings for the first
                        `embedding_fraction` of the steps (seed 000; the diffusers advanced scripts)
-    dreambooth         every UNet weight (and the text encoder's with train_text_encoder), bound to a rare
+    dreambooth         every UNet weight (and the text encoders' with train_text_encoder), bound to a rare
                        token; seeds 003 and 004 (diffusers' train_dreambooth.py)
     lora-captions      one LoRA over several instances of a class, each photo prompted by its own caption
                        (a caption column, a <photo>.txt, the product title); no identifier token; seed 001's
@@ -19,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from catalog_gen.config import METHODS, TrainConfig
-from catalog_gen.errors import CatalogError
 
 LORA_SETTINGS = frozenset({"lora_rank", "lora_alpha", "lora_dropout", "use_dora", "learning_rate",
                            "train_text_encoder", "text_encoder_lr"})
@@ -66,17 +66,6 @@ assert tuple(_ALL) == METHODS, "config.METHODS and the methods described here mu
 
 def method_of(config: TrainConfig) -> Method:
     return _ALL[config.method]
-
-
-def check_family(method: Method, family, base_model: str) -> None:
-    """Refuse, naming it, what is not built for the base model's family: on SDXL the LoRA methods train (with
-    train_text_encoder, a LoRA on each of its two text encoders); new tokens would need an embedding in each
-    encoder and a full fine-tune its 2.6B UNet's own recipe, neither built yet."""
-    if family is None or not family.two_text_encoders:
-        return
-    if method.new_tokens or method.full:
-        raise CatalogError(f"method {method.name} is not built for SDXL base models yet (base model "
-                           f"'{base_model}'); on SDXL use dreambooth-lora, lora-captions or two-stage")
 
 
 def embedding_steps(config: TrainConfig) -> int:

@@ -103,11 +103,12 @@ class FitResult:
     resumed_from: int | None
     steps_per_second: float
     checkpoints: list[int] = field(default_factory=list)
-    embeddings: torch.Tensor | None = None
-    """The learned token embeddings, one row per token of `tokens` (textual inversion, pivotal)."""
+    embeddings: tuple[torch.Tensor, ...] | None = None
+    """The learned token embeddings, one (len(tokens), dim) tensor per text encoder (textual inversion, pivotal)."""
     tokens: tuple[str, ...] = ()
     full_weights: dict[str, dict[str, torch.Tensor]] | None = None
-    """method dreambooth: the trained state dict of "unet" (and "text_encoder"), by module parameter name."""
+    """method dreambooth: the trained state dict of "unet" (and "text_encoder", SDXL's "text_encoder_2"), by
+    module parameter name."""
 
 
 def weight_dtype_for(config: TrainConfig, device: torch.device) -> torch.dtype:
@@ -479,20 +480,18 @@ def _fit(components: Components, config: TrainConfig, job: InstanceJob, fingerpr
     # New tokens: the tokenizer and the text encoder know them only inside this block.
     from catalog_gen.catalog.tokens import new_token_names
 
-    names = new_token_names(job.token, config.embedding_vectors)
-    start = embeddings.initial_vectors(components.text_encoder, components.tokenizer, job.initializer or job.token,
-                                       len(names))
-    vectors = torch.nn.Parameter(start.to(components.device))
-    with embeddings.new_tokens_applied(components, names, vectors):
-        return _fit_with(components, config, job, fingerprint, (names, vectors), resume=resume,
-                         progress=progress, on_checkpoint=on_checkpoint)
+    new = embeddings.start_tokens(components, new_token_names(job.token, config.embedding_vectors),
+                                  job.initializer or job.token)
+    with embeddings.new_tokens_applied(components, new):
+        return _fit_with(components, config, job, fingerprint, new, resume=resume, progress=progress,
+                         on_checkpoint=on_checkpoint)
 
 
 @contextlib.contextmanager
 def base_weights_restored(components: Components, text_encoder_too: bool):
     """Within: the UNet (and the text encoder) may be trained in place; on exit their weights, dtype and
     frozen state are the loaded base model's again, bit for bit (a copy is kept in CPU memory)."""
-    modules = [components.unet] + ([components.text_encoder] if text_encoder_too else [])
+    modules = [components.unet] + (trained_text_encoders(components) if text_encoder_too else [])
     saved = [{name: tensor.detach().to("cpu", copy=True) for name, tensor in module.state_dict().items()}
              for module in modules]
     try:
@@ -505,8 +504,13 @@ def base_weights_restored(components: Components, text_encoder_too: bool):
             module.eval()
 
 
+def trained_text_encoders(components: Components) -> list[torch.nn.Module]:
+    """What train_text_encoder trains: the text encoder, and SDXL's second one beside it."""
+    return [module for module in (components.text_encoder, components.text_encoder_2) if module is not None]
+
+
 def _fit_with(components: Components, config: TrainConfig, job: InstanceJob, fingerprint: str,
-              new_tokens: tuple[list[str], torch.nn.Parameter] | None, *, resume: bool,
+              new_tokens: embeddings.NewTokens | None, *, resume: bool,
               progress: Callable | None, on_checkpoint: Callable[[int], None] | None) -> FitResult:
     device = components.device
     method = methods.method_of(config)
@@ -528,7 +532,8 @@ def _fit_with(components: Components, config: TrainConfig, job: InstanceJob, fin
             mean, std = mean[picks], std[picks]
         return sample_latents(components, mean, std, generator)
 
-    instance_prompt = embeddings.expand_prompt(job.instance_prompt, new_tokens[0]) if new_tokens else job.instance_prompt
+    instance_prompt = (embeddings.expand_prompt(job.instance_prompt, new_tokens.names) if new_tokens
+                       else job.instance_prompt)
     # Prompts by index: a photo's own caption (lora-captions) or the one instance prompt, then the class prompt.
     photo_prompts = list(job.captions) or [instance_prompt]
     prompts = photo_prompts + [job.class_prompt]
@@ -554,20 +559,20 @@ def _fit_with(components: Components, config: TrainConfig, job: InstanceJob, fin
                     **({"text_encoder_2": lora_config_record(text_lora_config)}
                        if text_lora_config and components.text_encoder_2 is not None else {})}
     checkpoint_record = {"recipe": config.to_dict(), "lora_configs": lora_configs, "method": config.method,
-                         "tokens": list(new_tokens[0]) if new_tokens else []}
-    vectors = new_tokens[1] if new_tokens else None
-    if method.full:  # every weight of the UNet (and of the text encoder) learns, in fp32 like LoRA weights
+                         "tokens": list(new_tokens.names) if new_tokens else []}
+    vectors = new_tokens.vectors if new_tokens else ()
+    if method.full:  # every weight of the UNet (and of the text encoders) learns, in fp32 like LoRA weights
         components.unet.requires_grad_(True)
-        if config.train_text_encoder:
-            components.text_encoder.requires_grad_(True)
-            components.text_encoder.train()
+        for encoder in trained_text_encoders(components) if config.train_text_encoder else ():
+            encoder.requires_grad_(True)
+            encoder.train()
     unet_params = ({name: p for name, p in _trainable(components.unet, "unet.").items() if STACKED not in name}
                    if method.lora or method.full else {})
-    text_params = ({name: p for name, p in _trainable(components.text_encoder, "text_encoder.").items()
-                    if p is not vectors} if config.train_text_encoder else {})
-    if config.train_text_encoder and components.text_encoder_2 is not None:  # SDXL: its second encoder's LoRA
-        text_params.update(_trainable(components.text_encoder_2, "text_encoder_2."))
-    embedding_params = {embeddings.EMBEDDINGS_KEY: vectors} if vectors is not None else {}
+    # train_text_encoder: each text encoder's LoRA (or, full, its weights); on SDXL "text_encoder_2." beside it.
+    text_params = {name: p for (_, attribute), encoder in zip(embeddings.ENCODERS, trained_text_encoders(components))
+                   for name, p in _trainable(encoder, attribute + ".").items()
+                   if not (new_tokens and new_tokens.is_vector(p))} if config.train_text_encoder else {}
+    embedding_params = dict(zip(embeddings.EMBEDDINGS_KEYS, vectors))
     trainable = {**unet_params, **text_params, **embedding_params}
     # Parameter groups with their base learning rates; the embeddings' is 0 once embedding_steps are done.
     groups = [{"params": list(part.values()), "lr": lr} for part, lr in
@@ -624,7 +629,7 @@ def _fit_with(components: Components, config: TrainConfig, job: InstanceJob, fin
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base * lr_scale
         # Pivotal's second phase: the embeddings hold still while the LoRA goes on.
-        frozen = [vectors] if embedding_params and step >= embedding_until else []
+        frozen = list(vectors) if embedding_params and step >= embedding_until else []
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             if cached_text is not None:
                 text, pooled = (part[text_index] if part is not None else None for part in cached_text)
@@ -672,10 +677,11 @@ def _fit_with(components: Components, config: TrainConfig, job: InstanceJob, fin
         resumed_from=resumed_from,
         steps_per_second=ran / max(time.perf_counter() - session_started, 1e-9) if ran else 0.0,
         checkpoints=checkpoints_written,
-        embeddings=vectors.detach().float().cpu().clone() if vectors is not None else None,
+        embeddings=tuple(v.detach().float().cpu().clone() for v in vectors) if vectors else None,
         full_weights=({part: {name: t.detach().float().cpu().clone() for name, t in module.state_dict().items()}
-                       for part, module, trained in (("unet", components.unet, True),
-                                                     ("text_encoder", components.text_encoder, config.train_text_encoder))
-                       if trained} if method.full else None),
-        tokens=tuple(new_tokens[0]) if new_tokens else (),
+                       for part, module in (("unet", components.unet),
+                                            *(zip(("text_encoder", "text_encoder_2"), trained_text_encoders(components))
+                                              if config.train_text_encoder else ()))}
+                      if method.full else None),
+        tokens=tuple(new_tokens.names) if new_tokens else (),
     )

@@ -279,7 +279,6 @@ def train_class(source: PhotoSource, class_key: str, instance_keys: Sequence[str
         base_fingerprint = model_fingerprint(model)
         tokenizer = load_tokenizer(model)
         method = methods.method_of(config)
-        methods.check_family(method, model.family, config.base_model)
         # 2-4. Photos -> instances -> clean training sets -> rare tokens.
         try:
             prepared, skipped = prepare_instances(
