@@ -244,8 +244,12 @@ def test_sdxl_text_encoder_lora_trains_both_encoders_resumes_exactly_and_loads_i
     # Both encoders' LoRAs learned (peft starts each B at zero).
     for part in ("text_encoder.", "text_encoder_2."):
         assert any(k.startswith(part) and "lora_B" in k and tensors[k].abs().max() > 0 for k in tensors), part
+    for part in ("text_encoder", "text_encoder_2"):  # CLIP's standard names (lora_files.text_model_names)
+        assert all(k.startswith(f"{part}.text_model.encoder.layers.") for k in tensors if k.split(".")[0] == part)
     kohya = load_file(str(whole.kohya_file))
     assert {key.split("_")[1] for key in kohya} == {"unet", "te1", "te2"}
+    assert all(k.startswith(("lora_unet_", "lora_te1_text_model_encoder_layers_", "lora_te2_text_model_encoder_layers_"))
+               for k in kohya)
     # sd-scripts' SDXL names: the UNet's SGM blocks (tiny-sdxl attends at its second level: input_blocks.3-4,
     # output_blocks.0-1, the middle block), not diffusers' down_blocks / up_blocks.
     unet_modules = {key.split(".")[0] for key in kohya if key.startswith("lora_unet_")}
@@ -259,12 +263,21 @@ def test_sdxl_text_encoder_lora_trains_both_encoders_resumes_exactly_and_loads_i
     def image(pipeline):
         return np.asarray(draw(pipeline, [whole.record["instance_prompt"]], [3], steps=3, resolution=64)[0]).astype(int)
 
-    base = image(plain)
+    def encoded(pipeline):
+        ids = pipeline.tokenizer([whole.record["instance_prompt"]], padding="max_length", max_length=77,
+                                 return_tensors="pt").input_ids
+        with torch.no_grad():
+            return pipeline.text_encoder(ids)[0], pipeline.text_encoder_2(ids)[0]
+
+    base, base_text = image(plain), encoded(plain)
     plain.load_lora_weights(str(whole.folder), weight_name=whole.diffusers_file.name)
     with_lora = image(plain)
+    # Each text encoder's LoRA is on in plain diffusers, not left out under names it does not match.
+    assert all(not torch.allclose(a, b, atol=1e-3) for a, b in zip(encoded(plain), base_text))
     plain.unload_lora_weights()
     plain.load_lora_weights(str(whole.folder), weight_name=whole.kohya_file.name)
     assert np.array_equal(image(plain), with_lora) and not np.array_equal(with_lora, base)
+    assert all(not torch.allclose(a, b, atol=1e-3) for a, b in zip(encoded(plain), base_text))
     ours = load_pipeline(model, "cpu")
     attached = attach(ours, adapter_weights(whole), "sku_adapter")
     assert np.abs(image(ours) - with_lora).max() <= 1  # see the family test above on aligned memory

@@ -57,6 +57,16 @@ def is_dora(lora_config: Mapping | None) -> bool:
     return bool(lora_config and lora_config.get("use_dora"))
 
 
+def text_model_names(layers: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A text encoder's LoRA tensors under the CLIP names every reader matches: `text_model.encoder.layers...`.
+    transformers 5 drops CLIPTextModel's `text_model.` level (not CLIPTextModelWithProjection's), so peft names
+    its LoRA `encoder.layers...`; diffusers loads either name, but ComfyUI, A1111 and kohya-ss, and diffusers
+    under transformers 4, know only the first and would leave the text encoder's LoRA out without a word
+    (found by bench/comfyui_lora_check.py)."""
+    return {(name if name.startswith("text_model.") else "text_model." + name): tensor
+            for name, tensor in layers.items()}
+
+
 def save_diffusers_lora(out_dir: Path, unet_layers: Mapping[str, torch.Tensor], text_encoder_layers=None,
                         unet_config: dict | None = None, text_encoder_config: dict | None = None,
                         text_encoder_2_layers=None, text_encoder_2_config: dict | None = None) -> Path:
@@ -67,11 +77,11 @@ def save_diffusers_lora(out_dir: Path, unet_layers: Mapping[str, torch.Tensor], 
     # The adapter config (rank, alpha, targets) travels in the file's metadata, so alpha != rank loads with
     # the right scale.
     common = dict(save_directory=str(out_dir), unet_lora_layers=dict(unet_layers),
-                  text_encoder_lora_layers=dict(text_encoder_layers) if text_encoder_layers else None,
+                  text_encoder_lora_layers=text_model_names(text_encoder_layers) if text_encoder_layers else None,
                   weight_name=DIFFUSERS_WEIGHTS_NAME, safe_serialization=True, unet_lora_adapter_metadata=unet_config,
                   text_encoder_lora_adapter_metadata=text_encoder_config if text_encoder_layers else None)
     if text_encoder_2_layers:
-        StableDiffusionXLPipeline.save_lora_weights(**common, text_encoder_2_lora_layers=dict(text_encoder_2_layers),
+        StableDiffusionXLPipeline.save_lora_weights(**common, text_encoder_2_lora_layers=text_model_names(text_encoder_2_layers),
                                                     text_encoder_2_lora_adapter_metadata=text_encoder_2_config)
     else:
         StableDiffusionPipeline.save_lora_weights(**common)
