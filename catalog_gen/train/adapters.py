@@ -13,8 +13,8 @@
                                        diffusers advanced scripts write it (load_textual_inversion(
                                        state_dict["clip_l"], token=[...]); clip_g into text_encoder_2)
     unet/, text_encoder/               dreambooth: the fine-tuned components as diffusers model folders
-    (text_encoder_2/)                  (SDXL's second text encoder with train_text_encoder)
-                                       (config.json + safetensors); the rest is the base model's
+                                       (config.json + safetensors; SDXL with train_text_encoder: text_encoder_2/
+                                       too); the rest is the base model's
                                        (UNet2DConditionModel.from_pretrained(folder, subfolder="unet"))
     <class>_<instance>.safetensors     dreambooth: the whole pipeline (fine-tuned parts + the base's VAE, and its
                                        text encoder if not trained) as one fp16 checkpoint in the original
@@ -39,7 +39,7 @@ from typing import Any
 
 from catalog_gen.errors import CatalogError
 from catalog_gen.layout import ADAPTER_JSON, checkpoint_folder, workdir_of_adapter
-from catalog_gen.train.embeddings import ENCODERS, FILE_KEYS, encoder_pairs
+from catalog_gen.train.embeddings import FILE_KEYS, encoder_pairs
 from catalog_gen.train.lora_files import DIFFUSERS_WEIGHTS_NAME, is_dora, save_diffusers_lora, save_kohya_lora
 from catalog_gen.storage import atomic_directory, atomic_write_json, sha256_bytes, sha256_file
 
@@ -394,8 +394,8 @@ class Attached:
     replaced: dict | None = None
     """Component name -> a copy of the base weights a full fine-tune's replaced."""
     text_encoders: list = field(default_factory=list)
-    """Per text encoder given new tokens: (tokenizer attribute, its original tokenizer, the original embedding
-    module, the original vocab_size)."""
+    """Per text encoder given new tokens: (tokenizer attribute, text encoder attribute, the original tokenizer,
+    the original embedding module, the original vocab_size)."""
 
 
 def attach(pipeline, weights: AdapterWeights, adapter_name: str) -> Attached:
@@ -428,14 +428,14 @@ def attach(pipeline, weights: AdapterWeights, adapter_name: str) -> Attached:
 
             pairs = encoder_pairs(pipeline)
             if len(pairs) != len(weights.embeddings):
-                raise CatalogError(f"the adapter's embeddings are for {len(weights.embeddings)} text encoder(s), "
-                                   f"the pipeline has {len(pairs)}")
+                raise CatalogError(f"adapter {adapter_name}: its embeddings are for {len(weights.embeddings)} text "
+                                   f"encoder(s), the pipeline has {len(pairs)}")
             for (tokenizer_name, encoder_name), vectors in zip(pairs, weights.embeddings):
                 # load_textual_inversion grows the tokenizer and swaps in a larger embedding module. It is given
                 # a copy of the tokenizer, and the original embedding module is kept, so detach restores both
                 # exactly (diffusers' unload_textual_inversion rebuilds them instead).
                 text_encoder = getattr(pipeline, encoder_name)
-                attached.text_encoders.append((tokenizer_name, getattr(pipeline, tokenizer_name),
+                attached.text_encoders.append((tokenizer_name, encoder_name, getattr(pipeline, tokenizer_name),
                                                text_encoder.get_input_embeddings(), text_encoder.config.vocab_size))
                 setattr(pipeline, tokenizer_name, copy.deepcopy(getattr(pipeline, tokenizer_name)))
                 pipeline.load_textual_inversion(vectors if len(weights.tokens) > 1 else vectors[0],
@@ -464,7 +464,7 @@ def detach(pipeline, attached: Attached) -> None:
         pipeline.unload_lora_weights()
     for part, state in (attached.replaced or {}).items():
         getattr(pipeline, part).load_state_dict(state)
-    for (tokenizer_name, encoder_name), (_, tokenizer, embedding, vocab_size) in zip(ENCODERS, attached.text_encoders):
+    for tokenizer_name, encoder_name, tokenizer, embedding, vocab_size in attached.text_encoders:
         text_encoder = getattr(pipeline, encoder_name)
         text_encoder.set_input_embeddings(embedding)
         text_encoder.config.vocab_size = vocab_size

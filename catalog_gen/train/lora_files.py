@@ -57,13 +57,17 @@ def is_dora(lora_config: Mapping | None) -> bool:
     return bool(lora_config and lora_config.get("use_dora"))
 
 
+CLIP_TEXT_MODEL_PARTS = ("embeddings.", "encoder.", "final_layer_norm.")
+"""What CLIP's text_model holds (its text_projection sits beside it, in CLIPTextModelWithProjection)."""
+
+
 def text_model_names(layers: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A text encoder's LoRA tensors under the CLIP names every reader matches: `text_model.encoder.layers...`.
     transformers 5 drops CLIPTextModel's `text_model.` level (not CLIPTextModelWithProjection's), so peft names
     its LoRA `encoder.layers...`; diffusers loads either name, but ComfyUI, A1111 and kohya-ss, and diffusers
     under transformers 4, know only the first and would leave the text encoder's LoRA out without a word
     (found by bench/comfyui_lora_check.py)."""
-    return {(name if name.startswith("text_model.") else "text_model." + name): tensor
+    return {("text_model." + name if name.startswith(CLIP_TEXT_MODEL_PARTS) else name): tensor
             for name, tensor in layers.items()}
 
 

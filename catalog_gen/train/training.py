@@ -489,7 +489,7 @@ def _fit(components: Components, config: TrainConfig, job: InstanceJob, fingerpr
 
 @contextlib.contextmanager
 def base_weights_restored(components: Components, text_encoder_too: bool):
-    """Within: the UNet (and the text encoder) may be trained in place; on exit their weights, dtype and
+    """Within: the UNet (and the text encoders) may be trained in place; on exit their weights, dtype and
     frozen state are the loaded base model's again, bit for bit (a copy is kept in CPU memory)."""
     modules = [components.unet] + (trained_text_encoders(components) if text_encoder_too else [])
     saved = [{name: tensor.detach().to("cpu", copy=True) for name, tensor in module.state_dict().items()}
