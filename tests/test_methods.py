@@ -185,6 +185,12 @@ def test_full_dreambooth_writes_diffusers_components_that_plain_diffusers_loads(
     plain.set_progress_bar_config(disable=True)
     tuned = _image(plain, prompt)
     assert not np.array_equal(tuned, base)
+    # The text encoder's file has CLIP's standard names (transformers 4 and ComfyUI read only those), and
+    # transformers 5 loads every trained tensor from it.
+    text_file = load_file(str(info.folder / info.record["files"]["text_encoder"]))
+    assert all(k.startswith("text_model.") for k in text_file)
+    loaded = plain.text_encoder.state_dict()
+    assert all(torch.equal(loaded[k.removeprefix("text_model.")], v) for k, v in text_file.items())
     # Every UNet weight moved, not a few.
     trained_unet = plain.unet.state_dict()
     moved = sum(not torch.equal(trained_unet[k], base_unet[k]) for k in base_unet)

@@ -144,6 +144,9 @@ def test_full_dreambooth_writes_all_three_trained_parts_and_loads_in_plain_diffu
         text_encoder=CLIPTextModel.from_pretrained(info.folder, subfolder="text_encoder"),
         text_encoder_2=CLIPTextModelWithProjection.from_pretrained(info.folder, subfolder="text_encoder_2"))
     tuned = _image(plain, prompt)
+    for part in ("text_encoder", "text_encoder_2"):  # CLIP's standard names, as transformers 4 and ComfyUI read
+        assert all(k.startswith("text_model.") or k == "text_projection.weight"
+                   for k in load_file(str(info.folder / info.record["files"][part]))), part
     base_pipeline = _plain(sdxl)
     for part in ("unet", "text_encoder", "text_encoder_2"):  # each part learned
         ours_part, base_part = getattr(plain, part).state_dict(), getattr(base_pipeline, part).state_dict()

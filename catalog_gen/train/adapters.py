@@ -40,7 +40,8 @@ from typing import Any
 from catalog_gen.errors import CatalogError
 from catalog_gen.layout import ADAPTER_JSON, checkpoint_folder, workdir_of_adapter
 from catalog_gen.train.embeddings import FILE_KEYS, encoder_pairs
-from catalog_gen.train.lora_files import DIFFUSERS_WEIGHTS_NAME, is_dora, save_diffusers_lora, save_kohya_lora
+from catalog_gen.train.lora_files import (DIFFUSERS_WEIGHTS_NAME, is_dora, save_diffusers_lora, save_kohya_lora,
+                                          text_model_names)
 from catalog_gen.storage import atomic_directory, atomic_write_json, sha256_bytes, sha256_file
 
 TEXTUAL_INVERSION_NAME = "learned_embeds.safetensors"
@@ -186,6 +187,8 @@ def write_adapter(folder: Path, fit_result, record: dict[str, Any], class_key: s
             (staging / part).mkdir()
             shutil.copyfile(Path(record["base_model"]["path"]) / part / "config.json", staging / part / "config.json")
             files[part] = f"{part}/{FULL_PARTS[part]}"
+            if part != "unet":  # CLIP's standard names, which transformers 4 and ComfyUI read (text_model_names)
+                state = text_model_names(state)
             save_file({name: tensor.contiguous() for name, tensor in state.items()}, str(staging / files[part]),
                       metadata={"format": "pt"})
             hashes[f"{part}_sha256"] = sha256_file(staging / files[part])
@@ -411,7 +414,7 @@ def attach(pipeline, weights: AdapterWeights, adapter_name: str) -> Attached:
                 attached.replaced[part] = {name: t.detach().to("cpu", copy=True) for name, t in module.state_dict().items()}
                 # Copied into the pipeline's own dtype and device. Tensors `state` lacks (a checkpoint holds
                 # parameters, not buffers) keep the base's; a name the module does not have is an error.
-                module.load_state_dict({**attached.replaced[part], **state})
+                module.load_state_dict({**attached.replaced[part], **_module_names(state, attached.replaced[part])})
         if weights.lora is not None:
             _load_lora_file(pipeline, weights.lora, adapter_name)
             attached.lora = True
@@ -445,6 +448,13 @@ def attach(pipeline, weights: AdapterWeights, adapter_name: str) -> Attached:
         detach(pipeline, attached)
         raise
     return attached
+
+
+def _module_names(state: dict, module_state: dict) -> dict:
+    """A fine-tuned text encoder's tensors under the module's own names: the files keep CLIP's standard
+    `text_model.` level, which transformers 5's CLIPTextModel does not have."""
+    return {(name if name in module_state or name.removeprefix("text_model.") not in module_state
+             else name.removeprefix("text_model.")): tensor for name, tensor in state.items()}
 
 
 def _load_lora_file(pipeline, lora: bytes | Path, adapter_name: str) -> None:

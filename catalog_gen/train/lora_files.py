@@ -62,7 +62,8 @@ CLIP_TEXT_MODEL_PARTS = ("embeddings.", "encoder.", "final_layer_norm.")
 
 
 def text_model_names(layers: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A text encoder's LoRA tensors under the CLIP names every reader matches: `text_model.encoder.layers...`.
+    """A text encoder's tensors (its LoRA's, or full DreamBooth's fine-tuned weights) under the CLIP names every
+    reader matches: `text_model.encoder.layers...`.
     transformers 5 drops CLIPTextModel's `text_model.` level (not CLIPTextModelWithProjection's), so peft names
     its LoRA `encoder.layers...`; diffusers loads either name, but ComfyUI, A1111 and kohya-ss, and diffusers
     under transformers 4, know only the first and would leave the text encoder's LoRA out without a word
