@@ -1,6 +1,7 @@
 """Does ComfyUI apply our kohya LoRA file as the diffusers file describes it? Checked with ComfyUI's own code.
 
     python -m bench.comfyui_lora_check --comfyui ~/ComfyUI --adapter WORK/adapters/ring/band
+    python -m bench.comfyui_lora_check --comfyui ~/ComfyUI --checkpoint model.safetensors --base FOLDER
 
 ComfyUI is not a dependency (nor installable from PyPI): point --comfyui at a checkout whose requirements
 are installed. On a machine with no torchvision for its torch (ours: torch 2.13 CPU), --stub-torchvision
@@ -22,7 +23,14 @@ diffusers file, and the largest difference between the two weight changes relati
 An adapter with learned tokens (textual inversion, pivotal) also has its embeddings file, and the kohya
 file's bundled copy, read by comfy.sd1_clip.load_embed for each text encoder (clip_l, SDXL's clip_g) and
 compared with the vectors trained. The base model must be one ComfyUI detects (sd15-shape and sdxl-shape
-are; the tiny presets are not). Exit status 0 when everything matches.
+are; the tiny presets are not).
+
+--checkpoint: a single-file checkpoint (train/single_file.py) written from the diffusers folder --base, loaded
+by ComfyUI's checkpoint loader (comfy.sd.load_checkpoint_guess_config, what its "Load Checkpoint" node calls)
+in fp16. Printed: the model type it detects, every key it reports missing, unexpected or left over, and how
+many of its UNet and text-encoder tensors equal the folder's (placed by ComfyUI's own diffusers-to-SGM map;
+its text encoders under transformers' names, which ComfyUI converts OpenCLIP's layout to). Exit status 0
+when everything matches.
 """
 
 from __future__ import annotations
@@ -101,17 +109,28 @@ def comfy_key(module: str, unet_map: dict[str, str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--comfyui", type=Path, required=True, help="a ComfyUI checkout")
-    parser.add_argument("--adapter", type=Path, required=True,
-                        help="an adapter folder (a LoRA's kohya file and/or an embeddings file)")
+    parser.add_argument("--adapter", type=Path, help="an adapter folder (a LoRA's kohya file and/or an embeddings file)")
+    parser.add_argument("--checkpoint", type=Path, help="a single-file checkpoint to load with ComfyUI's loader")
+    parser.add_argument("--base", type=Path, help="with --checkpoint: the diffusers folder whose weights it holds")
     parser.add_argument("--stub-torchvision", action="store_true")
     args = parser.parse_args(argv)
-    record = json.loads((args.adapter / "adapter.json").read_text())
-    files = record["files"]
+    if (args.adapter is None) == (args.checkpoint is None) or (args.checkpoint is not None and args.base is None):
+        parser.error("give --adapter, or --checkpoint with --base")
     if args.stub_torchvision:
+        # diffusers and transformers first: they must see that there is no torchvision, not the stand-in.
+        import diffusers.loaders.single_file_utils  # noqa: F401
+        import transformers  # noqa: F401
+        from diffusers import UNet2DConditionModel  # noqa: F401
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection  # noqa: F401
+
         install_torchvision_stub()
     sys.path.insert(0, str(args.comfyui.resolve()))
     import comfy.cli_args
     comfy.cli_args.args.cpu = True
+    if args.checkpoint is not None:
+        return 0 if check_checkpoint(args.checkpoint, args.base) else 1
+    record = json.loads((args.adapter / "adapter.json").read_text())
+    files = record["files"]
 
     print(f"adapter            {args.adapter} (method {record['method']}, base model "
           f"{record['base_model'].get('spec') or record['base_model']['path']}, family {record['base_model'].get('family')})")
@@ -174,6 +193,61 @@ def check_lora(args, record: dict) -> bool:
     print(f"weight change      largest |dW| {largest:.3e}; largest |dW ComfyUI - dW diffusers file| {worst:.3e} "
           f"({worst / max(largest, 1e-30):.2e} of it)")
     return not unused and not missing and worst <= 1e-5 * max(largest, 1e-30) + 1e-7
+
+
+def check_checkpoint(path: Path, base: Path) -> bool:
+    import comfy.sd
+    import comfy.utils
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    reported: list[str] = []
+
+    class Reported(logging.Handler):
+        def emit(self, entry):
+            message = entry.getMessage()
+            # ComfyUI itself logs missing logit_scale / CLIP-L text_projection keys at debug level only (its
+            # loader filters exactly those out of its warning); anything else it reports counts.
+            benign = message.startswith("clip missing") and entry.levelno < logging.WARNING
+            if not benign and message.lower().startswith((
+                    "clip missing", "clip unexpected", "left over keys", "unet missing", "unet unexpected",
+                    "missing vae keys", "leftover vae keys")):
+                reported.append(message[:300])
+
+    root = logging.getLogger()
+    root.addHandler(Reported())
+    root.setLevel(logging.DEBUG)  # left-over and unexpected keys are logged at debug level
+    unet, clip, _vae, _ = comfy.sd.load_checkpoint_guess_config(
+        str(path), model_options={"dtype": torch.float16}, te_model_options={"dtype": torch.float16})
+    root.setLevel(logging.WARNING)
+    theirs = {**unet.model.state_dict(), **clip.cond_stage_model.state_dict()}
+    unet_map = comfy.utils.unet_to_diffusers(unet.model.model_config.unet_config)
+    ours = {}
+    folder_unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=torch.float16).state_dict()
+    ours.update({"diffusion_model." + unet_map[key]: tensor for key, tensor in folder_unet.items() if key in unet_map})
+    unmapped = [key for key in folder_unet if key not in unet_map]
+    encoders = [("clip_l", CLIPTextModel, "text_encoder")]
+    if (base / "text_encoder_2").is_dir():
+        encoders.append(("clip_g", CLIPTextModelWithProjection, "text_encoder_2"))
+    for name, model_class, part in encoders:
+        state = model_class.from_pretrained(base, subfolder=part, torch_dtype=torch.float16).state_dict()
+        for key, tensor in state.items():
+            if key.endswith("position_ids"):
+                continue
+            standard = key if key.startswith(("text_model.", "text_projection")) else "text_model." + key
+            ours[f"{name}.transformer.{standard}"] = tensor
+    missing = sorted(set(ours) - set(theirs))
+    different = [key for key in ours if key in theirs and not torch.equal(theirs[key].half(), ours[key].half())]
+    print(f"checkpoint         {path} ({path.stat().st_size / 2**30:.2f} GiB), against {base}")
+    print(f"ComfyUI            detected {unet.model.model_config.__class__.__name__}; messages about keys: {len(reported)}")
+    for line in reported[:10]:
+        print(f"                   {line}")
+    print(f"tensors            {len(ours)} of the folder's UNet and text encoders; {len(ours) - len(missing)} in "
+          f"ComfyUI's models; {len(different)} of those differ; {len(unmapped)} UNet tensors ComfyUI's map lacks")
+    for key in (missing + different)[:10]:
+        print(f"  {'missing' if key in missing else 'differs'}          {key}")
+    return not reported and not missing and not different and not unmapped
 
 
 def check_embeddings(args, record: dict) -> bool:

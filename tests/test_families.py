@@ -206,8 +206,8 @@ def test_sdxl_conditions_the_unet_on_both_encoders_pooled_text_and_size():
     pipeline = pipeline_from_components(components)
     expected, _, expected_pooled, _ = pipeline.encode_prompt(["photo of a ring", "photo of a pair of hoops"],
                                                              device="cpu", do_classifier_free_guidance=False)
-    assert hidden.shape == (2, 77, 64) and torch.allclose(hidden, expected, atol=1e-6)
-    assert torch.allclose(pooled, expected_pooled, atol=1e-6)
+    assert hidden.shape == (2, 77, 32 + 48) and torch.allclose(hidden, expected, atol=1e-6)  # both encoders
+    assert pooled.shape == (2, 48) and torch.allclose(pooled, expected_pooled, atol=1e-6)
     time_ids = training.micro_conditioning(components, 64, 2)
     expected_ids = pipeline._get_add_time_ids((64, 64), (0, 0), (64, 64), torch.float32,
                                               components.text_encoder_2.config.projection_dim)
@@ -339,3 +339,18 @@ def test_catalog_compare_runs_on_sdxl(sample_catalogue, tmp_path):
     assert table["clip_i"].is_finite().all() and table["kid_photos"].is_finite().all()
     records = [json.loads(p.read_text()) for p in tmp_path.glob("sweeps/*/points/*/adapters/ring/band/adapter.json")]
     assert {r["base_model"]["family"] for r in records} == {"sdxl"} and len(records) == 3
+
+
+@pytest.mark.slow
+def test_full_dreambooth_on_sd2_writes_no_single_file_and_says_why(sample_catalogue, tmp_path):
+    """SD 2.x's original checkpoint keeps OpenCLIP-H's last layer, which its diffusers text encoder lacks."""
+    from catalog_gen.train.adapters import read_adapter
+    from catalog_gen.train.workflow import train_class
+    from test_training import _source, tiny_config
+
+    train_class(_source(sample_catalogue), "ring", ["band"], tmp_path,
+                tiny_config(base_model="tiny-sd2", method="dreambooth", steps=2, validation_images=0))
+    info = read_adapter(tmp_path / "adapters" / "ring" / "band")
+    assert info.single_file is None and info.full_parts == ["unet"]
+    [note] = info.record["notes"]
+    assert note.startswith("no single-file checkpoint: catalog-gen writes SD 1.x's and SDXL's, this base model is sd2")

@@ -134,9 +134,8 @@ def test_full_dreambooth_writes_all_three_trained_parts_and_loads_in_plain_diffu
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     info = trained["dreambooth"]
-    assert info.full_parts == ["unet", "text_encoder", "text_encoder_2"] and info.single_file is None
-    notes = " ".join(info.record.get("notes", []))
-    assert "single-file" in notes  # says why there is no A1111 checkpoint for SDXL
+    assert info.full_parts == ["unet", "text_encoder", "text_encoder_2"]
+    assert info.single_file == info.folder / "ring_band.safetensors" and not info.record.get("notes")
     prompt = info.record["instance_prompt"]
     plain = diffusers.StableDiffusionXLPipeline.from_pretrained(
         sdxl.path, local_files_only=True,
@@ -224,3 +223,42 @@ def test_catalog_generate_takes_an_sdxl_pivotal_adapter(trained, tmp_path):
     assert not summary.errors and summary.candidates == 1
     [prompt] = pl.read_parquet(tmp_path / "run" / "manifest.parquet")["prompt"].to_list()
     assert "<ring-band>" in prompt
+
+
+def test_full_dreambooths_sdxl_single_file_reloads_weight_for_weight(trained, sdxl):
+    """The SGM single file (what A1111 and ComfyUI load as an SDXL checkpoint), read by plain diffusers'
+    StableDiffusionXLPipeline.from_single_file: every component as the adapter's folders (and the base's VAE)
+    hold it, rounded to fp16, and the image as the folders draw it once they are rounded the same way."""
+    import diffusers
+    from safetensors import safe_open
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from catalog_gen.models.loading import own_aligned_memory
+    from test_single_file import SINGLE_FILE_DTYPE, _assert_loaded, _rounded_like_the_file
+
+    info = trained["dreambooth"]
+    with safe_open(str(info.single_file), "pt") as handle:
+        keys = list(handle.keys())
+        assert {handle.get_slice(key).get_dtype() for key in keys} == {"F16"}
+    assert {key.split(".")[0] for key in keys} == {"model", "first_stage_model", "conditioner"}
+    assert any(k.startswith("conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight") for k in keys)
+    assert any(k.startswith("model.diffusion_model.label_emb.0.0.") for k in keys)
+
+    reloaded = diffusers.StableDiffusionXLPipeline.from_single_file(str(info.single_file), config=str(sdxl.path),
+                                                                    local_files_only=True)
+    folders = diffusers.StableDiffusionXLPipeline.from_pretrained(
+        sdxl.path, local_files_only=True,
+        unet=diffusers.UNet2DConditionModel.from_pretrained(info.folder, subfolder="unet"),
+        text_encoder=CLIPTextModel.from_pretrained(info.folder, subfolder="text_encoder"),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(info.folder, subfolder="text_encoder_2"))
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        _assert_loaded(getattr(reloaded, part), _rounded_like_the_file(getattr(folders, part).state_dict()), part)
+    with torch.no_grad():
+        for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            for parameter in getattr(folders, part).parameters():
+                parameter.copy_(parameter.to(SINGLE_FILE_DTYPE).float())
+    for pipeline in (reloaded, folders):
+        for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            own_aligned_memory(getattr(pipeline, part))
+    prompt = info.record["instance_prompt"]
+    assert np.array_equal(_image(reloaded, prompt), _image(folders, prompt))

@@ -51,7 +51,8 @@ class Preset:
     resolution: int
     build: Callable[[Path], None]
     version: Callable[[], str] | None = None
-    """A tag of what the build copies (the toy world's weight hashes), so new weights get a new folder."""
+    """A tag of what the build makes (the toy world's weight hashes; a changed spec's number), so a changed
+    preset gets a new cache folder and the other presets keep theirs."""
     embedders: tuple[str, str] = ("tiny-clip", "tiny-dino")
     """The CLIP and DINO models the gates use with this base when a recipe names none."""
 
@@ -184,17 +185,20 @@ def _build(out_dir: Path, spec: dict) -> None:
 # SDXL at the tiny size: two text encoders (CLIP-L-style, and an OpenCLIP-bigG-style one with a projection whose
 # pooled output conditions the UNet), size/crop micro-conditioning ("text_time"), linear projections, no
 # attention in the first block and more transformer layers deeper down, as SDXL's UNet has; its VAE scaling
-# factor and force_upcast (SDXL's VAE overflows in fp16).
+# factor and force_upcast (SDXL's VAE overflows in fp16). The second encoder is wider than the first, as bigG (1280)
+# is than CLIP-L (768): with equal widths a mix-up of the two (which diffusers' single-file loader tells apart by
+# width) would pass unseen.
 _TINY_SDXL = dict(
     text_encoder=_TINY["text_encoder"],
-    text_encoder_2={**_TINY["text_encoder"], "hidden_act": "gelu"},
+    text_encoder_2={**_TINY["text_encoder"], "hidden_size": 48, "intermediate_size": 96, "projection_dim": 48,
+                    "hidden_act": "gelu"},
     vae={**_TINY["vae"], "scaling_factor": 0.13025, "force_upcast": True},
     unet=dict(sample_size=8, layers_per_block=1, block_out_channels=(32, 64),
               down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
               up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
-              cross_attention_dim=64, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8,
+              cross_attention_dim=32 + 48, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8,
               addition_embed_type="text_time", addition_time_embed_dim=8,
-              projection_class_embeddings_input_dim=6 * 8 + 32),  # 6 size/crop numbers, then the pooled text
+              projection_class_embeddings_input_dim=6 * 8 + 48),  # 6 size/crop numbers, then the pooled text
     dtype=torch.float32,
 )
 # The published SDXL base 1.0 configurations; only the weights are random.
@@ -276,7 +280,8 @@ PRESETS: dict[str, Preset] = {
     "tiny-sd2": Preset("tiny-sd2", "tiny SD 2.x-style model (v-prediction, GELU text encoder, linear projections), "
                        "64 px (tests)", 64, lambda out_dir: _build(out_dir, _TINY_SD2)),
     "tiny-sdxl": Preset("tiny-sdxl", "tiny SDXL-style model (two text encoders, size/crop conditioning), 64 px "
-                        "(tests)", 64, lambda out_dir: _build_sdxl(out_dir, _TINY_SDXL)),
+                        "(tests)", 64, lambda out_dir: _build_sdxl(out_dir, _TINY_SDXL),
+                        version=lambda: "2"),  # 2: the second text encoder 48 wide (was 32, as the first)
     "sd15-shape": Preset(
         "sd15-shape", "Stable Diffusion 1.5 architecture with random weights (benchmarks)", 512,
         lambda out_dir: _build(out_dir, _SD15)  # random towers: its images are noise, real CLIP would add nothing

@@ -17,8 +17,9 @@
                                        too); the rest is the base model's
                                        (UNet2DConditionModel.from_pretrained(folder, subfolder="unet"))
     <class>_<instance>.safetensors     dreambooth: the whole pipeline (fine-tuned parts + the base's VAE, and its
-                                       text encoder if not trained) as one fp16 checkpoint in the original
-                                       CompVis layout, for AUTOMATIC1111 / ComfyUI (single_file.py)
+                                       text encoders if not trained) as one fp16 checkpoint in the original
+                                       CompVis layout (SDXL: SGM's), for AUTOMATIC1111 / ComfyUI (single_file.py);
+                                       none on SD 2.x (adapter.json's notes say why)
     (lora-captions: each instance's folder holds the LoRA files of the caption LoRA its class's instances
     share, WORKDIR/caption_loras/<class>/<name>/, and its own adapter.json naming it)
     adapter.json                       method, resolved recipe, token(s), prompts, base model and hashes,
@@ -192,20 +193,22 @@ def write_adapter(folder: Path, fit_result, record: dict[str, Any], class_key: s
             save_file({name: tensor.contiguous() for name, tensor in state.items()}, str(staging / files[part]),
                       metadata={"format": "pt"})
             hashes[f"{part}_sha256"] = sha256_file(staging / files[part])
-        # The original single-file layout is SD 1.x's (SD 2.x names its OpenCLIP text encoder differently).
-        if fit_result.full_weights and record["base_model"].get("family", "sd1") == "sd1":
+        # The original single-file layouts are SD 1.x's and SDXL's. SD 2.x's keeps OpenCLIP-H's last layer, which
+        # diffusers' SD 2.x text encoder does not have, so none can be written from it.
+        family = record["base_model"].get("family", "sd1")
+        if fit_result.full_weights and family in ("sd1", "sdxl"):
             from catalog_gen.train.single_file import write_single_file
 
             files["single_file"] = single_file_name(class_key, instance_key)
             # The trained parts as fit() left them; the VAE (and an untrained text encoder) from the base model.
             metadata = {"catalog_gen_token": record["token"], "catalog_gen_instance_prompt": record["instance_prompt"]}
             write_single_file(staging / files["single_file"], Path(record["base_model"]["path"]),
-                              fit_result.full_weights, metadata)
+                              fit_result.full_weights, metadata, sdxl=family == "sdxl")
             hashes["single_file_sha256"] = sha256_file(staging / files["single_file"])
         elif fit_result.full_weights:
-            notes.append(f"no single-file checkpoint: the original layout catalog-gen writes is SD 1.x's, this base "
-                         f"model is {record['base_model']['family']}; load the diffusers folders "
-                         f"({', '.join(fit_result.full_weights)}) over the base model")
+            notes.append(f"no single-file checkpoint: catalog-gen writes SD 1.x's and SDXL's, this base model is "
+                         f"{family} (its original text encoder has a layer its diffusers folder lacks); load the "
+                         f"diffusers folders ({', '.join(fit_result.full_weights)}) over the base model")
         embeddings = fit_result.embeddings
         if embeddings is not None:
             files["embeddings"] = embeddings_file_name(method, class_key, instance_key)

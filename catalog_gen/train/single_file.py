@@ -1,10 +1,16 @@
-"""A whole SD 1.x pipeline as one single-file checkpoint, in the original CompVis/LDM key layout that
-AUTOMATIC1111 and ComfyUI load from their checkpoint folders (and diffusers' from_single_file):
+"""A whole SD 1.x or SDXL pipeline as one single-file checkpoint, in the original CompVis/LDM (SDXL: Stability's
+SGM) key layout that AUTOMATIC1111 and ComfyUI load from their checkpoint folders (and diffusers'
+from_single_file):
 
     model.diffusion_model.*                   the UNet, with ldm's UNetModel names (input_blocks.N.M, middle_block,
-                                              output_blocks.N.M, time_embed, out)
+                                              output_blocks.N.M, time_embed, out; SDXL's label_emb)
     first_stage_model.*                       the VAE (encoder.down.N.block.M, mid.attn_1, decoder.up.N...)
-    cond_stage_model.transformer.text_model.* the CLIP text encoder, with transformers' CLIPTextModel names
+    cond_stage_model.transformer.text_model.* SD 1.x: the CLIP text encoder, with transformers' CLIPTextModel names
+    conditioner.embedders.0.transformer.text_model.*
+                                              SDXL: CLIP-L, the same way
+    conditioner.embedders.1.model.*           SDXL: OpenCLIP-bigG in open_clip's own layout (transformer.resblocks.N
+                                              with one in_proj for q, k and v; ln_final; text_projection as
+                                              width x projection, the transpose of transformers' linear weight)
 
 The mapping is pure: diffusers state dicts and configs in, one renamed state dict out. It is derived from
 the configs (block_out_channels, layers_per_block, which blocks attend), not from a table of SD 1.5's keys,
@@ -27,7 +33,10 @@ from catalog_gen.storage import sort_safetensors_metadata
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_ENCODER_PREFIX = "cond_stage_model.transformer.text_model."
+SDXL_TEXT_ENCODER_PREFIX = "conditioner.embedders.0.transformer.text_model."
+SDXL_TEXT_ENCODER_2_PREFIX = "conditioner.embedders.1.model."
 COMPONENTS = ("unet", "vae", "text_encoder")
+SDXL_COMPONENTS = COMPONENTS + ("text_encoder_2",)
 
 SINGLE_FILE_DTYPE = torch.float16
 """fp16: what A1111 / ComfyUI users download as a "pruned fp16" checkpoint. Half the size (2 GB for an SD 1.5
@@ -135,6 +144,9 @@ def unet_places(config: Mapping) -> list[Place]:
             places.append(Place(f"up_blocks.{level}.upsamplers.0.conv", f"output_blocks.{block - 1}.{slot}.conv",
                                 _PARAMETERS))
     places += [Place("conv_norm_out", "out.0", _PARAMETERS), Place("conv_out", "out.2", _PARAMETERS)]
+    if config.get("addition_embed_type") == "text_time":  # SDXL: the pooled text and size/crop conditioning
+        places += [Place("add_embedding.linear_1", "label_emb.0.0", _PARAMETERS),
+                   Place("add_embedding.linear_2", "label_emb.0.2", _PARAMETERS)]
     return places
 
 
@@ -235,6 +247,44 @@ def original_layout(unet: Mapping[str, torch.Tensor], unet_config: Mapping, vae:
             **place_tensors(text, TEXT_ENCODER_PLACES, TEXT_ENCODER_PREFIX, "text encoder")}
 
 
+_OPEN_CLIP_LAYER = (("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj"),
+                    ("self_attn.out_proj", "attn.out_proj"))
+
+
+def open_clip_layout(text_encoder: Mapping[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+    """A CLIPTextModelWithProjection's state dict (SDXL's OpenCLIP-bigG, as diffusers converts it) back in
+    open_clip's layout, under no prefix. Every tensor is placed or the call fails; position_ids, a buffer
+    transformers keeps, has no place there and is left out."""
+    state = {key.removeprefix("text_model."): tensor for key, tensor in text_encoder.items()
+             if not key.endswith("position_ids")}
+    out = {"token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
+           "positional_embedding": state.pop("embeddings.position_embedding.weight"),
+           "ln_final.weight": state.pop("final_layer_norm.weight"), "ln_final.bias": state.pop("final_layer_norm.bias"),
+           "text_projection": state.pop("text_projection.weight").T}
+    for layer in range(layers):
+        source, target = f"encoder.layers.{layer}.", f"transformer.resblocks.{layer}."
+        for kind in ("weight", "bias"):
+            out[f"{target}attn.in_proj_{kind}"] = torch.cat([state.pop(f"{source}self_attn.{part}_proj.{kind}")
+                                                             for part in ("q", "k", "v")])
+            for ours, theirs in _OPEN_CLIP_LAYER:
+                out[f"{target}{theirs}.{kind}"] = state.pop(f"{source}{ours}.{kind}")
+    if state:
+        raise CatalogError(f"SDXL second text encoder: weights {sorted(state)[:3]} have no place in open_clip's "
+                           "layout; its config does not describe it")
+    return out
+
+
+def sdxl_layout(states: Mapping[str, Mapping[str, torch.Tensor]], unet_config: Mapping, vae_config: Mapping,
+                text_encoder_2_layers: int) -> dict[str, torch.Tensor]:
+    """SDXL's four components (diffusers state dicts) as one state dict in the SGM single-file layout."""
+    clip_l = {key.removeprefix("text_model."): tensor for key, tensor in states["text_encoder"].items()}
+    big_g = open_clip_layout(states["text_encoder_2"], text_encoder_2_layers)
+    return {**place_tensors(states["unet"], unet_places(unet_config), UNET_PREFIX, "UNet"),
+            **place_tensors(states["vae"], vae_places(vae_config), VAE_PREFIX, "VAE"),
+            **place_tensors(clip_l, TEXT_ENCODER_PLACES, SDXL_TEXT_ENCODER_PREFIX, "text encoder"),
+            **{SDXL_TEXT_ENCODER_2_PREFIX + key: tensor for key, tensor in big_g.items()}}
+
+
 def in_single_file_dtype(key: str, tensor: torch.Tensor) -> torch.Tensor:
     """A floating tensor rounded to SINGLE_FILE_DTYPE, refused if fp16 cannot hold it (beyond +-65504, or
     already NaN / inf from a diverged run): a checkpoint that draws black images is worse than none."""
@@ -248,17 +298,22 @@ def in_single_file_dtype(key: str, tensor: torch.Tensor) -> torch.Tensor:
 
 
 def write_single_file(path: Path, base_model: Path, trained: Mapping[str, Mapping[str, torch.Tensor]],
-                      metadata: Mapping[str, str]) -> Path:
-    """Write the whole pipeline to `path`: the `trained` components (the fit's "unet", maybe "text_encoder")
-    and the rest from the base model's diffusers folder, in fp16, in the original layout."""
+                      metadata: Mapping[str, str], sdxl: bool = False) -> Path:
+    """Write the whole pipeline to `path`: the `trained` components (the fit's "unet", maybe the text
+    encoders) and the rest from the base model's diffusers folder, in fp16, in the original layout (sdxl: SGM's)."""
     from safetensors.torch import save_file
 
     # 1. Every component's weights: the fine-tuned ones, else the base model's.
-    states = {part: trained[part] if part in trained else _base_weights(base_model, part) for part in COMPONENTS}
+    states = {part: trained[part] if part in trained else _base_weights(base_model, part)
+              for part in (SDXL_COMPONENTS if sdxl else COMPONENTS)}
     # 2. The architecture the names follow: the base model's configs (a fine-tune does not change it).
     unet_config, vae_config = (_read_config(base_model / part / "config.json") for part in ("unet", "vae"))
     # 3. Renamed, then rounded.
-    placed = original_layout(states["unet"], unet_config, states["vae"], vae_config, states["text_encoder"])
+    if sdxl:
+        layers = int(_read_config(base_model / "text_encoder_2" / "config.json")["num_hidden_layers"])
+        placed = sdxl_layout(states, unet_config, vae_config, layers)
+    else:
+        placed = original_layout(states["unet"], unet_config, states["vae"], vae_config, states["text_encoder"])
     tensors = {key: in_single_file_dtype(key, tensor) for key, tensor in placed.items()}
     save_file(tensors, str(path), metadata={"format": "pt", **metadata})
     sort_safetensors_metadata(path)  # the same bytes from the same weights: single_file_sha256 is recorded
@@ -267,13 +322,16 @@ def write_single_file(path: Path, base_model: Path, trained: Mapping[str, Mappin
 
 def _base_weights(base_model: Path, part: str) -> dict[str, torch.Tensor]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from catalog_gen.models.loading import quiet_model_loading
 
-    model_class = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}[part]
+    model_class = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
+                   "text_encoder_2": CLIPTextModelWithProjection}[part]
     with quiet_model_loading():
-        model = model_class.from_pretrained(base_model, subfolder=part, use_safetensors=True, local_files_only=True)
+        # Loaded straight into the file's dtype: the same single rounding as later, at half the memory.
+        model = model_class.from_pretrained(base_model, subfolder=part, use_safetensors=True, local_files_only=True,
+                                            torch_dtype=SINGLE_FILE_DTYPE)
     return model.state_dict()
 
 
