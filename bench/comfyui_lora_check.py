@@ -112,10 +112,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapter", type=Path, help="an adapter folder (a LoRA's kohya file and/or an embeddings file)")
     parser.add_argument("--checkpoint", type=Path, help="a single-file checkpoint to load with ComfyUI's loader")
     parser.add_argument("--base", type=Path, help="with --checkpoint: the diffusers folder whose weights it holds")
-    parser.add_argument("--stub-torchvision", action="store_true")
+    parser.add_argument("--stub-torchvision", action="store_true",
+                        help="an empty stand-in for torchvision, for a torch that has none (ComfyUI imports it)")
     args = parser.parse_args(argv)
     if (args.adapter is None) == (args.checkpoint is None) or (args.checkpoint is not None and args.base is None):
         parser.error("give --adapter, or --checkpoint with --base")
+    if not (args.comfyui / "comfy" / "lora.py").is_file():
+        parser.error(f"--comfyui {args.comfyui}: no comfy/lora.py there; point it at a ComfyUI checkout")
+    if args.adapter is not None and not (args.adapter / "adapter.json").is_file():
+        parser.error(f"--adapter {args.adapter}: no adapter.json there; point it at WORKDIR/adapters/<class>/<instance>")
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        parser.error(f"--checkpoint {args.checkpoint}: no such file")
     if args.stub_torchvision:
         # diffusers and transformers first: they must see that there is no torchvision, not the stand-in.
         import diffusers.loaders.single_file_utils  # noqa: F401
