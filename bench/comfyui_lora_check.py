@@ -209,6 +209,8 @@ def check_checkpoint(path: Path, base: Path) -> bool:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+    from catalog_gen.train.lora_files import text_model_names
+
     reported: list[str] = []
 
     class Reported(logging.Handler):
@@ -239,11 +241,8 @@ def check_checkpoint(path: Path, base: Path) -> bool:
         encoders.append(("clip_g", CLIPTextModelWithProjection, "text_encoder_2"))
     for name, model_class, part in encoders:
         state = model_class.from_pretrained(base, subfolder=part, torch_dtype=torch.float16).state_dict()
-        for key, tensor in state.items():
-            if key.endswith("position_ids"):
-                continue
-            standard = key if key.startswith(("text_model.", "text_projection")) else "text_model." + key
-            ours[f"{name}.transformer.{standard}"] = tensor
+        ours.update({f"{name}.transformer.{key}": tensor for key, tensor in text_model_names(state).items()
+                     if not key.endswith("position_ids")})
     missing = sorted(set(ours) - set(theirs))
     different = [key for key in ours if key in theirs and not torch.equal(theirs[key].half(), ours[key].half())]
     print(f"checkpoint         {path} ({path.stat().st_size / 2**30:.2f} GiB), against {base}")

@@ -15,6 +15,7 @@ from catalog_gen.models.loading import load_pipeline, resolve_base_model
 from catalog_gen.train.adapters import adapter_weights, attach, detach, read_adapter
 from catalog_gen.train.checkpoints import list_checkpoints
 from catalog_gen.train.workflow import train_class
+from test_methods import _image
 from test_training import _source, tiny_config
 
 pytestmark = pytest.mark.slow
@@ -48,12 +49,6 @@ def _plain(model):
     import diffusers
 
     return diffusers.StableDiffusionXLPipeline.from_pretrained(model.path, local_files_only=True)
-
-
-def _image(pipeline, prompt: str) -> np.ndarray:
-    from catalog_gen.models.sampling import draw
-
-    return np.asarray(draw(pipeline, [prompt], [3], steps=3, resolution=64)[0]).astype(int)
 
 
 def _initial(model, noun: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -491,7 +491,7 @@ def _fit(components: Components, config: TrainConfig, job: InstanceJob, fingerpr
 def base_weights_restored(components: Components, text_encoder_too: bool):
     """Within: the UNet (and the text encoders) may be trained in place; on exit their weights, dtype and
     frozen state are the loaded base model's again, bit for bit (a copy is kept in CPU memory)."""
-    modules = [components.unet] + (trained_text_encoders(components) if text_encoder_too else [])
+    modules = [components.unet] + (list(trained_text_encoders(components).values()) if text_encoder_too else [])
     saved = [{name: tensor.detach().to("cpu", copy=True) for name, tensor in module.state_dict().items()}
              for module in modules]
     try:
@@ -504,9 +504,9 @@ def base_weights_restored(components: Components, text_encoder_too: bool):
             module.eval()
 
 
-def trained_text_encoders(components: Components) -> list[torch.nn.Module]:
-    """What train_text_encoder trains: the text encoder, and SDXL's second one beside it."""
-    return [module for module in (components.text_encoder, components.text_encoder_2) if module is not None]
+def trained_text_encoders(components: Components) -> dict[str, torch.nn.Module]:
+    """What train_text_encoder trains, by attribute name: the text encoder, and SDXL's second one beside it."""
+    return {encoder: getattr(components, encoder) for _, encoder in embeddings.encoder_pairs(components)}
 
 
 def _fit_with(components: Components, config: TrainConfig, job: InstanceJob, fingerprint: str,
@@ -563,13 +563,13 @@ def _fit_with(components: Components, config: TrainConfig, job: InstanceJob, fin
     vectors = new_tokens.vectors if new_tokens else ()
     if method.full:  # every weight of the UNet (and of the text encoders) learns, in fp32 like LoRA weights
         components.unet.requires_grad_(True)
-        for encoder in trained_text_encoders(components) if config.train_text_encoder else ():
+        for encoder in trained_text_encoders(components).values() if config.train_text_encoder else ():
             encoder.requires_grad_(True)
             encoder.train()
     unet_params = ({name: p for name, p in _trainable(components.unet, "unet.").items() if STACKED not in name}
                    if method.lora or method.full else {})
     # train_text_encoder: each text encoder's LoRA (or, full, its weights); on SDXL "text_encoder_2." beside it.
-    text_params = {name: p for (_, attribute), encoder in zip(embeddings.ENCODERS, trained_text_encoders(components))
+    text_params = {name: p for attribute, encoder in trained_text_encoders(components).items()
                    for name, p in _trainable(encoder, attribute + ".").items()
                    if not (new_tokens and new_tokens.is_vector(p))} if config.train_text_encoder else {}
     embedding_params = dict(zip(embeddings.EMBEDDINGS_KEYS, vectors))
@@ -680,7 +680,7 @@ def _fit_with(components: Components, config: TrainConfig, job: InstanceJob, fin
         embeddings=tuple(v.detach().float().cpu().clone() for v in vectors) if vectors else None,
         full_weights=({part: {name: t.detach().float().cpu().clone() for name, t in module.state_dict().items()}
                        for part, module in (("unet", components.unet),
-                                            *(zip(("text_encoder", "text_encoder_2"), trained_text_encoders(components))
+                                            *(trained_text_encoders(components).items()
                                               if config.train_text_encoder else ()))}
                       if method.full else None),
         tokens=tuple(new_tokens.names) if new_tokens else (),
